@@ -1,0 +1,43 @@
+# diffbench: every target creates .venv and installs the project on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+EXP ?= eps_simple
+ARGS ?=
+
+.PHONY: help install test run lint format clean
+
+help:
+	@echo "make install           create .venv and install diffbench with its dev tools"
+	@echo "make test              run the test suite (what CI runs)"
+	@echo "make run EXP=eps_simple [ARGS='trainer.max_steps=500 seed=3']   train and evaluate one arm"
+	@echo "make lint / format     ruff check / ruff format"
+	@echo "make clean             remove caches (keeps runs/ and .venv)"
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+run: $(STAMP)
+	$(PY) -m diffbench.run experiment=$(EXP) $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests
+	$(PY) -m ruff check --fix src tests
+
+clean:
+	rm -rf .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -1,0 +1,133 @@
+"""Config composition with Hydra's command line (`experiment=eps_simple data=digits
+trainer.max_steps=500`) over plain OmegaConf YAML: group defaults live in the package's
+`conf/`, experiment presets in the repository's top-level `experiments/`."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONF_DIR = Path(__file__).parent / "conf"
+GROUPS = ("data", "model", "objective", "trainer")
+
+
+class ConfigError(ValueError):
+    """A bad command line or config file; its message says what to do instead."""
+
+
+def experiments_dir() -> Path:
+    """`$DIFFBENCH_EXPERIMENTS`, else the `experiments/` folder of this source checkout."""
+    env = os.environ.get("DIFFBENCH_EXPERIMENTS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "experiments"
+
+
+def available(group: str) -> list[str]:
+    folder = experiments_dir() if group == "experiment" else CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def load_choice(group: str, name: str) -> DictConfig:
+    folder = experiments_dir() if group == "experiment" else CONF_DIR / group
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(available(group)) or f"none (no YAML files in {folder})"
+        raise ConfigError(
+            f"unknown {group} {name!r}. Available {group} choices: {options}. "
+            f"Pick one of them (e.g. {group}={available(group)[0] if available(group) else '…'}) "
+            f"or add {path}."
+        )
+    return OmegaConf.load(path)
+
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, object]]]:
+    """Split `key=value` arguments into group choices and dotted-key value overrides."""
+    choices: dict[str, str] = {}
+    values: list[tuple[str, object]] = []
+    for arg in args:
+        key, sep, raw = arg.partition("=")
+        key = key.lstrip("-")
+        if not sep or not key:
+            raise ConfigError(
+                f"cannot read argument {arg!r}: arguments are key=value pairs, e.g. "
+                "experiment=eps_simple trainer.max_steps=500 seed=3"
+            )
+        if key in (*GROUPS, "experiment"):
+            choices[key] = raw
+        else:
+            values.append((key, yaml.safe_load(raw) if raw else None))
+    return choices, values
+
+
+def check_type(key: str, old: object, new: object) -> None:
+    """Reject an override whose type cannot stand in for the default's."""
+    if old is None or new is None:
+        return
+    if isinstance(old, DictConfig):
+        raise ConfigError(f"{key} is a group of settings ({', '.join(old.keys())}); set one of them, e.g. {key}.{next(iter(old.keys()))}=…")
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, (str, int, float)),
+    }
+    if isinstance(old, ListConfig):
+        valid = isinstance(new, list)
+    else:
+        valid = ok.get(type(old), lambda v: True)(new)
+    if not valid:
+        raise ConfigError(
+            f"{key}={new!r} has the wrong type: {key} expects a {type(old).__name__} "
+            f"(default {old!r}), got a {type(new).__name__}."
+        )
+
+
+def known_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        if isinstance(value, DictConfig):
+            keys.extend(known_keys(value, path + "."))
+    return keys
+
+
+def apply_value(cfg: DictConfig, key: str, value: object) -> None:
+    add = key.startswith("+")
+    key = key.lstrip("+")
+    missing = object()
+    old = OmegaConf.select(cfg, key, default=missing)
+    if old is missing and not add:
+        close = difflib.get_close_matches(key, known_keys(cfg), n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown config key {key!r}.{hint} Use +{key}=… to add a new key on purpose; "
+            "README's 'Configuration' section lists the knobs."
+        )
+    if old is not missing:
+        check_type(key, old, value)
+    OmegaConf.update(cfg, key, value, force_add=True)
+
+
+def compose(args: list[str]) -> DictConfig:
+    """The resolved run config for a command line."""
+    choices, values = parse_overrides(args)
+    cfg = OmegaConf.load(CONF_DIR / "config.yaml")
+    defaults = OmegaConf.to_container(cfg.pop("defaults"))
+    experiment = None
+    if "experiment" in choices:
+        experiment = load_choice("experiment", choices["experiment"])
+        defaults.update(OmegaConf.to_container(experiment.pop("defaults", OmegaConf.create())))
+    defaults.update({k: v for k, v in choices.items() if k != "experiment"})
+    for group in GROUPS:
+        cfg[group] = load_choice(group, defaults[group])
+        cfg[group]["name"] = defaults[group]
+    if experiment is not None:
+        cfg = OmegaConf.merge(cfg, experiment)
+        cfg.experiment = choices["experiment"]
+    for key, value in values:
+        apply_value(cfg, key, value)
+    return cfg

@@ -1,0 +1,18 @@
+"""Datamodules by config name; each exposes `num_levels` and `image_shape` to the losses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffbench.data.base import ArrayDataModule
+from diffbench.data.digits import DigitsDataModule
+
+DATAMODULES: dict[str, type[ArrayDataModule]] = {"digits": DigitsDataModule}
+
+
+def build_datamodule(cfg: Any) -> ArrayDataModule:
+    """Instantiate the datamodule named by `cfg.name` with the rest of `cfg` as arguments."""
+    options = {k: v for k, v in dict(cfg).items() if k != "name"}
+    if cfg.name not in DATAMODULES:
+        raise ValueError(f"unknown dataset {cfg.name!r}; available: {', '.join(sorted(DATAMODULES))}")
+    return DATAMODULES[cfg.name](**options)

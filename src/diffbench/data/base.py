@@ -1,0 +1,66 @@
+"""A datamodule over in-memory image tensors in [−1, 1] with a seeded train/val/test split."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Tensor]:
+    """A permutation fixed by the seed, cut into train/val/test index sets."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    return {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+
+
+def levels_to_unit_range(values: Tensor, num_levels: int) -> Tensor:
+    """Integers 0..L−1 → evenly spaced floats in [−1, 1]."""
+    return values.float() / (num_levels - 1) * 2 - 1
+
+
+class ArrayDataModule(L.LightningDataModule):
+    """Holds the three splits as tensors; subclasses fill them in `load_splits`."""
+
+    num_levels: int | None = None
+    image_shape: tuple[int, int, int] = (1, 8, 8)
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.splits: dict[str, Tensor] = {}
+
+    def load_splits(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.splits = self.load_splits()
+
+    def split(self, name: str) -> Tensor:
+        self.setup()
+        return self.splits[name]
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        batch_size = self.batch_size if name == "train" else self.eval_batch_size
+        return DataLoader(
+            TensorDataset(self.split(name)),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.split(name)) >= batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

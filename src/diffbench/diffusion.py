@@ -1,0 +1,171 @@
+"""The discrete DDPM process in one place: schedules, marginals, posterior, head conversions
+and loss weights (shared/DESIGN.md is the specification).
+
+Timesteps run t = 1..T and every table is indexed by t directly: entry 0 holds t = 0
+(ᾱ_0 = 1, β_0 = 0), so code reads like the formulas. Coefficients are float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Head = Literal["eps", "x0", "score"]
+HEADS: tuple[Head, ...] = ("eps", "x0", "score")
+VarianceType = Literal["small", "large"]
+
+
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """DDPM's linear β_1..β_T, rescaled so T ≠ 1000 keeps the same total noise."""
+    scale = 1000.0 / num_timesteps
+    return torch.linspace(
+        scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64
+    ).clamp(max=0.999)
+
+
+def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Improved DDPM's cosine schedule: ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2)."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=max_beta)
+
+
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+
+
+def make_betas(name: str, num_timesteps: int) -> Tensor:
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](num_timesteps)
+
+
+class NoiseSchedule(nn.Module):
+    """Precomputed float64 tables of one β schedule, as buffers so they follow the device."""
+
+    betas: Tensor
+    alphas: Tensor
+    alphas_cumprod: Tensor
+    alphas_cumprod_prev: Tensor
+    posterior_variance: Tensor
+
+    def __init__(self, name: str = "linear", num_timesteps: int = 1000) -> None:
+        super().__init__()
+        self.name = name
+        self.num_timesteps = num_timesteps
+        betas = torch.cat([torch.zeros(1, dtype=torch.float64), make_betas(name, num_timesteps)])
+        alphas = 1 - betas
+        alphas_cumprod = torch.cumprod(alphas, 0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        self.register_buffer("betas", betas)
+        self.register_buffer("alphas", alphas)
+        self.register_buffer("alphas_cumprod", alphas_cumprod)
+        self.register_buffer("alphas_cumprod_prev", alphas_cumprod_prev)
+        self.register_buffer(
+            "posterior_variance", posterior_variance(betas, alphas_cumprod, alphas_cumprod_prev)
+        )
+
+    def at(self, table: Tensor, t: Tensor, ndim: int) -> Tensor:
+        """table[t] shaped (B, 1, …, 1) to broadcast against a batch of `ndim` dimensions."""
+        return table[t.long()].reshape(-1, *([1] * (ndim - 1)))
+
+    def reverse_variance(self, variance: VarianceType) -> Tensor:
+        """σ_t² of p_θ(x_{t−1}|x_t); entry t = 1 takes β̃_2 as in improved DDPM (β̃_1 = 0)."""
+        table = self.betas if variance == "large" else self.posterior_variance
+        return torch.cat([table[:1], self.posterior_variance[2:3], table[2:]])
+
+    def coefficients(self, t: Tensor, ndim: int) -> dict[str, Tensor]:
+        """β_t, α_t, ᾱ_t and ᾱ_{t−1} for a batch of timesteps, broadcastable to the data."""
+        return {
+            "beta": self.at(self.betas, t, ndim),
+            "alpha": self.at(self.alphas, t, ndim),
+            "alpha_bar": self.at(self.alphas_cumprod, t, ndim),
+            "alpha_bar_prev": self.at(self.alphas_cumprod_prev, t, ndim),
+        }
+
+
+def snr(alpha_bar: Tensor) -> Tensor:
+    """Signal-to-noise ratio ᾱ/(1 − ᾱ)."""
+    return alpha_bar / (1 - alpha_bar)
+
+
+def q_sample(x0: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    """Draw x_t ~ q(x_t | x0) = N(√ᾱ x0, (1 − ᾱ) I) with the given noise."""
+    return alpha_bar.sqrt().to(x0.dtype) * x0 + (1 - alpha_bar).sqrt().to(x0.dtype) * eps
+
+
+def posterior_variance(beta: Tensor, alpha_bar: Tensor, alpha_bar_prev: Tensor) -> Tensor:
+    """β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t (zero at t = 1)."""
+    return torch.where(alpha_bar < 1, (1 - alpha_bar_prev) / (1 - alpha_bar) * beta, 0.0)
+
+
+def posterior_mean(
+    x0: Tensor, xt: Tensor, beta: Tensor, alpha: Tensor, alpha_bar: Tensor, alpha_bar_prev: Tensor
+) -> Tensor:
+    """μ̃_t(x_t, x0), the mean of q(x_{t−1} | x_t, x0)."""
+    coef_x0 = alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)
+    coef_xt = alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    return coef_x0 * x0 + coef_xt * xt
+
+
+def eps_to_x0(xt: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    return (xt - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def x0_to_eps(xt: Tensor, x0: Tensor, alpha_bar: Tensor) -> Tensor:
+    return (xt - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+
+def eps_to_score(eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    """Tweedie: the optimal ε̂ gives ∇log q_t(x_t) = −ε̂ / √(1 − ᾱ_t)."""
+    return -eps / (1 - alpha_bar).sqrt()
+
+
+def score_to_eps(score: Tensor, alpha_bar: Tensor) -> Tensor:
+    return -(1 - alpha_bar).sqrt() * score
+
+
+def to_eps(head: Head, output: Tensor, xt: Tensor, alpha_bar: Tensor) -> Tensor:
+    """The ε̂ implied by a head's raw output, so everything downstream is head-agnostic."""
+    if head == "eps":
+        return output
+    if head == "x0":
+        return x0_to_eps(xt, output, alpha_bar)
+    return score_to_eps(output, alpha_bar)
+
+
+def head_target(head: Head, x0: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    """What each head regresses on: ε, x0, or the conditional score −ε/√(1 − ᾱ)."""
+    if head == "eps":
+        return eps
+    if head == "x0":
+        return x0
+    return eps_to_score(eps, alpha_bar)
+
+
+def elbo_weight(
+    head: Head,
+    beta: Tensor,
+    alpha: Tensor,
+    alpha_bar: Tensor,
+    alpha_bar_prev: Tensor,
+    sigma2: Tensor,
+) -> Tensor:
+    """w_t with L_{t−1} = w_t ‖target − prediction‖² + const, in the head's own space (t ≥ 2)."""
+    if head == "eps":
+        return beta**2 / (2 * sigma2 * alpha * (1 - alpha_bar))
+    if head == "x0":
+        return alpha_bar_prev * beta**2 / (2 * sigma2 * (1 - alpha_bar) ** 2)
+    return beta**2 / (2 * sigma2 * alpha)
+
+
+def simple_weight_in_eps_space(head: Head, alpha_bar: Tensor) -> Tensor:
+    """Weight that a head's unweighted MSE puts on ‖ε − ε̂‖²: 1, 1/SNR or 1/(1 − ᾱ)."""
+    if head == "eps":
+        return torch.ones_like(alpha_bar)
+    if head == "x0":
+        return 1 / snr(alpha_bar)
+    return 1 / (1 - alpha_bar)

@@ -1,0 +1,205 @@
+"""`python -m diffbench.run experiment=eps_simple [key=value …]`: train one arm, draw a sample
+grid, and leave a run directory with config, checkpoints, metrics CSV and results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import save_image
+
+from diffbench.config import ConfigError, compose
+from diffbench.data import build_datamodule
+from diffbench.data.base import ArrayDataModule
+from diffbench.module import MODULES, DiffusionModule
+from diffbench.samplers import ddpm_ancestral
+from diffbench.tracking import quiet_wandb_environment, wandb_mode
+from diffbench.unet import UNet, count_parameters
+
+MODULE_SWITCHES = ("name", "checkpoint_every", "compile", "channels_last")
+RUN_DIR_ENV = "DIFFBENCH_RUN_DIR"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary sibling and rename, so readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    """A fresh `<root>/<experiment>/<timestamp>_s<seed>` (suffixed when the second is taken), or
+    `run.dir`; DDP workers inherit their launcher's choice through the environment."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if cfg.run.dir:
+        run_dir = Path(cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        parent = Path(cfg.run.root) / cfg.experiment
+        parent.mkdir(parents=True, exist_ok=True)
+        stem = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_s{cfg.seed}"
+        for attempt in range(1, 1000):
+            run_dir = parent / (stem if attempt == 1 else f"{stem}_{attempt}")
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+    return run_dir.resolve()
+
+
+def build_module(cfg: DictConfig, datamodule: ArrayDataModule) -> DiffusionModule:
+    model_args = {k: v for k, v in cfg.model.items() if k != "name"}
+    net = UNet(**OmegaConf.to_container(OmegaConf.create(model_args)))
+    return MODULES[cfg.objective.head](
+        net,
+        weighting=cfg.objective.weighting,
+        schedule=cfg.diffusion.schedule,
+        num_timesteps=cfg.diffusion.num_timesteps,
+        variance=cfg.diffusion.variance,
+        num_levels=datamodule.num_levels,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=cfg.optim.warmup_steps,
+        ema_decay=cfg.optim.ema_decay,
+        channels_last=cfg.trainer.channels_last,
+        compile=cfg.trainer.compile,
+    )
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    quiet_wandb_environment()
+    mode = wandb_mode(cfg.wandb.mode)
+    wandb_logger = WandbLogger(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        save_dir=str(run_dir),
+        name=f"{cfg.experiment}-s{cfg.seed}-{run_dir.name}",
+        group=cfg.experiment,
+        job_type="train",
+        tags=[cfg.objective.head, cfg.objective.weighting, cfg.data.name],
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.trainer.checkpoint_every,
+        save_last=True,
+        save_top_k=-1,
+    )
+    trainer_args = {k: v for k, v in cfg.trainer.items() if k not in MODULE_SWITCHES}
+    return L.Trainer(
+        **OmegaConf.to_container(OmegaConf.create(trainer_args)),
+        check_val_every_n_epoch=None,
+        default_root_dir=str(run_dir),
+        logger=[wandb_logger, csv_logger],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+    )
+
+
+def draw_samples(cfg: DictConfig, module: DiffusionModule, path: Path, shape: tuple[int, ...]) -> Tensor:
+    """A grid from the EMA model with DDPM's ancestral sampler, seeded by the run seed."""
+    generator = torch.Generator(device=module.device).manual_seed(cfg.seed)
+    samples = ddpm_ancestral(
+        module.eps_hat,
+        module.schedule,
+        (cfg.sample.num_images, *shape),
+        generator,
+        variance=cfg.sample.variance,
+        progress=True,
+    )
+    save_image(samples, path, nrow=int(cfg.sample.num_images**0.5), normalize=True, value_range=(-1, 1))
+    return samples
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit one arm and return what `results.json` records."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = make_run_dir(cfg)
+    datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"seed": cfg.seed}))
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg, run_dir)
+    num_params = count_parameters(module.net)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+        print(f"[diffbench] {cfg.experiment}: U-Net with {num_params:,} parameters; run directory {run_dir}")
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"num_params": num_params})
+    last = run_dir / "checkpoints" / "last.ckpt"
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    train_seconds = time.perf_counter() - start
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return {}
+    samples_path = run_dir / "samples.png"
+    start = time.perf_counter()
+    samples = draw_samples(cfg, module, samples_path, datamodule.image_shape)
+    sample_seconds = time.perf_counter() - start
+    wandb_logger = trainer.loggers[0]
+    wandb_logger.log_image(key="samples/ancestral", images=[str(samples_path)], step=trainer.global_step)
+    results = {
+        "status": "complete",
+        "experiment": cfg.experiment,
+        "head": cfg.objective.head,
+        "weighting": cfg.objective.weighting,
+        "seed": cfg.seed,
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "num_params": num_params,
+        "steps": trainer.global_step,
+        "train_wall_time_s": round(train_seconds, 2),
+        "metrics": {key: float(value) for key, value in final.items()},
+        "samples": {
+            "file": samples_path.name,
+            "sampler": "ddpm_ancestral",
+            "num_images": cfg.sample.num_images,
+            "variance": cfg.sample.variance,
+            "wall_time_s": round(sample_seconds, 2),
+            "pixel_mean": float(samples.mean()),
+        },
+        "run_dir": str(run_dir),
+    }
+    write_json_atomic(run_dir / "results.json", results)
+    print_summary(results)
+    return results
+
+
+def print_summary(results: dict) -> None:
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(results["metrics"].items()))
+    print(
+        f"\n[diffbench] {results['experiment']} ({results['head']}, {results['weighting']}) seed {results['seed']}: "
+        f"{results['steps']} steps in {results['train_wall_time_s']:.0f} s\n"
+        f"[diffbench] final {metrics}\n"
+        f"[diffbench] results in {results['run_dir']}/results.json, samples in samples.png"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = compose(args)
+    except ConfigError as error:
+        print(f"diffbench.run: {error}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

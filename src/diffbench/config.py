@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("data", "model", "objective", "trainer")
+"""Groups whose file fills `cfg.<group>`; a `profile` file is merged at the top level instead."""
 
 
 class ConfigError(ValueError):
@@ -25,13 +26,17 @@ def experiments_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "experiments"
 
 
+def group_dir(group: str) -> Path:
+    return experiments_dir() if group == "experiment" else CONF_DIR / group
+
+
 def available(group: str) -> list[str]:
-    folder = experiments_dir() if group == "experiment" else CONF_DIR / group
+    folder = group_dir(group)
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 def load_choice(group: str, name: str) -> DictConfig:
-    folder = experiments_dir() if group == "experiment" else CONF_DIR / group
+    folder = group_dir(group)
     path = folder / f"{name}.yaml"
     if not path.is_file():
         options = ", ".join(available(group)) or f"none (no YAML files in {folder})"
@@ -41,6 +46,17 @@ def load_choice(group: str, name: str) -> DictConfig:
             f"or add {path}."
         )
     return OmegaConf.load(path)
+
+
+def parse_value(raw: str) -> object:
+    """YAML scalars and lists, plus numbers YAML 1.1 leaves as strings (`2e-4`)."""
+    value = yaml.safe_load(raw) if raw else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, object]]]:
@@ -55,10 +71,10 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, ob
                 f"cannot read argument {arg!r}: arguments are key=value pairs, e.g. "
                 "experiment=eps_simple trainer.max_steps=500 seed=3"
             )
-        if key in (*GROUPS, "experiment"):
+        if key in (*GROUPS, "experiment", "profile"):
             choices[key] = raw
         else:
-            values.append((key, yaml.safe_load(raw) if raw else None))
+            values.append((key, parse_value(raw)))
     return choices, values
 
 
@@ -125,6 +141,9 @@ def compose(args: list[str]) -> DictConfig:
     for group in GROUPS:
         cfg[group] = load_choice(group, defaults[group])
         cfg[group]["name"] = defaults[group]
+    profile = choices.get("profile", cfg.profile)
+    cfg = OmegaConf.merge(cfg, load_choice("profile", profile))
+    cfg.profile = profile
     if experiment is not None:
         cfg = OmegaConf.merge(cfg, experiment)
         cfg.experiment = choices["experiment"]

@@ -77,6 +77,19 @@ class NoiseSchedule(nn.Module):
         table = self.betas if variance == "large" else self.posterior_variance
         return torch.cat([table[:1], self.posterior_variance[2:3], table[2:]])
 
+    def alpha_bar_continuous(self, t: Tensor) -> Tensor:
+        """ᾱ(t) for real t ∈ [0, T]: log ᾱ interpolated linearly between the table's entries,
+        so continuous-time samplers and the ODE see the same marginals as the discrete chain."""
+        log_table = self.alphas_cumprod.log()
+        t = t.double().clamp(0, self.num_timesteps)
+        lower = t.floor().long().clamp(max=self.num_timesteps - 1)
+        return torch.lerp(log_table[lower], log_table[lower + 1], t - lower).exp()
+
+    def beta_continuous(self, t: Tensor) -> Tensor:
+        """β(t) = −d log ᾱ/dt of that interpolation (per unit of t): −log α_k on (k−1, k]."""
+        step = t.double().ceil().long().clamp(1, self.num_timesteps)
+        return -self.alphas[step].log()
+
     def coefficients(self, t: Tensor, ndim: int) -> dict[str, Tensor]:
         """β_t, α_t, ᾱ_t and ᾱ_{t−1} for a batch of timesteps, broadcastable to the data."""
         return {

@@ -38,12 +38,15 @@ def discretized_gaussian_log_prob(
     lower = (x - mean - half_bin) * inv_scale
     log_cdf_upper = torch.special.log_ndtr(upper)
     log_survival_lower = torch.special.log_ndtr(-lower)
-    # log(Φ(u) − Φ(l)) computed on the side of the bell where it does not cancel.
-    mid = torch.where(
-        lower > 0,
-        log_survival_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_survival_lower)),
-        log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper)),
+    # log(Φ(u) − Φ(l)) computed on the side of the bell where it does not cancel. The side is
+    # chosen before log1p: the other side's ratio can round to 1, and log1p(−1) = −inf would
+    # turn the masked branch's zero gradient into NaN.
+    right_tail = lower > 0
+    log_outer = torch.where(right_tail, log_survival_lower, log_cdf_upper)
+    log_inner = torch.where(
+        right_tail, torch.special.log_ndtr(-upper), torch.special.log_ndtr(lower)
     )
+    mid = log_outer + torch.log1p(-torch.exp(log_inner - log_outer))
     top = 1 - half_bin
     return torch.where(x < -top, log_cdf_upper, torch.where(x > top, log_survival_lower, mid))
 

@@ -86,13 +86,8 @@ class DiffusionModule(L.LightningModule):
         return diffusion.eps_to_score(self.eps_hat(xt, t, use_ema).double(), alpha_bar).to(xt.dtype)
 
     def alpha_bar_at(self, t: Tensor, ndim: int) -> Tensor:
-        """ᾱ at integer or fractional t (linear interpolation of log ᾱ between table entries)."""
-        log_table = self.schedule.alphas_cumprod.log()
-        t = t.double().clamp(0, self.num_timesteps)
-        lower = t.floor().long().clamp(max=self.num_timesteps - 1)
-        frac = t - lower
-        log_alpha_bar = torch.lerp(log_table[lower], log_table[lower + 1], frac)
-        return log_alpha_bar.exp().reshape(-1, *([1] * (ndim - 1)))
+        """ᾱ at integer or fractional t, shaped to broadcast against the data."""
+        return self.schedule.alpha_bar_continuous(t).reshape(-1, *([1] * (ndim - 1)))
 
     def loss_terms(self, x0: Tensor, t: Tensor, eps: Tensor, use_ema: bool = False) -> dict[str, Tensor]:
         """Per-example own loss, ε-space squared error and one-sample VLB estimate (bits/dim)."""

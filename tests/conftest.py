@@ -1,0 +1,26 @@
+"""Tests never talk to W&B servers and never touch the user's cache."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def offline_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv("DIFFBENCH_RUN_DIR", raising=False)
+
+
+TINY = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.checkpoint_every=2",
+    "diffusion.num_timesteps=20",
+    "sample.num_images=4",
+    "model.base_channels=16",
+    "model.channel_mult=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attention_resolutions=[4]",
+]

@@ -1,0 +1,80 @@
+"""Composition of the command line into a run config, and its error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffbench.config import ConfigError, available, compose, experiments_dir
+
+EXPERIMENTS = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
+
+
+def test_six_arms_are_presets() -> None:
+    assert {f"{h}_{w}" for h in ("eps", "x0", "score") for w in ("simple", "elbo")} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_preset_composes(name: str) -> None:
+    cfg = compose([f"experiment={name}"])
+    assert cfg.experiment == name
+    head, weighting = name.split("_")[:2]
+    assert (cfg.objective.head, cfg.objective.weighting) == (head, weighting)
+    assert cfg.data.name == "digits" and cfg.model.name == "unet_small"
+
+
+def test_overrides_are_typed_and_groups_switch() -> None:
+    cfg = compose(
+        ["experiment=x0_elbo", "trainer.max_steps=500", "seed=3", "model=unet_ddpm_cifar", "optim.lr=2e-4"]
+    )
+    assert cfg.trainer.max_steps == 500 and isinstance(cfg.trainer.max_steps, int)
+    assert cfg.seed == 3
+    assert cfg.model.base_channels == 128 and list(cfg.model.channel_mult) == [1, 2, 2, 2]
+    assert cfg.optim.lr == pytest.approx(2e-4)
+    assert cfg.objective.head == "x0"
+
+
+def test_hydra_style_dashes_and_additions() -> None:
+    cfg = compose(["--experiment=eps_simple", "+extra.note=hello"])
+    assert cfg.extra.note == "hello"
+
+
+def test_unknown_experiment_lists_the_real_ones() -> None:
+    with pytest.raises(ConfigError) as error:
+        compose(["experiment=eps_simpel"])
+    for name in EXPERIMENTS:
+        assert name in str(error.value)
+
+
+def test_unknown_key_suggests_the_close_one() -> None:
+    with pytest.raises(ConfigError, match="trainer.max_steps"):
+        compose(["trainer.max_step=5"])
+
+
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [
+        ("trainer.max_steps=abc", "expects a int"),
+        ("optim.lr=fast", "expects a float"),
+        ("trainer=[1]", "unknown"),
+    ],
+)
+def test_wrong_type_is_explained(arg: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        compose([arg])
+
+
+def test_setting_a_whole_group_by_value_is_refused() -> None:
+    with pytest.raises(ConfigError, match="group of settings"):
+        compose(["optim=3"])
+
+
+def test_argument_without_equals_is_explained() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        compose(["eps_simple"])
+
+
+def test_group_listing_matches_files() -> None:
+    conf = Path(__file__).parents[1] / "src" / "diffbench" / "conf" / "model"
+    assert available("model") == sorted(p.stem for p in conf.glob("*.yaml"))

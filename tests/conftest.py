@@ -17,6 +17,7 @@ TINY = [
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "trainer.checkpoint_every=2",
+    "trainer.log_every_n_steps=1",
     "diffusion.num_timesteps=20",
     "sample.num_images=4",
     "model.base_channels=16",

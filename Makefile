@@ -6,13 +6,20 @@ STAMP := $(VENV)/.installed-stamp
 
 EXP ?= eps_simple
 ARGS ?=
+OBJ ?= all
+PROFILE ?= default
+DATA ?=
+SEEDS ?=
+GPUS ?= 0
 
-.PHONY: help install test run lint format clean
+.PHONY: help install test run sweep lint format clean
 
 help:
 	@echo "make install           create .venv and install diffbench with its dev tools"
 	@echo "make test              run the test suite (what CI runs)"
 	@echo "make run EXP=eps_simple [ARGS='trainer.max_steps=500 seed=3']   train and evaluate one arm"
+	@echo "make sweep OBJ=all [PROFILE=smoke|default|full] [DATA=digits] [SEEDS=3] [GPUS=0] [ARGS='…']"
+	@echo "                       train + evaluate every selected arm x seed, then print the summary"
 	@echo "make lint / format     ruff check / ruff format"
 	@echo "make clean             remove caches (keeps runs/ and .venv)"
 
@@ -29,6 +36,10 @@ test: $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m diffbench.run experiment=$(EXP) $(ARGS)
+
+sweep: $(STAMP)
+	$(PY) -m diffbench.sweep --obj "$(OBJ)" --profile "$(PROFILE)" --gpus "$(GPUS)" \
+		$(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") --args "$(ARGS)"
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

@@ -5,6 +5,8 @@ trainer.max_steps=500`) over plain OmegaConf YAML: group defaults live in the pa
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -150,3 +152,21 @@ def compose(args: list[str]) -> DictConfig:
     for key, value in values:
         apply_value(cfg, key, value)
     return cfg
+
+
+IDENTITY_EXCLUDES = ("run", "wandb")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a trial: the resolved config without where it is written or logged."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in IDENTITY_EXCLUDES:
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def trial_dir(cfg: DictConfig) -> Path:
+    """`<root>/trials/<profile>-<data>/<experiment>/s<seed>-<hash>`: one directory per resolved
+    config, so a sweep finds its finished and interrupted trials whatever ran them."""
+    name = f"s{cfg.seed}-{config_hash(cfg)}"
+    return Path(cfg.run.root) / "trials" / f"{cfg.profile}-{cfg.data.name}" / cfg.experiment / name

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
-from diffbench.config import ConfigError, compose
+from diffbench.config import ConfigError, compose, config_hash, trial_dir
 from diffbench.data import build_datamodule
 from diffbench.data.base import ArrayDataModule
 from diffbench.module import MODULES, DiffusionModule
@@ -26,6 +27,8 @@ from diffbench.samplers import ddpm_ancestral
 from diffbench.tracking import quiet_wandb_environment, wandb_mode
 from diffbench.unet import UNet, count_parameters
 
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 MODULE_SWITCHES = ("name", "checkpoint_every", "compile", "channels_last")
 RUN_DIR_ENV = "DIFFBENCH_RUN_DIR"
 
@@ -42,8 +45,8 @@ def make_run_dir(cfg: DictConfig) -> Path:
     `run.dir`; DDP workers inherit their launcher's choice through the environment."""
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
-    if cfg.run.dir:
-        run_dir = Path(cfg.run.dir)
+    if cfg.run.dir or cfg.run.reuse:
+        run_dir = Path(cfg.run.dir) if cfg.run.dir else trial_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         parent = Path(cfg.run.root) / cfg.experiment
@@ -58,6 +61,18 @@ def make_run_dir(cfg: DictConfig) -> Path:
                 continue
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     return run_dir.resolve()
+
+
+def completed_results(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The results of a finished run of this very config in `run_dir`, if there are any."""
+    path = run_dir / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if results.get("status") == "complete" and results.get("config_hash") == config_hash(cfg):
+        return results
+    return None
 
 
 def build_module(cfg: DictConfig, datamodule: ArrayDataModule) -> DiffusionModule:
@@ -131,7 +146,12 @@ def train(cfg: DictConfig) -> dict:
     """Fit one arm and return what `results.json` records."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = make_run_dir(cfg)
+    done = completed_results(run_dir, cfg)
+    if done:
+        print(f"[diffbench] {cfg.experiment} seed {cfg.seed}: already complete in {run_dir}; skipping")
+        return done
     datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"seed": cfg.seed}))
+    datamodule.train_samples = cfg.trainer.max_steps * cfg.data.batch_size
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, run_dir)
     num_params = count_parameters(module.net)
@@ -156,6 +176,8 @@ def train(cfg: DictConfig) -> dict:
     results = {
         "status": "complete",
         "experiment": cfg.experiment,
+        "profile": cfg.profile,
+        "config_hash": config_hash(cfg),
         "head": cfg.objective.head,
         "weighting": cfg.objective.weighting,
         "seed": cfg.seed,

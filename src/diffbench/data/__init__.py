@@ -6,8 +6,9 @@ from typing import Any
 
 from diffbench.data.base import ArrayDataModule
 from diffbench.data.digits import DigitsDataModule
+from diffbench.data.gmm import GMMDataModule
 
-DATAMODULES: dict[str, type[ArrayDataModule]] = {"digits": DigitsDataModule}
+DATAMODULES: dict[str, type[ArrayDataModule]] = {"digits": DigitsDataModule, "gmm": GMMDataModule}
 
 
 def build_datamodule(cfg: Any) -> ArrayDataModule:

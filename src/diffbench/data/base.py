@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Tensor]:
@@ -33,6 +33,7 @@ class ArrayDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.splits: dict[str, Tensor] = {}
+        self.train_samples: int | None = None
 
     def load_splits(self) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -45,22 +46,31 @@ class ArrayDataModule(L.LightningDataModule):
         self.setup()
         return self.splits[name]
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        batch_size = self.batch_size if name == "train" else self.eval_batch_size
+    def _loader(self, name: str) -> DataLoader:
         return DataLoader(
             TensorDataset(self.split(name)),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(self.split(name)) >= batch_size,
+            batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """One long epoch of `train_samples` draws (back-to-back shuffles), so step-based
+        training shows one progress bar and validation falls on exact step counts."""
+        data = TensorDataset(self.split("train"))
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler = RandomSampler(data, num_samples=self.train_samples or len(data), generator=generator)
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=len(data) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

@@ -1,0 +1,80 @@
+"""The sweep's terminal table: arm × headline metric, mean ± spread over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+HEADLINE_METRICS = ("nll_vlb_bpd", "nll_ode_bpd", "fd_digits", "fd_mnist", "fid", "eps_star_mse", "val/vlb_bpd")
+
+
+def read_results(run_dir: Path) -> dict | None:
+    """A run's results.json, or None when it is missing, half-written or not finished."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if results.get("status") == "complete" else None
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """{experiment: {metric: {mean, spread, n}}} over the seeds present."""
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for result in results:
+        for metric in HEADLINE_METRICS:
+            if metric in result.get("metrics", {}):
+                values[result["experiment"]][metric].append(float(result["metrics"][metric]))
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for experiment, metrics in values.items():
+        table[experiment] = {}
+        for metric, vals in metrics.items():
+            mean, spread = mean_and_spread(vals)
+            table[experiment][metric] = {"mean": mean, "spread": spread, "n": len(vals)}
+    return table
+
+
+def format_table(table: dict[str, dict[str, dict[str, float]]], profile: str) -> str:
+    columns = [m for m in HEADLINE_METRICS if any(m in row for row in table.values())]
+    header = ["arm", *columns]
+    rows = [header]
+    for experiment in sorted(table):
+        cells = [experiment]
+        for metric in columns:
+            cell = table[experiment].get(metric)
+            cells.append("—" if cell is None else f"{cell['mean']:.4f} ± {cell['spread']:.4f} (n={cell['n']})")
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    title = f"profile {profile}: mean ± standard deviation over seeds"
+    return "\n".join([title, *lines])
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def summarize_trials(run_dirs: list[Path], out_stem: Path) -> str:
+    """Aggregate the finished trials, write `<stem>.md` and `<stem>.json`, return the table."""
+    results = [r for r in (read_results(d) for d in run_dirs) if r is not None]
+    profiles = sorted({r.get("profile", "?") for r in results}) or ["?"]
+    table = aggregate(results)
+    text = format_table(table, "/".join(profiles))
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_stem.with_suffix(".md"), text + "\n")
+    payload = {"profiles": profiles, "trials": len(run_dirs), "complete": len(results), "table": table}
+    write_atomic(out_stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
+    return text

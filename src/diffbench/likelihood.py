@@ -78,8 +78,20 @@ def vlb_term(
     mean_model = q_posterior_mean(x0_hat, xt, **c)
     var_true = schedule.at(schedule.posterior_variance, t, x0.ndim).clamp(min=1e-300)
     kl = sum_except_batch(normal_kl(mean_true, var_true.expand_as(x0), mean_model, sigma2.expand_as(x0)))
-    decoder = -decoder_log_prob(x0, mean_model, sigma2, num_levels)
-    return torch.where(t == 1, decoder, kl)
+    return with_decoder_at_first_step(t, kl, x0, mean_model, sigma2, num_levels)
+
+
+def with_decoder_at_first_step(
+    t: Tensor, kl: Tensor, x0: Tensor, mean: Tensor, sigma2: Tensor, num_levels: int | None
+) -> Tensor:
+    """Replace the rows with t = 1 by the decoder term −log p(x0 | x1); the decoder is evaluated
+    on those rows only, since it costs more than the KL of every other row."""
+    first = t == 1
+    if not bool(first.any()):
+        return kl
+    out = kl.clone()
+    out[first] = -decoder_log_prob(x0[first], mean[first], sigma2[first], num_levels)
+    return out
 
 
 def decoder_log_prob(x0: Tensor, mean: Tensor, sigma2: Tensor, num_levels: int | None) -> Tensor:
@@ -113,5 +125,4 @@ def elbo_loss_term(
     kl = weight.flatten() * squared_error + mismatch.flatten() * x0[0].numel()
     eps_hat = to_eps(head, output.double(), xt.double(), c["alpha_bar"])
     x0_hat = eps_to_x0(xt.double(), eps_hat, c["alpha_bar"])
-    decoder = -decoder_log_prob(x0.double(), x0_hat, sigma2, num_levels)
-    return torch.where(t == 1, decoder, kl)
+    return with_decoder_at_first_step(t, kl, x0.double(), x0_hat, sigma2, num_levels)

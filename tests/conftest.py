@@ -14,7 +14,12 @@ def offline_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyte
 
 
 TINY = [
+    "profile=smoke",
     "trainer.max_steps=2",
+    "eval.vlb_timesteps=5",
+    "eval.num_samples=8",
+    "eval.ode_images=4",
+    "eval.num_images=16",
     "trainer.val_check_interval=2",
     "trainer.checkpoint_every=2",
     "trainer.log_every_n_steps=1",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 
+from conftest import TINY
 from diffbench.config import compose, experiments_dir
 from diffbench.data import build_datamodule
 from diffbench.run import build_module

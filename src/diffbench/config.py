@@ -85,7 +85,10 @@ def check_type(key: str, old: object, new: object) -> None:
     if old is None or new is None:
         return
     if isinstance(old, DictConfig):
-        raise ConfigError(f"{key} is a group of settings ({', '.join(old.keys())}); set one of them, e.g. {key}.{next(iter(old.keys()))}=…")
+        raise ConfigError(
+            f"{key} is a group of settings ({', '.join(old.keys())}); "
+            f"set one of them, e.g. {key}.{next(iter(old.keys()))}=…"
+        )
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),

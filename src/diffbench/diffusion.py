@@ -21,9 +21,9 @@ VarianceType = Literal["small", "large"]
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """DDPM's linear β_1..β_T, rescaled so T ≠ 1000 keeps the same total noise."""
     scale = 1000.0 / num_timesteps
-    return torch.linspace(
-        scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64
-    ).clamp(max=0.999)
+    return torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64).clamp(
+        max=0.999
+    )
 
 
 def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:

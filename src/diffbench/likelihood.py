@@ -26,9 +26,7 @@ def normal_kl(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> Tenso
     return 0.5 * (var2.log() - var1.log() + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
 
 
-def discretized_gaussian_log_prob(
-    x: Tensor, mean: Tensor, log_scale: Tensor, num_levels: int
-) -> Tensor:
+def discretized_gaussian_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor, num_levels: int) -> Tensor:
     """log P(x) for data on `num_levels` evenly spaced values in [−1, 1], each value owning a
     bin of width 2/(L − 1) under N(mean, exp(log_scale)²); the outer bins extend to ±∞."""
     x, mean, log_scale = (v.double() for v in torch.broadcast_tensors(x, mean, log_scale))
@@ -43,9 +41,7 @@ def discretized_gaussian_log_prob(
     # turn the masked branch's zero gradient into NaN.
     right_tail = lower > 0
     log_outer = torch.where(right_tail, log_survival_lower, log_cdf_upper)
-    log_inner = torch.where(
-        right_tail, torch.special.log_ndtr(-upper), torch.special.log_ndtr(lower)
-    )
+    log_inner = torch.where(right_tail, torch.special.log_ndtr(-upper), torch.special.log_ndtr(lower))
     mid = log_outer + torch.log1p(-torch.exp(log_inner - log_outer))
     top = 1 - half_bin
     return torch.where(x < -top, log_cdf_upper, torch.where(x > top, log_survival_lower, mid))
@@ -55,7 +51,9 @@ def prior_kl(schedule: NoiseSchedule, x0: Tensor) -> Tensor:
     """L_T = KL(q(x_T | x0) ‖ N(0, I)) per example; constant in θ."""
     alpha_bar = schedule.alphas_cumprod[-1]
     x0 = x0.double()
-    kl = normal_kl(alpha_bar.sqrt() * x0, (1 - alpha_bar).expand_as(x0), torch.zeros_like(x0), torch.ones_like(x0))
+    kl = normal_kl(
+        alpha_bar.sqrt() * x0, (1 - alpha_bar).expand_as(x0), torch.zeros_like(x0), torch.ones_like(x0)
+    )
     return sum_except_batch(kl)
 
 

@@ -52,9 +52,7 @@ class DiffusionModule(L.LightningModule):
         if compile:
             self.net.compile()
             self.ema.compile()
-        self.val_metrics = nn.ModuleDict(
-            {name: MeanMetric() for name in ("loss", "eps_mse", "vlb_bpd")}
-        )
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "eps_mse", "vlb_bpd")})
 
     def target(self, x0: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
         """What the network output is regressed on."""
@@ -70,9 +68,9 @@ class DiffusionModule(L.LightningModule):
         xt = xt.to(dtype).contiguous(memory_format=self.memory_format)
         return net(xt, t.to(dtype)).float()
 
-    @torch.no_grad()
     def eps_hat(self, xt: Tensor, t: Tensor, use_ema: bool = True) -> Tensor:
-        """ε̂(x_t, t) for samplers and metrics, whatever the head; t may be fractional."""
+        """ε̂(x_t, t) for samplers and metrics, whatever the head; t may be fractional. Grad mode
+        is the caller's: the ODE likelihood differentiates through it."""
         output = self.network_output(xt, t, use_ema)
         alpha_bar = self.alpha_bar_at(t, xt.ndim)
         return self.output_to_eps(output.double(), xt.double(), alpha_bar).to(xt.dtype)
@@ -110,7 +108,9 @@ class DiffusionModule(L.LightningModule):
         return {"loss": loss, "eps_mse": eps_mse, "vlb_bpd": vlb_bpd}
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randint(1, self.num_timesteps + 1, (batch_size,), device=self.device, generator=generator)
+        return torch.randint(
+            1, self.num_timesteps + 1, (batch_size,), device=self.device, generator=generator
+        )
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x0 = batch[0]
@@ -179,4 +179,3 @@ MODULES: dict[str, type[DiffusionModule]] = {
     "x0": X0Prediction,
     "score": ScorePrediction,
 }
-

@@ -4,6 +4,7 @@ grid, and leave a run directory with config, checkpoints, metrics CSV and result
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import Tensor
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +22,7 @@ from torchvision.utils import save_image
 from diffbench.config import ConfigError, compose, config_hash, trial_dir
 from diffbench.data import build_datamodule
 from diffbench.data.base import ArrayDataModule
+from diffbench.evaluate import evaluate
 from diffbench.module import MODULES, DiffusionModule
 from diffbench.samplers import ddpm_ancestral
 from diffbench.tracking import quiet_wandb_environment, wandb_mode
@@ -127,9 +128,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     )
 
 
-def draw_samples(cfg: DictConfig, module: DiffusionModule, path: Path, shape: tuple[int, ...]) -> Tensor:
-    """A grid from the EMA model with DDPM's ancestral sampler, seeded by the run seed."""
+def draw_samples(cfg: DictConfig, module: DiffusionModule, path: Path, shape: tuple[int, ...]) -> dict:
+    """A grid from the EMA model with DDPM's plain ancestral sampler over all T steps."""
     generator = torch.Generator(device=module.device).manual_seed(cfg.seed)
+    start = time.perf_counter()
     samples = ddpm_ancestral(
         module.eps_hat,
         module.schedule,
@@ -138,12 +140,19 @@ def draw_samples(cfg: DictConfig, module: DiffusionModule, path: Path, shape: tu
         variance=cfg.sample.variance,
         progress=True,
     )
-    save_image(samples, path, nrow=int(cfg.sample.num_images**0.5), normalize=True, value_range=(-1, 1))
-    return samples
+    save_image(samples, path, nrow=math.ceil(cfg.sample.num_images**0.5), normalize=True, value_range=(-1, 1))
+    return {
+        "file": path.name,
+        "sampler": "ancestral",
+        "steps": module.num_timesteps,
+        "num_images": cfg.sample.num_images,
+        "variance": cfg.sample.variance,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit one arm and return what `results.json` records."""
+    """Fit one arm, evaluate it, and return what `results.json` records (rank zero)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = make_run_dir(cfg)
     done = completed_results(run_dir, cfg)
@@ -165,14 +174,11 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
     train_seconds = time.perf_counter() - start
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    module.to(trainer.strategy.root_device)
+    evaluation = evaluate(module, datamodule, cfg, run_dir) if cfg.eval.enabled else {}
     if not trainer.is_global_zero:
         return {}
-    samples_path = run_dir / "samples.png"
-    start = time.perf_counter()
-    samples = draw_samples(cfg, module, samples_path, datamodule.image_shape)
-    sample_seconds = time.perf_counter() - start
-    wandb_logger = trainer.loggers[0]
-    wandb_logger.log_image(key="samples/ancestral", images=[str(samples_path)], step=trainer.global_step)
+    grid = draw_samples(cfg, module, run_dir / "samples.png", datamodule.image_shape)
     results = {
         "status": "complete",
         "experiment": cfg.experiment,
@@ -186,36 +192,74 @@ def train(cfg: DictConfig) -> dict:
         "num_params": num_params,
         "steps": trainer.global_step,
         "train_wall_time_s": round(train_seconds, 2),
-        "metrics": {key: float(value) for key, value in final.items()},
-        "samples": {
-            "file": samples_path.name,
-            "sampler": "ddpm_ancestral",
-            "num_images": cfg.sample.num_images,
-            "variance": cfg.sample.variance,
-            "wall_time_s": round(sample_seconds, 2),
-            "pixel_mean": float(samples.mean()),
-        },
+        "metrics": {**{key: float(value) for key, value in final.items()}, **scalars(evaluation)},
+        "evaluation": settings(evaluation),
+        "samples": grid,
         "run_dir": str(run_dir),
     }
+    log_to_wandb(trainer.loggers[0], results, run_dir, trainer.global_step)
     write_json_atomic(run_dir / "results.json", results)
     print_summary(results)
     return results
 
 
+def scalars(evaluation: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in evaluation.items() if isinstance(v, (int, float))}
+
+
+def settings(evaluation: dict) -> dict[str, dict]:
+    return {k: v for k, v in evaluation.items() if isinstance(v, dict)}
+
+
+IMAGES = (
+    "samples.png",
+    "samples_ancestral.png",
+    "samples_ddim.png",
+    "samples_sde.png",
+    "samples_ode.png",
+    "x0_trajectory.png",
+    "vlb_terms.png",
+    "eps_star_distance.png",
+)
+
+
+def log_to_wandb(logger: WandbLogger, results: dict, run_dir: Path, step: int) -> None:
+    """Final metrics as the run's summary (what W&B tables and grouping show) plus the images."""
+    logger.experiment.summary.update({f"final/{k}": v for k, v in results["metrics"].items()})
+    for name in IMAGES:
+        if (run_dir / name).is_file():
+            logger.log_image(key=f"eval/{Path(name).stem}", images=[str(run_dir / name)], step=step)
+
+
 def print_summary(results: dict) -> None:
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(results["metrics"].items()))
     print(
-        f"\n[diffbench] {results['experiment']} ({results['head']}, {results['weighting']}) seed {results['seed']}: "
+        f"\n[diffbench] {results['experiment']} ({results['head']}, {results['weighting']}) "
+        f"seed {results['seed']}: "
         f"{results['steps']} steps in {results['train_wall_time_s']:.0f} s\n"
         f"[diffbench] final {metrics}\n"
         f"[diffbench] results in {results['run_dir']}/results.json, samples in samples.png"
     )
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Catch settings that would only fail after training."""
+    T, K = cfg.diffusion.num_timesteps, cfg.eval.vlb_timesteps
+    if K and (K > T or T % K):
+        raise ConfigError(
+            f"eval.vlb_timesteps={K} must divide diffusion.num_timesteps={T} (or be 0 for all T terms)."
+        )
+    if cfg.objective.head not in MODULES:
+        raise ConfigError(f"objective.head={cfg.objective.head!r}; choose one of {', '.join(MODULES)}.")
+    if cfg.objective.weighting not in ("simple", "elbo"):
+        raise ConfigError(f"objective.weighting={cfg.objective.weighting!r}; choose simple or elbo.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         cfg = compose(args)
+        check_settings(cfg)
     except ConfigError as error:
         print(f"diffbench.run: {error}", file=sys.stderr)
         return 2

@@ -8,7 +8,15 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-HEADLINE_METRICS = ("nll_vlb_bpd", "nll_ode_bpd", "fd_digits", "fd_mnist", "fid", "eps_star_mse", "val/vlb_bpd")
+HEADLINE_METRICS = (
+    "nll_vlb_bpd",
+    "nll_ode_bpd",
+    "fd_digits",
+    "fd_mnist",
+    "fid",
+    "eps_star_mse",
+    "val/vlb_bpd",
+)
 
 
 def read_results(run_dir: Path) -> dict | None:
@@ -52,7 +60,9 @@ def format_table(table: dict[str, dict[str, dict[str, float]]], profile: str) ->
         cells = [experiment]
         for metric in columns:
             cell = table[experiment].get(metric)
-            cells.append("—" if cell is None else f"{cell['mean']:.4f} ± {cell['spread']:.4f} (n={cell['n']})")
+            cells.append(
+                "—" if cell is None else f"{cell['mean']:.4f} ± {cell['spread']:.4f} (n={cell['n']})"
+            )
         rows.append(cells)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shlex
 import subprocess
@@ -57,7 +56,9 @@ def parse_seeds(seeds: str) -> list[int]:
     return list(range(values[0])) if len(values) == 1 and "," not in seeds else values
 
 
-def apply_options(sweep: dict, profile: str | None, data: str | None, seeds: str | None, extra: list[str]) -> dict:
+def apply_options(
+    sweep: dict, profile: str | None, data: str | None, seeds: str | None, extra: list[str]
+) -> dict:
     """The YAML with the make variables folded in, so both runners see one grid."""
     params = sweep["parameters"]
     if profile:
@@ -83,7 +84,9 @@ def expand_grid(sweep: dict) -> list[dict[str, object]]:
 
 def trial_command(sweep: dict, point: dict[str, object]) -> list[str]:
     """The sweep's `command` with W&B's macros filled in, as `wandb agent` would run it."""
-    args = [f"{k}={v}" for k, v in point.items()]
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    args = create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})["args_no_hyphens"]
     command: list[str] = []
     for part in sweep["command"]:
         if part == "${env}":
@@ -140,7 +143,9 @@ def run_wandb(sweep: dict, agents: int, gpus: int, env: dict[str, str]) -> None:
     """Create the W&B sweep from the YAML and run one CLI agent per GPU group."""
     import wandb
 
-    sweep_id = wandb.sweep(sweep=sweep, project=env.get("WANDB_PROJECT", "diffbench"), entity=env.get("WANDB_ENTITY"))
+    sweep_id = wandb.sweep(
+        sweep=sweep, project=env.get("WANDB_PROJECT", "diffbench"), entity=env.get("WANDB_ENTITY")
+    )
     groups = [list(range(gpus))[i::agents] for i in range(agents)] if gpus else [[] for _ in range(agents)]
     procs = []
     for group in groups:
@@ -148,7 +153,11 @@ def run_wandb(sweep: dict, agents: int, gpus: int, env: dict[str, str]) -> None:
         if group:
             agent_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, group))
         project = env.get("WANDB_PROJECT", "diffbench")
-        target = f"{env['WANDB_ENTITY']}/{project}/{sweep_id}" if env.get("WANDB_ENTITY") else f"{project}/{sweep_id}"
+        target = (
+            f"{env['WANDB_ENTITY']}/{project}/{sweep_id}"
+            if env.get("WANDB_ENTITY")
+            else f"{project}/{sweep_id}"
+        )
         procs.append(subprocess.Popen(["wandb", "agent", target], env=agent_env))
     for proc in procs:
         proc.wait()
@@ -161,14 +170,20 @@ def trial_dirs(sweep: dict, points: list[dict[str, object]]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffbench.sweep", description=__doc__)
-    parser.add_argument("--obj", default="all", help="all | eps | x0 | score | simple | elbo | an experiment name")
+    parser.add_argument(
+        "--obj", default="all", help="all | eps | x0 | score | simple | elbo | an experiment name"
+    )
     parser.add_argument("--profile", default=None, help="smoke | default | full (budget of each trial)")
     parser.add_argument("--data", default=None, help="dataset config name, e.g. digits or gmm")
     parser.add_argument("--seeds", default=None, help="a count (3 → 0,1,2) or a list (0,4,7)")
     parser.add_argument("--gpus", type=int, default=0, help="GPUs per trial (DDP); 0 = CPU")
     parser.add_argument("--agents", type=int, default=1, help="parallel W&B agents, GPUs split among them")
-    parser.add_argument("--args", default="", help="extra overrides for every trial, e.g. 'trainer.max_steps=500'")
-    parser.add_argument("--local", action="store_true", help="use the local runner even when logged in to W&B")
+    parser.add_argument(
+        "--args", default="", help="extra overrides for every trial, e.g. 'trainer.max_steps=500'"
+    )
+    parser.add_argument(
+        "--local", action="store_true", help="use the local runner even when logged in to W&B"
+    )
     options = parser.parse_args(argv)
     try:
         extra = shlex.split(options.args) + hardware_args(options.gpus) + ["run.reuse=true"]
@@ -179,9 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"diffbench.sweep: {error}", file=sys.stderr)
         return 2
-    online = not options.local and has_wandb_credentials() and os.environ.get("WANDB_MODE", "online") == "online"
+    online = (
+        not options.local and has_wandb_credentials() and os.environ.get("WANDB_MODE", "online") == "online"
+    )
     env = dict(os.environ)
-    print(f"[sweep] {sweep['name']}: {len(points)} trials, {'W&B sweep' if online else 'local runner, W&B offline'}")
+    print(
+        f"[sweep] {sweep['name']}: {len(points)} trials, "
+        f"{'W&B sweep' if online else 'local runner, W&B offline'}"
+    )
     start = time.perf_counter()
     if online:
         run_wandb(sweep, options.agents, options.gpus, env)
@@ -193,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sweep] wall time {time.perf_counter() - start:.0f} s")
     incomplete = [d for d in dirs if not (d / "results.json").is_file()]
     if incomplete:
-        print(f"[sweep] {len(incomplete)} trial(s) incomplete; run the same command again to resume them.", file=sys.stderr)
+        print(
+            f"[sweep] {len(incomplete)} trial(s) incomplete; run the same command again to resume them.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

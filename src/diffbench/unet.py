@@ -97,7 +97,9 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """A residual block optionally followed by attention: the U-Net's repeated unit."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int, attn_heads: int) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int, attn_heads: int
+    ) -> None:
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, groups)
         self.attn = SelfAttention(out_ch, attn_heads, groups) if attn_heads else nn.Identity()
@@ -126,7 +128,9 @@ class UNet(nn.Module):
         super().__init__()
         self.base_channels = base_channels
         emb_dim = 4 * base_channels
-        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
         self.stem = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def heads_at(resolution: int) -> int:
@@ -137,7 +141,9 @@ class UNet(nn.Module):
         ch, resolution = base_channels, image_size
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                self.down.append(Level(ch, base_channels * mult, emb_dim, dropout, norm_groups, heads_at(resolution)))
+                self.down.append(
+                    Level(ch, base_channels * mult, emb_dim, dropout, norm_groups, heads_at(resolution))
+                )
                 ch = base_channels * mult
                 skip_channels.append(ch)
             if level < len(channel_mult) - 1:

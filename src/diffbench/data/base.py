@@ -26,7 +26,9 @@ class ArrayDataModule(L.LightningDataModule):
     num_levels: int | None = None
     image_shape: tuple[int, int, int] = (1, 8, 8)
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0, seed: int = 0
+    ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size

@@ -118,6 +118,27 @@ def test_vlb_over_a_subset_of_timesteps_weights_it_by_T_over_its_size() -> None:
         vlb_bpd(linear_eps, schedule, x0, 17, seeded(2), timesteps=torch.tensor([0, 3]))
 
 
+def test_per_example_timesteps_score_each_example_at_its_own_steps() -> None:
+    schedule = NoiseSchedule("linear", TINY_T)
+    x0 = grid_images(17, (3, 1, 4, 4), seeded(0))
+    full = vlb_bpd(linear_eps, schedule, x0, 17, seeded(2))
+    same = vlb_bpd(
+        linear_eps, schedule, x0, 17, seeded(2), timesteps=torch.arange(1, TINY_T + 1).expand(3, -1)
+    )
+    torch.testing.assert_close(same.total_bpd, full.total_bpd, rtol=0, atol=0)
+    own = torch.tensor([[1, 4], [2, 9], [10, 3]])
+    mixed = vlb_bpd(linear_eps, schedule, x0, 17, seeded(2), timesteps=own)
+    torch.testing.assert_close(mixed.total_bpd, mixed.prior_bpd + TINY_T / 2 * mixed.terms_bpd.sum(1))
+    assert torch.equal(mixed.timesteps, own)
+    shared = vlb_bpd(linear_eps, schedule, x0, 17, seeded(2), timesteps=own[0])
+    torch.testing.assert_close(shared.terms_bpd[0], mixed.terms_bpd[0])
+    assert not torch.allclose(shared.terms_bpd[1:], mixed.terms_bpd[1:])
+    rows = stratified_timesteps(TINY_T, 5, seeded(0), batch=3)
+    assert rows.shape == (3, 5) and torch.equal((rows - 1) // 2, torch.arange(5).expand(3, -1))
+    with pytest.raises(ValueError):
+        vlb_bpd(linear_eps, schedule, x0, 17, seeded(2), timesteps=own[:2])
+
+
 def test_stratified_timesteps_draw_one_step_from_each_stratum() -> None:
     steps = stratified_timesteps(1000, 50, seeded(0))
     assert len(steps) == 50 and steps.min() >= 1 and steps.max() <= 1000

@@ -29,6 +29,10 @@ from diffbench.fidelity import sample_quality  # noqa: E402
 from diffbench.module import DiffusionModule  # noqa: E402
 
 
+EXTRACTOR_FIELDS = {"classifier_test_accuracy"}
+"""Numbers about the feature extractor, recorded with the settings rather than as metrics."""
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the process group DDP left behind, or (0, 1)."""
     if dist.is_available() and dist.is_initialized():
@@ -88,14 +92,16 @@ def evaluate_vlb(
     rank, size = world()
     generator = generator_for(seed, 1, module.device)
     timesteps = None
+    shard = x0[rank::size].to(module.device)
     if cfg.vlb_timesteps:
-        shared = torch.Generator(device=module.device).manual_seed(seed)
-        timesteps = nll.stratified_timesteps(module.num_timesteps, cfg.vlb_timesteps, shared)
+        timesteps = nll.stratified_timesteps(
+            module.num_timesteps, cfg.vlb_timesteps, generator, batch=len(shard)
+        )
     start = time.perf_counter()
     result = nll.vlb_bpd(
         module.eps_hat,
         module.schedule,
-        x0[rank::size].to(module.device),
+        shard,
         num_levels,
         generator,
         variance=module.hparams.variance,
@@ -106,7 +112,9 @@ def evaluate_vlb(
     totals = gather_rows(result.total_bpd.cpu(), len(x0))
     terms = gather_rows(result.terms_bpd.cpu(), len(x0)).mean(0)
     mean, stderr = nll.mean_and_stderr(totals)
-    steps = result.timesteps.cpu()
+    steps = result.timesteps.cpu().double()
+    if steps.ndim == 2:
+        steps = gather_rows(steps, len(x0)).mean(0)
     if rank == 0:
         write_curve_csv(out / "vlb_terms.csv", ("t", "term_bpd"), steps, terms)
         plot_curve(
@@ -122,7 +130,7 @@ def evaluate_vlb(
         "nll_vlb_bpd": mean,
         "nll_vlb_bpd_stderr": stderr,
         "nll_vlb_settings": {
-            "timesteps": "all" if timesteps is None else f"stratified-{len(steps)}",
+            "timesteps": "all" if timesteps is None else f"stratified-{len(steps)}, drawn per image",
             "variance": module.hparams.variance,
             "num_images": len(x0),
             "wall_time_s": round(time.perf_counter() - start, 2),
@@ -248,8 +256,8 @@ def evaluate_samples(
         inception_weights=cfg.inception_weights,
         data_root=getattr(datamodule, "root", "data"),
     )
-    metrics = {k: v for k, v in quality.items() if isinstance(v, float)}
-    record.update({k: v for k, v in quality.items() if not isinstance(v, float)})
+    metrics = {k: v for k, v in quality.items() if isinstance(v, float) and k not in EXTRACTOR_FIELDS}
+    record.update({k: v for k, v in quality.items() if k not in metrics})
     record["reference"] = f"{cfg.reference_split} split ({len(reference)} images)"
     return {**metrics, "sample_settings": record}, samples
 

@@ -25,10 +25,10 @@ AdaptiveMethod = Literal["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heu
 class VLBResult:
     """The bound per example, split into its terms (all bits/dim).
 
-    total_bpd (B,): prior + weight · Σ terms, weight = T / len(timesteps) (1 for all steps).
+    total_bpd (B,): prior + weight · Σ terms, weight = T / n (1 for all steps).
     terms_bpd (B, n): L_{t−1} per example at each evaluated t (L_0, the decoder, at t = 1).
     prior_bpd (B,): L_T = KL(q(x_T | x0) ‖ N(0, I)).
-    timesteps (n,): the t of each column of terms_bpd.
+    timesteps (n,) or (B, n): the t of each entry of terms_bpd.
     """
 
     total_bpd: Tensor
@@ -42,13 +42,18 @@ class VLBResult:
         return self.terms_bpd.mean(0)
 
 
-def stratified_timesteps(num_timesteps: int, count: int, generator: torch.Generator) -> Tensor:
+def stratified_timesteps(
+    num_timesteps: int, count: int, generator: torch.Generator, batch: int | None = None
+) -> Tensor:
     """One uniform t from each of `count` equal strata of 1..T, for an unbiased, low-variance
-    `vlb_bpd` estimate (each draw stands for its stratum of T / count steps)."""
+    `vlb_bpd` estimate (each draw stands for its stratum of T / count steps). With `batch`, each
+    example draws its own (batch, count) set, so the standard error over examples also covers
+    the choice of timesteps."""
     if count < 1 or num_timesteps % count:
         raise ValueError(f"count must divide the number of timesteps ({num_timesteps}), got {count}")
     width = num_timesteps // count
-    offsets = torch.randint(0, width, (count,), generator=generator, device=generator.device)
+    shape = (count,) if batch is None else (batch, count)
+    offsets = torch.randint(0, width, shape, generator=generator, device=generator.device)
     return 1 + width * torch.arange(count, device=generator.device) + offsets
 
 
@@ -67,24 +72,26 @@ def vlb_bpd(
     """The discrete VLB L_T + Σ_t L_{t−1} of each example in x0, one x_t ~ q(x_t | x0) per term.
 
     With `timesteps` None every t = 1..T is evaluated (the reported NLL bound); otherwise only
-    those t, weighted by T / len(timesteps), which is unbiased when they are drawn uniformly or
-    stratified (`stratified_timesteps`). `batch_timesteps` timesteps share one eps_fn call of
+    those t, weighted by T / n, which is unbiased when they are drawn uniformly or stratified
+    (`stratified_timesteps`): shape (n,) shared by all examples, or (B, n) one set per example. `batch_timesteps` timesteps share one eps_fn call of
     batch B · batch_timesteps. The noise for the i-th evaluated t is drawn as its own (B, …)
     tensor, so results do not depend on batch_timesteps.
     """
     num_timesteps = schedule.num_timesteps
     device = x0.device
     steps = torch.arange(1, num_timesteps + 1, device=device) if timesteps is None else timesteps.to(device)
-    if steps.ndim != 1 or len(steps) == 0 or steps.min() < 1 or steps.max() > num_timesteps:
-        raise ValueError(f"timesteps must be a non-empty 1-d tensor of steps in 1..{num_timesteps}")
     x0 = x0.double()
     batch, num_dims = x0.shape[0], x0[0].numel()
+    per_example = steps.expand(batch, -1) if steps.ndim == 1 else steps
+    if per_example.shape[0] != batch or steps.numel() == 0 or steps.min() < 1 or steps.max() > num_timesteps:
+        raise ValueError(f"timesteps must be (n,) or (B, n) steps in 1..{num_timesteps}")
+    num_terms = per_example.shape[1]
     repeat = (1,) * (x0.ndim - 1)
-    terms = torch.empty(batch, len(steps), dtype=torch.float64, device=device)
-    starts = range(0, len(steps), batch_timesteps)
+    terms = torch.empty(batch, num_terms, dtype=torch.float64, device=device)
+    starts = range(0, num_terms, batch_timesteps)
     for start in tqdm(starts, desc="VLB terms", disable=not progress, leave=False):
-        chunk = steps[start : start + batch_timesteps]
-        t = chunk.repeat_interleave(batch)
+        chunk = per_example[:, start : start + batch_timesteps].T
+        t = chunk.reshape(-1)
         x0_repeated = x0.repeat(len(chunk), *repeat)
         noise = torch.cat(
             [torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float64) for _ in chunk]
@@ -93,7 +100,7 @@ def vlb_bpd(
         nats = vlb_term(schedule, x0_repeated, xt, t, eps_fn(xt, t), num_levels, variance)
         terms[:, start : start + len(chunk)] = nats.view(len(chunk), batch).T
     prior = prior_kl(schedule, x0)
-    total = prior + num_timesteps / len(steps) * terms.sum(1)
+    total = prior + num_timesteps / num_terms * terms.sum(1)
     return VLBResult(
         total_bpd=nats_to_bpd(total, num_dims),
         terms_bpd=nats_to_bpd(terms, num_dims),

@@ -28,7 +28,6 @@ from diffbench.data.base import ArrayDataModule  # noqa: E402
 from diffbench.fidelity import sample_quality  # noqa: E402
 from diffbench.module import DiffusionModule  # noqa: E402
 
-
 EXTRACTOR_FIELDS = {"classifier_test_accuracy"}
 """Numbers about the feature extractor, recorded with the settings rather than as metrics."""
 

@@ -73,9 +73,10 @@ def vlb_bpd(
 
     With `timesteps` None every t = 1..T is evaluated (the reported NLL bound); otherwise only
     those t, weighted by T / n, which is unbiased when they are drawn uniformly or stratified
-    (`stratified_timesteps`): shape (n,) shared by all examples, or (B, n) one set per example. `batch_timesteps` timesteps share one eps_fn call of
-    batch B · batch_timesteps. The noise for the i-th evaluated t is drawn as its own (B, …)
-    tensor, so results do not depend on batch_timesteps.
+    (`stratified_timesteps`): shape (n,) shared by all examples, or (B, n) one set per example.
+    `batch_timesteps` timesteps share one eps_fn call of batch B · batch_timesteps. The noise
+    for the i-th evaluated t is drawn as its own (B, …) tensor, so results do not depend on
+    batch_timesteps.
     """
     num_timesteps = schedule.num_timesteps
     device = x0.device

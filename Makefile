@@ -11,6 +11,7 @@ PROFILE ?= default
 DATA ?=
 SEEDS ?=
 GPUS ?= 0
+JOBS ?= 0
 
 .PHONY: help install test run sweep lint format clean
 
@@ -38,7 +39,7 @@ run: $(STAMP)
 	$(PY) -m diffbench.run experiment=$(EXP) $(ARGS)
 
 sweep: $(STAMP)
-	$(PY) -m diffbench.sweep --obj "$(OBJ)" --profile "$(PROFILE)" --gpus "$(GPUS)" \
+	$(PY) -m diffbench.sweep --obj "$(OBJ)" --profile "$(PROFILE)" --gpus "$(GPUS)" --jobs "$(JOBS)" \
 		$(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") --args "$(ARGS)"
 
 lint: $(STAMP)

@@ -16,17 +16,18 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torchvision.utils import save_image
 
-from diffbench import groundtruth, nll, samplers  # noqa: E402
-from diffbench.data.base import ArrayDataModule  # noqa: E402
-from diffbench.fidelity import sample_quality  # noqa: E402
-from diffbench.module import DiffusionModule  # noqa: E402
+from diffbench import groundtruth, nll, samplers
+from diffbench.data.base import ArrayDataModule
+from diffbench.fidelity import sample_quality
+from diffbench.module import DiffusionModule
 
 EXTRACTOR_FIELDS = {"classifier_test_accuracy"}
 """Numbers about the feature extractor, recorded with the settings rather than as metrics."""
@@ -60,7 +61,10 @@ def generator_for(seed: int, purpose: int, device: torch.device) -> torch.Genera
 
 
 def save_grid(images: Tensor, path: Path, nrow: int) -> None:
-    save_image(images.clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1))
+    """An image grid, small images enlarged (nearest neighbour) so 8×8 digits are legible."""
+    scale = max(1, 32 // images.shape[-1])
+    images = F.interpolate(images.clamp(-1, 1).float(), scale_factor=scale, mode="nearest")
+    save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=1.0)
 
 
 def plot_curve(
@@ -271,6 +275,7 @@ def evaluate_trajectory(
         (cfg.trajectory_images, *shape),
         generator_for(seed, 4, module.device),
         num_snapshots=10,
+        steps=cfg.trajectory_steps or None,
     )
     grid = trajectory.x0_hats.transpose(0, 1).reshape(-1, *shape)
     save_grid(grid, out / "x0_trajectory.png", nrow=trajectory.x0_hats.shape[0])

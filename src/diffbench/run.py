@@ -17,12 +17,11 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import save_image
 
 from diffbench.config import ConfigError, compose, config_hash, trial_dir
 from diffbench.data import build_datamodule
 from diffbench.data.base import ArrayDataModule
-from diffbench.evaluate import evaluate
+from diffbench.evaluate import evaluate, save_grid
 from diffbench.module import MODULES, DiffusionModule
 from diffbench.samplers import ddpm_ancestral
 from diffbench.tracking import quiet_wandb_environment, wandb_mode
@@ -140,7 +139,7 @@ def draw_samples(cfg: DictConfig, module: DiffusionModule, path: Path, shape: tu
         variance=cfg.sample.variance,
         progress=True,
     )
-    save_image(samples, path, nrow=math.ceil(cfg.sample.num_images**0.5), normalize=True, value_range=(-1, 1))
+    save_grid(samples, path, nrow=math.ceil(cfg.sample.num_images**0.5))
     return {
         "file": path.name,
         "sampler": "ancestral",
@@ -178,7 +177,8 @@ def train(cfg: DictConfig) -> dict:
     evaluation = evaluate(module, datamodule, cfg, run_dir) if cfg.eval.enabled else {}
     if not trainer.is_global_zero:
         return {}
-    grid = draw_samples(cfg, module, run_dir / "samples.png", datamodule.image_shape)
+    shape = datamodule.image_shape
+    grid = draw_samples(cfg, module, run_dir / "samples.png", shape) if cfg.sample.num_images else None
     results = {
         "status": "complete",
         "experiment": cfg.experiment,
@@ -238,7 +238,7 @@ def print_summary(results: dict) -> None:
         f"seed {results['seed']}: "
         f"{results['steps']} steps in {results['train_wall_time_s']:.0f} s\n"
         f"[diffbench] final {metrics}\n"
-        f"[diffbench] results in {results['run_dir']}/results.json, samples in samples.png"
+        f"[diffbench] results in {results['run_dir']}/results.json (sample grids and curves beside it)"
     )
 
 

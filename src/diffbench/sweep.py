@@ -9,7 +9,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -124,19 +126,47 @@ def hardware_args(gpus: int) -> list[str]:
     return [] if gpus <= 0 else ["trainer.accelerator=gpu", f"trainer.devices={gpus}", "trainer=gpu"]
 
 
-def run_local(sweep: dict, points: list[dict[str, object]], env: dict[str, str]) -> list[dict]:
-    """Run each trial's command in turn; finished trials return at once (run.reuse)."""
-    outcomes = []
-    for index, point in enumerate(points, 1):
-        command = trial_command(sweep, point)
+def run_trial(command: list[str], env: dict[str, str], log: Path | None) -> int:
+    """One trial's process; with a log file its output goes there instead of the terminal."""
+    if log is None:
+        return subprocess.call(command, env=env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        return subprocess.call(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def run_local(
+    sweep: dict, points: list[dict[str, object]], dirs: list[Path], env: dict[str, str], jobs: int
+) -> list[dict]:
+    """Run every trial's command, `jobs` at a time (each with cores/jobs threads; their output
+    then goes to <trial dir>/sweep.log); finished trials return at once (run.reuse)."""
+    if jobs > 1:
+        env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    lock = threading.Lock()
+    done: list[dict] = []
+
+    def one(index: int) -> dict:
+        point = points[index]
         label = " ".join(f"{k}={v}" for k, v in point.items())
-        print(f"\n[sweep] trial {index}/{len(points)}: {label}", flush=True)
+        log = dirs[index] / "sweep.log" if jobs > 1 else None
+        with lock:
+            where = f" (log: {log})" if log else ""
+            print(f"[sweep] trial {index + 1}/{len(points)} started: {label}{where}", flush=True)
         start = time.perf_counter()
-        code = subprocess.call(command, env=env)
-        outcomes.append({"point": point, "returncode": code, "seconds": time.perf_counter() - start})
-        if code != 0:
-            print(f"[sweep] trial {index} failed with exit code {code}; continuing", file=sys.stderr)
-    return outcomes
+        code = run_trial(trial_command(sweep, point), env, log)
+        outcome = {"point": point, "returncode": code, "seconds": time.perf_counter() - start}
+        with lock:
+            done.append(outcome)
+            status = "done" if code == 0 else f"FAILED (exit code {code})"
+            print(
+                f"[sweep] trial {index + 1}/{len(points)} {status} in {outcome['seconds']:.0f} s: {label} "
+                f"[{len(done)}/{len(points)} finished]",
+                flush=True,
+            )
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, range(len(points))))
 
 
 def run_wandb(sweep: dict, agents: int, gpus: int, env: dict[str, str]) -> None:
@@ -177,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="dataset config name, e.g. digits or gmm")
     parser.add_argument("--seeds", default=None, help="a count (3 → 0,1,2) or a list (0,4,7)")
     parser.add_argument("--gpus", type=int, default=0, help="GPUs per trial (DDP); 0 = CPU")
+    parser.add_argument("--jobs", type=int, default=0, help="local trials at once (0: 2 on CPU, 1 with GPUs)")
     parser.add_argument("--agents", type=int, default=1, help="parallel W&B agents, GPUs split among them")
     parser.add_argument(
         "--args", default="", help="extra overrides for every trial, e.g. 'trainer.max_steps=500'"
@@ -207,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         run_wandb(sweep, options.agents, options.gpus, env)
     else:
         env.setdefault("WANDB_MODE", "offline")
-        run_local(sweep, points, env)
+        jobs = options.jobs or (1 if options.gpus else min(2, os.cpu_count() or 1))
+        run_local(sweep, points, dirs, env, jobs)
     table = summarize_trials(dirs, dirs[0].parents[1] / f"{SUMMARY_NAME}-{sweep['name']}")
     print(table)
     print(f"[sweep] wall time {time.perf_counter() - start:.0f} s")

@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from diffbench.config import ConfigError, compose, config_hash, trial_dir
 from diffbench.data import build_datamodule
 from diffbench.data.base import ArrayDataModule
+from diffbench.data.vision import DatasetMissingError
 from diffbench.evaluate import evaluate, save_grid
+from diffbench.fidelity import INCEPTION_DATASETS, InceptionWeightsMissingError, resolve_inception_weights
 from diffbench.module import MODULES, DiffusionModule
 from diffbench.samplers import ddpm_ancestral
 from diffbench.tracking import quiet_wandb_environment, wandb_mode
@@ -29,6 +31,7 @@ from diffbench.unet import UNet, count_parameters
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 MODULE_SWITCHES = ("name", "checkpoint_every", "compile", "channels_last")
 RUN_DIR_ENV = "DIFFBENCH_RUN_DIR"
 
@@ -153,12 +156,13 @@ def draw_samples(cfg: DictConfig, module: DiffusionModule, path: Path, shape: tu
 def train(cfg: DictConfig) -> dict:
     """Fit one arm, evaluate it, and return what `results.json` records (rank zero)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"seed": cfg.seed}))
+    datamodule.setup()
     run_dir = make_run_dir(cfg)
     done = completed_results(run_dir, cfg)
     if done:
         print(f"[diffbench] {cfg.experiment} seed {cfg.seed}: already complete in {run_dir}; skipping")
         return done
-    datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"seed": cfg.seed}))
     datamodule.train_samples = cfg.trainer.max_steps * cfg.data.batch_size
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, run_dir)
@@ -253,6 +257,8 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"objective.head={cfg.objective.head!r}; choose one of {', '.join(MODULES)}.")
     if cfg.objective.weighting not in ("simple", "elbo"):
         raise ConfigError(f"objective.weighting={cfg.objective.weighting!r}; choose simple or elbo.")
+    if cfg.eval.enabled and cfg.data.name in INCEPTION_DATASETS:
+        resolve_inception_weights(cfg.eval.inception_weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(args)
         check_settings(cfg)
-    except ConfigError as error:
+        train(cfg)
+    except (ConfigError, DatasetMissingError, InceptionWeightsMissingError) as error:
         print(f"diffbench.run: {error}", file=sys.stderr)
         return 2
-    train(cfg)
     return 0
 
 

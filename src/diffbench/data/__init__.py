@@ -7,8 +7,14 @@ from typing import Any
 from diffbench.data.base import ArrayDataModule
 from diffbench.data.digits import DigitsDataModule
 from diffbench.data.gmm import GMMDataModule
+from diffbench.data.vision import CIFAR10DataModule, MNISTDataModule
 
-DATAMODULES: dict[str, type[ArrayDataModule]] = {"digits": DigitsDataModule, "gmm": GMMDataModule}
+DATAMODULES: dict[str, type[ArrayDataModule]] = {
+    "digits": DigitsDataModule,
+    "gmm": GMMDataModule,
+    "mnist": MNISTDataModule,
+    "cifar10": CIFAR10DataModule,
+}
 
 
 def build_datamodule(cfg: Any) -> ArrayDataModule:

@@ -203,6 +203,7 @@ def train(cfg: DictConfig) -> dict:
     }
     log_to_wandb(trainer.loggers[0], results, run_dir, trainer.global_step)
     write_json_atomic(run_dir / "results.json", results)
+    trainer.loggers[0].experiment.finish()
     print_summary(results)
     return results
 

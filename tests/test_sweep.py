@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -104,9 +105,12 @@ def test_offline_runner_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
     )
     assert summary["complete"] == 2 and summary["table"]["eps_simple"]["nll_vlb_bpd"]["n"] == 2
     assert "eps_simple" in first.stdout and "nll_vlb_bpd" in first.stdout
+    written = {t: (t / "results.json").stat().st_mtime_ns for t in trials}
     second = sweep_cli(tmp_path, *args)
     assert second.returncode == 0
-    assert second.stdout.count("already complete") == 2
+    for trial in trials:
+        assert (trial / "results.json").stat().st_mtime_ns == written[trial]
+        assert "already complete" in (trial / "sweep.log").read_text()
 
 
 def test_killed_trial_resumes_from_checkpoint(tmp_path: Path) -> None:
@@ -122,7 +126,7 @@ def test_killed_trial_resumes_from_checkpoint(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list((run_dir / "checkpoints").glob("step*.ckpt")) and time.time() < deadline:
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file() and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -131,7 +135,13 @@ def test_killed_trial_resumes_from_checkpoint(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == 40
-    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert "resuming the interrupted run" in resumed.stdout
+    with (run_dir / "metrics.csv").open() as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert steps[0] == 0 and steps[-1] == 39, "rows logged before the kill are kept"
+    assert steps == sorted(set(steps)) and len(steps) >= 39, (
+        "no step twice, at most the checkpoint step missing"
+    )
 
 
 def test_two_process_ddp_matches_single_process_definitions(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ grid, and leave a run directory with config, checkpoints, metrics CSV and result
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -78,6 +79,14 @@ def completed_results(run_dir: Path, cfg: DictConfig) -> dict | None:
     return None
 
 
+def latest_checkpoint(folder: Path) -> Path | None:
+    """last.ckpt, or the highest-step checkpoint when the run died before writing last.ckpt."""
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    steps = sorted(folder.glob("step*.ckpt"))
+    return steps[-1] if steps else None
+
+
 def build_module(cfg: DictConfig, datamodule: ArrayDataModule) -> DiffusionModule:
     model_args = {k: v for k, v in cfg.model.items() if k != "name"}
     net = UNet(**OmegaConf.to_container(OmegaConf.create(model_args)))
@@ -95,6 +104,30 @@ def build_module(cfg: DictConfig, datamodule: ArrayDataModule) -> DiffusionModul
         channels_last=cfg.trainer.channels_last,
         compile=cfg.trainer.compile,
     )
+
+
+class FlushCSVOnCheckpoint(Callback):
+    """Write buffered CSV rows whenever a checkpoint is taken, so a run resumed after a crash
+    keeps the metrics logged before it."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()
+
+
+def keep_previous_metrics(csv_logger: CSVLogger) -> None:
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; on resume, set the
+    file aside while the writer starts, give it the old columns, and put the file back."""
+    path = Path(csv_logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    kept = path.with_name("metrics.csv.resume")
+    os.replace(path, kept)
+    writer = csv_logger.experiment
+    with kept.open(newline="") as handle:
+        writer.metrics_keys = next(csv.reader(handle), [])
+    os.replace(kept, path)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -126,7 +159,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         check_val_every_n_epoch=None,
         default_root_dir=str(run_dir),
         logger=[wandb_logger, csv_logger],
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[FlushCSVOnCheckpoint(), checkpoint, LearningRateMonitor(logging_interval="step")],
     )
 
 
@@ -170,11 +203,14 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml")
         print(f"[diffbench] {cfg.experiment}: U-Net with {num_params:,} parameters; run directory {run_dir}")
+    last = latest_checkpoint(run_dir / "checkpoints")
+    if last and trainer.is_global_zero:
+        print(f"[diffbench] resuming the interrupted run from {last}")
+        keep_previous_metrics(trainer.loggers[1])
     for logger in trainer.loggers:
         logger.log_hyperparams({"num_params": num_params})
-    last = run_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
     train_seconds = time.perf_counter() - start
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     module.to(trainer.strategy.root_device)

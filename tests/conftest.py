@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -11,6 +14,16 @@ def offline_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyte
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.delenv("DIFFBENCH_RUN_DIR", raising=False)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """For tests of thousands of tiny ops: a second intra-op thread only adds synchronisation,
+    which slows them tenfold on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 TINY = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,14 +19,7 @@ from diffbench.samplers import T_MIN, EpsFn
 TINY_T = 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tests run thousands of tiny ops: a second intra-op thread only adds synchronisation,
-    which slows them tenfold on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded(seed: int = 0) -> torch.Generator:

@@ -5,7 +5,6 @@ exact ε* of a small Gaussian mixture, that each one draws from the mixture (mea
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,14 +26,7 @@ TINY_T = 20
 SHAPE = (6, 1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tests run thousands of tiny ops: a second intra-op thread only adds synchronisation,
-    which slows them tenfold on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_eps(x: Tensor, t: Tensor) -> Tensor:

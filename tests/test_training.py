@@ -84,3 +84,12 @@ def test_cli_unknown_experiment_lists_choices_without_traceback(tmp_path: Path) 
 def test_cli_bad_override_is_explained(tmp_path: Path, arg: str, message: str) -> None:
     proc = run_cli(["experiment=eps_simple", arg], cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compiled_module_keeps_clean_checkpoint_keys() -> None:
+    cfg = compose(["experiment=eps_simple", *TINY, "trainer.compile=true"])
+    module = build_module(cfg, build_datamodule(cfg.data))
+    keys = list(module.state_dict())
+    assert keys and not any("_orig_mod" in key for key in keys)
+    plain = build_module(compose(["experiment=eps_simple", *TINY]), build_datamodule(cfg.data))
+    assert keys == list(plain.state_dict())

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--num-images", type=int, default=360)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=gmm")
-    options = parser.parse_args(argv)
+    options = parser.parse_intermixed_args(argv)
     device = torch.device(options.device)
     where = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"

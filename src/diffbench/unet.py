@@ -52,14 +52,12 @@ def zero_init(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with the time embedding added between them, plus a skip path."""
 
-    def __init__(
-        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm_groups: int
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_ch, norm_groups)
+        self.norm1 = group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = group_norm(out_ch, norm_groups)
+        self.norm2 = group_norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -210,7 +208,7 @@ class UNet(nn.Module):
         )
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Map x (B, C, H, W) at timesteps t ((B,) or a scalar, int or float) to (B, C_out, H, W)."""
+        """Map x (B, C, H, W) at timesteps t ((B,) or scalar; int or float) to (B, C_out, H, W)."""
         t = t.reshape(-1).expand(x.shape[0])
         features = timestep_embedding(t, self.base_channels)
         emb = self.time_embed(features.to(self.time_embed[0].weight.dtype))

@@ -13,7 +13,7 @@ SEEDS ?=
 GPUS ?= 0
 JOBS ?= 0
 
-.PHONY: help install test run sweep lint format clean
+.PHONY: help install test run sweep report lint format clean
 
 help:
 	@echo "make install           create .venv and install diffbench with its dev tools"
@@ -21,6 +21,7 @@ help:
 	@echo "make run EXP=eps_simple [ARGS='trainer.max_steps=500 seed=3']   train and evaluate one arm"
 	@echo "make sweep OBJ=all [PROFILE=smoke|default|full] [DATA=digits] [SEEDS=3] [GPUS=0] [ARGS='…']"
 	@echo "                       train + evaluate every selected arm x seed, then print the summary"
+	@echo "make report [WANDB=entity/project]  verdicts, tables and figures from every finished run under runs/ -> runs/report/"
 	@echo "make lint / format     ruff check / ruff format"
 	@echo "make clean             remove caches (keeps runs/ and .venv)"
 
@@ -41,6 +42,9 @@ run: $(STAMP)
 sweep: $(STAMP)
 	$(PY) -m diffbench.sweep --obj "$(OBJ)" --profile "$(PROFILE)" --gpus "$(GPUS)" --jobs "$(JOBS)" \
 		$(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") --args "$(ARGS)"
+
+report: $(STAMP)
+	$(PY) -m diffbench.report --runs runs $(if $(WANDB),--wandb "$(WANDB)")
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

@@ -18,6 +18,7 @@ from diffbench.diffusion import (
     eps_to_score,
     eps_to_x0,
     head_target,
+    implied_eps_weight,
     linear_betas,
     make_betas,
     posterior_mean,
@@ -105,9 +106,7 @@ def test_schedule_tables(name: str) -> None:
     assert schedule.alphas_cumprod[0].item() == 1.0
     betas = reference_betas(name)
     # Cosine β = 1 − f(t)/f(t−1) cancels, so tiny early β agree only to ~1e-12 relative.
-    torch.testing.assert_close(
-        schedule.betas[1:], torch.tensor(betas, dtype=DTYPE), rtol=1e-9, atol=0
-    )
+    torch.testing.assert_close(schedule.betas[1:], torch.tensor(betas, dtype=DTYPE), rtol=1e-9, atol=0)
     alpha_bars = reference_alpha_bars(betas)
     torch.testing.assert_close(
         schedule.alphas_cumprod, torch.tensor(alpha_bars, dtype=DTYPE), rtol=1e-12, atol=0
@@ -138,12 +137,8 @@ def test_forward_marginal_composes_one_step_kernels(name: str) -> None:
         alpha_bar = schedule.alphas_cumprod[t]
         marginal_mean = q_sample(x0, torch.zeros_like(x0), alpha_bar)
         marginal_std = q_sample(x0, torch.ones_like(x0), alpha_bar) - marginal_mean
-        torch.testing.assert_close(
-            marginal_mean, torch.tensor(means, dtype=DTYPE), rtol=1e-10, atol=1e-14
-        )
-        torch.testing.assert_close(
-            marginal_std**2, torch.full_like(x0, variance), rtol=1e-10, atol=0
-        )
+        torch.testing.assert_close(marginal_mean, torch.tensor(means, dtype=DTYPE), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(marginal_std**2, torch.full_like(x0, variance), rtol=1e-10, atol=0)
         assert 1 - alpha_bar.item() == pytest.approx(variance, rel=1e-10)
 
 
@@ -153,9 +148,7 @@ def test_q_sample_monte_carlo_moments(t: int) -> None:
     generator = torch.Generator().manual_seed(t)
     n = 400_000
     x0 = torch.full((n,), 0.7, dtype=DTYPE)
-    samples = q_sample(
-        x0, torch.randn(n, generator=generator, dtype=DTYPE), schedule.alphas_cumprod[t]
-    )
+    samples = q_sample(x0, torch.randn(n, generator=generator, dtype=DTYPE), schedule.alphas_cumprod[t])
     alpha_bar = reference_alpha_bars(reference_betas("linear"))[t]
     variance = 1 - alpha_bar
     assert abs(samples.mean().item() - math.sqrt(alpha_bar) * 0.7) < 5 * math.sqrt(variance / n)
@@ -177,8 +170,7 @@ def test_posterior_is_bayes_rule(name: str, t: int) -> None:
     likelihood_precision = alpha / beta
     expected_variance = 1 / (prior_precision + likelihood_precision)
     expected_mean = expected_variance * (
-        prior_precision * math.sqrt(alpha_bar_prev) * x0
-        + likelihood_precision * xt / math.sqrt(alpha)
+        prior_precision * math.sqrt(alpha_bar_prev) * x0 + likelihood_precision * xt / math.sqrt(alpha)
     )
     c = schedule.coefficients(torch.tensor([t]), 1)
     torch.testing.assert_close(posterior_mean(x0, xt, **c), expected_mean, rtol=1e-9, atol=1e-12)
@@ -221,33 +213,21 @@ TS = [1, 2, 10, 100, 500, 999, T]
 def test_conversions_recover_truth_and_round_trip(name: str) -> None:
     b = random_batch(0, TS, name)
     alpha_bar = b["alpha_bar"]
-    torch.testing.assert_close(
-        eps_to_x0(b["xt"], b["eps"], alpha_bar), b["x0"], rtol=1e-9, atol=1e-9
-    )
-    torch.testing.assert_close(
-        x0_to_eps(b["xt"], b["x0"], alpha_bar), b["eps"], rtol=1e-9, atol=1e-9
-    )
+    torch.testing.assert_close(eps_to_x0(b["xt"], b["eps"], alpha_bar), b["x0"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x0_to_eps(b["xt"], b["x0"], alpha_bar), b["eps"], rtol=1e-9, atol=1e-9)
     x0_hat = eps_to_x0(b["xt"], b["eps_hat"], alpha_bar)
-    torch.testing.assert_close(
-        x0_to_eps(b["xt"], x0_hat, alpha_bar), b["eps_hat"], rtol=1e-9, atol=1e-9
-    )
+    torch.testing.assert_close(x0_to_eps(b["xt"], x0_hat, alpha_bar), b["eps_hat"], rtol=1e-9, atol=1e-9)
     score_hat = eps_to_score(b["eps_hat"], alpha_bar)
-    torch.testing.assert_close(
-        score_to_eps(score_hat, alpha_bar), b["eps_hat"], rtol=1e-12, atol=1e-12
-    )
+    torch.testing.assert_close(score_to_eps(score_hat, alpha_bar), b["eps_hat"], rtol=1e-12, atol=1e-12)
 
 
 def test_score_of_true_noise_is_gradient_of_forward_kernel() -> None:
     """s = −ε/√(1−ᾱ) is ∇_{x_t} log q(x_t | x0), taken here by autograd."""
     b = random_batch(1, TS[1:])
     xt = b["xt"].clone().requires_grad_(True)
-    kernel = torch.distributions.Normal(
-        b["alpha_bar"].sqrt() * b["x0"], (1 - b["alpha_bar"]).sqrt()
-    )
+    kernel = torch.distributions.Normal(b["alpha_bar"].sqrt() * b["x0"], (1 - b["alpha_bar"]).sqrt())
     (gradient,) = torch.autograd.grad(kernel.log_prob(xt).sum(), xt)
-    torch.testing.assert_close(
-        eps_to_score(b["eps"], b["alpha_bar"]), gradient, rtol=1e-9, atol=1e-9
-    )
+    torch.testing.assert_close(eps_to_score(b["eps"], b["alpha_bar"]), gradient, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(
         head_target("score", b["x0"], b["eps"], b["alpha_bar"]), gradient, rtol=1e-9, atol=1e-9
     )
@@ -262,13 +242,9 @@ def test_error_identities_between_heads(name: str) -> None:
     torch.testing.assert_close(snr(alpha_bar).flatten(), hand_snr, rtol=1e-12, atol=0)
     eps_error = squared_norm(b["eps"] - b["eps_hat"])
     x0_error = squared_norm(b["x0"] - eps_to_x0(b["xt"], b["eps_hat"], alpha_bar))
-    score_error = squared_norm(
-        eps_to_score(b["eps"], alpha_bar) - eps_to_score(b["eps_hat"], alpha_bar)
-    )
+    score_error = squared_norm(eps_to_score(b["eps"], alpha_bar) - eps_to_score(b["eps_hat"], alpha_bar))
     torch.testing.assert_close(hand_snr * x0_error, eps_error, rtol=1e-8, atol=0)
-    torch.testing.assert_close(
-        (1 - alpha_bar).flatten() * score_error, eps_error, rtol=1e-10, atol=0
-    )
+    torch.testing.assert_close((1 - alpha_bar).flatten() * score_error, eps_error, rtol=1e-10, atol=0)
 
 
 def outputs_for_eps_hat(b: dict[str, Tensor]) -> dict[Head, Tensor]:
@@ -313,12 +289,8 @@ def test_elbo_weights_with_posterior_variance_are_snr_differences(name: str) -> 
     }
     tables = coefficient_tables(schedule)
     for head in HEADS:
-        weight = elbo_weight(
-            head, *(table[2:] for table in tables), schedule.posterior_variance[2:]
-        )
-        torch.testing.assert_close(
-            weight, torch.tensor(expected[head], dtype=DTYPE), rtol=1e-8, atol=0
-        )
+        weight = elbo_weight(head, *(table[2:] for table in tables), schedule.posterior_variance[2:])
+        torch.testing.assert_close(weight, torch.tensor(expected[head], dtype=DTYPE), rtol=1e-8, atol=0)
 
 
 def test_eps_elbo_weight_documented_values_for_linear_schedule() -> None:
@@ -332,3 +304,20 @@ def test_eps_elbo_weight_documented_values_for_linear_schedule() -> None:
     assert weight[T].item() == pytest.approx(0.010, abs=0.0005)
     assert 0.0045 < weight[100:].min().item() and weight[100:].max().item() < 0.0105
     assert weight[2].item() / weight[100:].max().item() > 50
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_implied_eps_weights_of_the_six_arms(name: str) -> None:
+    """Every elbo arm: ½(SNR_{t−1}/SNR_t − 1) with σ² = β̃; simple arms: 1, 1/SNR, 1 + SNR."""
+    schedule = NoiseSchedule(name, T)
+    alpha_bars = np.array(reference_alpha_bars(reference_betas(name)))
+    snrs = alpha_bars / (1 - alpha_bars)
+    elbo = 0.5 * (snrs[1:-1] / snrs[2:] - 1)
+    expected = {"eps": np.ones(T - 1), "x0": 1 / snrs[2:], "score": 1 + snrs[2:]}
+    for head in HEADS:
+        torch.testing.assert_close(
+            implied_eps_weight(schedule, head, "elbo"), torch.tensor(elbo), rtol=1e-8, atol=0
+        )
+        torch.testing.assert_close(
+            implied_eps_weight(schedule, head, "simple"), torch.tensor(expected[head]), rtol=1e-8, atol=0
+        )

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from diffbench.config import compose
 from diffbench.evaluate import main as evaluate_main
 from diffbench.run import train

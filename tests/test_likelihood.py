@@ -38,9 +38,7 @@ def hand_targets(b: dict[str, Tensor]) -> dict[Head, Tensor]:
     return {"eps": b["eps"], "x0": b["x0"], "score": -b["eps"] / (1 - b["alpha_bar"]).sqrt()}
 
 
-def reverse_kl_by_hand(
-    b: dict[str, Tensor], ts: list[int], name: str, variance: VarianceType
-) -> Tensor:
+def reverse_kl_by_hand(b: dict[str, Tensor], ts: list[int], name: str, variance: VarianceType) -> Tensor:
     """KL(q(x_{t−1}|x_t,x0) ‖ p_θ(x_{t−1}|x_t)) per example via torch.distributions, t ≥ 2."""
     betas = reference_betas(name)
     alpha_bars = reference_alpha_bars(betas)
@@ -64,9 +62,7 @@ def reverse_kl_by_hand(
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 @pytest.mark.parametrize("variance", VARIANCES)
 @pytest.mark.parametrize("source", HEADS)
-def test_elbo_of_every_head_is_the_reverse_kl(
-    name: str, variance: VarianceType, source: Head
-) -> None:
+def test_elbo_of_every_head_is_the_reverse_kl(name: str, variance: VarianceType, source: Head) -> None:
     """A random output of head `source`, converted by hand to ε̂ and to the other heads'
     outputs: all three ELBO losses, `vlb_term` and the KL of the two Gaussians agree."""
     ts = [2, 3, 20, 100, 500, 999, T]
@@ -118,9 +114,7 @@ def decoder_batch(name: str) -> dict[str, Tensor]:
     x0[0, 0, 0] = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=DTYPE)
     x0_hat = x0 + (torch.rand(shape, generator=generator, dtype=DTYPE) * 2 - 1) * 0.07
     x0_hat[0, 0, 0] = x0[0, 0, 0] + torch.tensor([0.05, -0.05, 0.05, -0.05], dtype=DTYPE)
-    alpha_bar = torch.full(
-        (6, 1, 1, 1), reference_alpha_bars(reference_betas(name))[1], dtype=DTYPE
-    )
+    alpha_bar = torch.full((6, 1, 1, 1), reference_alpha_bars(reference_betas(name))[1], dtype=DTYPE)
     eps = torch.randn(shape, generator=generator, dtype=DTYPE)
     xt = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
     eps_hat = (xt - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()

@@ -66,7 +66,10 @@ def test_cli_end_to_end_from_another_directory(tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss", "val/vlb_bpd", "step"} <= set(header)
-    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B should log offline without credentials"
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    (table,) = (offline / "files" / "media" / "table" / "curves").glob("vlb_terms_*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"] == ["t", "term_bpd"] and len(logged["data"]) == 5
     assert "results in" in proc.stdout
 
 

@@ -182,3 +182,17 @@ def simple_weight_in_eps_space(head: Head, alpha_bar: Tensor) -> Tensor:
     if head == "x0":
         return 1 / snr(alpha_bar)
     return 1 / (1 - alpha_bar)
+
+
+def implied_eps_weight(
+    schedule: NoiseSchedule, head: Head, weighting: str, variance: VarianceType = "small"
+) -> Tensor:
+    """The weight an arm's loss puts on ‖ε − ε̂‖² at t = 2..T. Every head's ELBO is the same
+    function of the implied ε̂, so all elbo arms share the ε-head's ELBO weight."""
+    alpha_bar = schedule.alphas_cumprod[2:]
+    if weighting == "simple":
+        return simple_weight_in_eps_space(head, alpha_bar)
+    sigma2 = schedule.reverse_variance(variance)[2:]
+    return elbo_weight(
+        "eps", schedule.betas[2:], schedule.alphas[2:], alpha_bar, schedule.alphas_cumprod_prev[2:], sigma2
+    )

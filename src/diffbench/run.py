@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import wandb
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -264,9 +265,23 @@ IMAGES = (
 )
 
 
+CURVES = ("vlb_terms.csv", "eps_mse_by_t.csv", "eps_star_distance.csv")
+
+
 def log_to_wandb(logger: WandbLogger, results: dict, run_dir: Path, step: int) -> None:
-    """Final metrics as the run's summary (what W&B tables and grouping show) plus the images."""
-    logger.experiment.summary.update({f"final/{k}": v for k, v in results["metrics"].items()})
+    """Final metrics as the run's summary (what W&B's runs table and grouping by `experiment`
+    aggregate), the per-t curves as tables and the images."""
+    run = logger.experiment
+    for key in results["metrics"]:
+        run.define_metric(f"final/{key}", summary="last")
+    run.summary.update({f"final/{k}": v for k, v in results["metrics"].items()})
+    run.summary.update({"seed": results["seed"], "num_params": results["num_params"]})
+    for name in CURVES:
+        if (run_dir / name).is_file():
+            with (run_dir / name).open(newline="") as handle:
+                header, *rows = list(csv.reader(handle))
+            table = wandb.Table(columns=header, data=[[float(v) for v in row] for row in rows])
+            run.log({f"curves/{Path(name).stem}": table})
     for name in IMAGES:
         if (run_dir / name).is_file():
             logger.log_image(key=f"eval/{Path(name).stem}", images=[str(run_dir / name)], step=step)

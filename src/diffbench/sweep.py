@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from diffbench.config import ConfigError, compose, experiments_dir, trial_dir
+from diffbench.report import main as report_main
 from diffbench.summary import summarize_trials
 from diffbench.tracking import has_wandb_credentials
 
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize_trials(dirs, dirs[0].parents[1] / f"{SUMMARY_NAME}-{sweep['name']}")
     print(table)
     print(f"[sweep] wall time {time.perf_counter() - start:.0f} s")
+    report_main(["--runs", str(dirs[0].parents[1]), "--out", str(dirs[0].parents[2] / "report")])
     incomplete = [d for d in dirs if not (d / "results.json").is_file()]
     if incomplete:
         print(

@@ -8,7 +8,6 @@ import base64
 import html
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from diffbench.collect import (
 )
 from diffbench.diffusion import NoiseSchedule, implied_eps_weight, snr
 from diffbench.stats import Interval
+from diffbench.summary import write_atomic
 
 SETTINGS_KEYS = ("nll_vlb_settings", "nll_ode_settings", "sample_settings")
 CSS = """
@@ -52,12 +52,6 @@ td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #d0d7de; margin: .5em 0; }
 """
 VERDICT_COLORS = {"holds": "#1a7f37", "fails": "#cf222e", "inconclusive": "#9a6700", "no data": "#6e7781"}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def schedule_of(runs: list[Run]) -> tuple[NoiseSchedule, str]:

@@ -72,6 +72,7 @@ def format_table(table: dict[str, dict[str, dict[str, float]]], profile: str) ->
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write beside the target and rename, so a reader sees the old file or the new, never half."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -136,8 +136,12 @@ def paired_differences(
     metrics = [m for m in metrics if any(table.get(arm, {}).get(m) for arm in ARMS)]
     if not metrics:
         return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    columns = min(3, len(metrics))
+    rows = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, metrics):
         arms = [arm for arm in ARMS if table.get(arm, {}).get(metric) and arm != REFERENCE]
         for y, arm in enumerate(arms):
             diff = table[arm][metric]
@@ -150,6 +154,9 @@ def paired_differences(
                 mfc="white" if arm.endswith("_simple") else style(arm)["color"],
                 capsize=3,
             )
+        low = min(0.0, *(table[arm][metric].low for arm in arms))
+        high = max(0.0, *(table[arm][metric].high for arm in arms))
+        ax.set_xlim(2 * low if low < 0 else -0.1, 2 * high if high > 0 else 0.1)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(range(len(arms)), arms)
         ax.set_xscale("symlog", linthresh=0.1)

@@ -17,6 +17,7 @@ import torch
 from diffbench import figures
 from diffbench.claims import (
     NLL_METRICS,
+    QUALITY_METRICS,
     TABLE_METRICS,
     Claim,
     all_claims,
@@ -40,6 +41,8 @@ from diffbench.diffusion import NoiseSchedule, implied_eps_weight, snr
 from diffbench.stats import Interval
 from diffbench.summary import write_atomic
 
+#: Metrics drawn in the paired-difference figure: the claims' metrics and the validation VLB.
+COMPARED = (*NLL_METRICS, *QUALITY_METRICS, "eps_star_mse", "val/vlb_bpd")
 SETTINGS_KEYS = ("nll_vlb_settings", "nll_ode_settings", "sample_settings")
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #1f2328; }
@@ -323,7 +326,7 @@ def make_figures(
             "distance to the optimal denoiser ε* (gmm)",
         ),
         figures.paired_differences(
-            diffs, [m for m in metrics if m != "val/eps_mse"], folder / "paired_differences.png"
+            diffs, [m for m in metrics if m in COMPARED], folder / "paired_differences.png"
         ),
         figures.training_curves(runs, folder / "training_curves.png"),
         figures.image_panels(

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize_trials(dirs, dirs[0].parents[1] / f"{SUMMARY_NAME}-{sweep['name']}")
     print(table)
     print(f"[sweep] wall time {time.perf_counter() - start:.0f} s")
-    report_main(["--runs", str(dirs[0].parents[1]), "--out", str(dirs[0].parents[2] / "report")])
+    report_main(["--runs", str(dirs[0].parents[1]), "--out", str(dirs[0].parents[3] / "report")])
     incomplete = [d for d in dirs if not (d / "results.json").is_file()]
     if incomplete:
         print(

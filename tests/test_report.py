@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from diffbench import report
+from diffbench.claims import claim_equivalence
 from diffbench.collect import ARMS
 from diffbench.diffusion import NoiseSchedule, implied_eps_weight
 from diffbench.stats import (
@@ -296,3 +297,15 @@ def test_page_renders_in_headless_chromium(built: tuple[Path, dict], tmp_path: P
     pixels = plt.imread(shot)[..., :3]
     assert pixels.shape[:2] == (1600, 1200)
     assert pixels.std() > 0.05 and (pixels.mean(axis=2) < 0.5).mean() > 0.005
+
+
+def test_equivalence_uses_the_distance_to_eps_star_when_present() -> None:
+    values = {
+        arm: {"eps_star_mse": {s: 0.02 + (0.01 if arm == "x0_elbo" else 0.0) + 0.001 * s for s in SEEDS}}
+        for arm in ARMS
+    }
+    parts = {p.label: p for p in claim_equivalence(values).parts}
+    assert {p.metric for p in parts.values()} == {"eps_star_mse"} and len(parts) == 6
+    assert parts["eps_elbo − score_elbo"].verdict == HOLDS
+    assert parts["eps_elbo − x0_elbo"].verdict == FAILS
+    assert parts["eps_elbo − x0_elbo"].interval.mean == pytest.approx(-0.01)

@@ -311,9 +311,9 @@ def test_implied_eps_weights_of_the_six_arms(name: str) -> None:
     """Every elbo arm: ½(SNR_{t−1}/SNR_t − 1) with σ² = β̃; simple arms: 1, 1/SNR, 1 + SNR."""
     schedule = NoiseSchedule(name, T)
     alpha_bars = np.array(reference_alpha_bars(reference_betas(name)))
-    snrs = alpha_bars / (1 - alpha_bars)
-    elbo = 0.5 * (snrs[1:-1] / snrs[2:] - 1)
-    expected = {"eps": np.ones(T - 1), "x0": 1 / snrs[2:], "score": 1 + snrs[2:]}
+    snrs = alpha_bars[1:] / (1 - alpha_bars[1:])  # SNR_1 .. SNR_T
+    elbo = 0.5 * (snrs[:-1] / snrs[1:] - 1)
+    expected = {"eps": np.ones(T - 1), "x0": 1 / snrs[1:], "score": 1 + snrs[1:]}
     for head in HEADS:
         torch.testing.assert_close(
             implied_eps_weight(schedule, head, "elbo"), torch.tensor(elbo), rtol=1e-8, atol=0

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from diffbench import report
-from diffbench.claims import claim_equivalence
-from diffbench.collect import ARMS
+from diffbench.claims import claim_elbo_likelihood, claim_equivalence
+from diffbench.collect import ARMS, from_wandb, load_run
 from diffbench.diffusion import NoiseSchedule, implied_eps_weight
 from diffbench.stats import (
     FAILS,
@@ -67,7 +67,8 @@ def test_verdict_rules() -> None:
     assert directional_verdict(Interval(-2, -2, -2, 1), "negative") == NO_DATA
     assert directional_verdict(None, "negative") == NO_DATA
     assert equivalence_verdict(around) == HOLDS and equivalence_verdict(below) == FAILS
-    assert combine([HOLDS, HOLDS, NO_DATA]) == HOLDS
+    assert combine([HOLDS, HOLDS]) == HOLDS
+    assert combine([HOLDS, HOLDS, NO_DATA]) == INCONCLUSIVE
     assert combine([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
     assert combine([HOLDS, FAILS, INCONCLUSIVE]) == FAILS
     assert combine([NO_DATA]) == NO_DATA
@@ -115,7 +116,7 @@ def error_profile(arm: str) -> list[float]:
     return (0.1 * ratio**exponent).tolist()
 
 
-def write_config(directory: Path, arm: str, seed: int) -> None:
+def write_config(directory: Path, arm: str, seed: int, num_timesteps: int = 1000) -> None:
     directory.mkdir(parents=True)
     config = {
         "experiment": arm,
@@ -124,7 +125,7 @@ def write_config(directory: Path, arm: str, seed: int) -> None:
         "data": {"name": "digits", "batch_size": 128},
         "model": {"name": "unet_small"},
         "trainer": {"max_steps": 100},
-        "diffusion": {"schedule": "linear", "num_timesteps": 1000, "variance": "small"},
+        "diffusion": {"schedule": "linear", "num_timesteps": num_timesteps, "variance": "small"},
     }
     (directory / "config.yaml").write_text(yaml.safe_dump(config))
 
@@ -309,3 +310,77 @@ def test_equivalence_uses_the_distance_to_eps_star_when_present() -> None:
     assert parts["eps_elbo − score_elbo"].verdict == HOLDS
     assert parts["eps_elbo − x0_elbo"].verdict == FAILS
     assert parts["eps_elbo − x0_elbo"].interval.mean == pytest.approx(-0.01)
+
+
+def test_a_missing_head_leaves_a_claim_inconclusive() -> None:
+    values = {
+        arm: {"nll_vlb_bpd": {s: 3.0 + (arm.endswith("simple")) + 0.1 * s for s in SEEDS}} for arm in ARMS
+    }
+    assert claim_elbo_likelihood(values).verdict == HOLDS
+    del values["score_elbo"]
+    claim = claim_elbo_likelihood(values)
+    assert [p.metric for p in claim.parts] == ["nll_vlb_bpd"] * 3
+    assert claim.verdict == INCONCLUSIVE
+
+
+def test_bad_values_are_left_out_and_processes_are_not_mixed(tmp_path: Path) -> None:
+    good = write_run(tmp_path, "eps_simple", 0)
+    results = json.loads((good / "results.json").read_text())
+    results["metrics"].update({"nll_ode_bpd": math.inf, "fd_digits": None, "nested": {"a": 1}})
+    (good / "results.json").write_text(json.dumps(results))
+    run = load_run(good)
+    assert sorted(run.dropped) == ["fd_digits", "nested", "nll_ode_bpd"]
+    assert set(run.metrics) == {"nll_vlb_bpd", "val/vlb_bpd"}
+    bad_seed = tmp_path / "x0_simple" / "s1"
+    write_config(bad_seed, "x0_simple", 1)
+    (bad_seed / "results.json").write_text(json.dumps({**results, "seed": "one"}))
+    assert "seed" in load_run(bad_seed).reason
+    short = tmp_path / "eps_simple" / "short-T"
+    write_config(short, "eps_simple", 0, num_timesteps=100)
+    reevaluated = {"status": "complete", "metrics": {"nll_vlb_bpd": 2.0}}
+    (short / "results.json").write_text(json.dumps(reevaluated))
+    rows = ["t,eps_mse", *(f"{t},0.1" for t in (1, 2, 50, 100))]
+    (short / "eps_mse_by_t.csv").write_text("\n".join(rows) + "\n")
+    assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    groups = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert groups == [GROUP, "default-digits-100steps-linear-T100-small"]
+    page = (tmp_path / "out" / GROUP / "report.html").read_text()
+    assert "not finite numbers" in page and "nll_ode_bpd" in page
+    assert "no usable seed" in page
+
+
+class FakeRun:
+    def __init__(self, id: str, state: str, seed: int | None, created: str, nll: float) -> None:
+        self.id, self.state, self.created_at = id, state, created
+        self.config = {
+            "experiment": "eps_simple",
+            "seed": seed,
+            "profile": "default",
+            "data": {"name": "digits"},
+            "trainer": {"max_steps": 100},
+            "eval": {"sampler": "ddim"},
+        }
+        self.summary = {"final/nll_vlb_bpd": nll, "train/loss": 0.1}
+
+
+class FakeApi:
+    def runs(self, path: str) -> list[FakeRun]:
+        assert path == "team/diffbench"
+        return [
+            FakeRun("a", "finished", 0, "2026-01-01T00:00:00Z", 4.0),
+            FakeRun("b", "finished", 0, "2026-01-02T00:00:00Z", 3.5),
+            FakeRun("c", "crashed", 1, "2026-01-03T00:00:00Z", 9.0),
+            FakeRun("d", "finished", None, "2026-01-03T00:00:00Z", 9.0),
+        ]
+
+
+def test_wandb_source_keeps_the_newest_finished_run_and_lists_the_rest() -> None:
+    runs, incomplete = from_wandb("team/diffbench", api=FakeApi())
+    (run,) = runs
+    assert (run.metrics, run.seed, run.group) == ({"nll_vlb_bpd": 3.5}, 0, GROUP)
+    reasons = {str(item.directory): item.reason for item in incomplete}
+    assert reasons == {
+        "wandb:team/diffbench/c": "W&B state crashed",
+        "wandb:team/diffbench/d": "no final metrics or config",
+    }
+    assert report.settings_summary(runs)["evaluation config"] == ['{"sampler": "ddim"}']

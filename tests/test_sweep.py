@@ -105,7 +105,7 @@ def test_offline_runner_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
     )
     assert summary["complete"] == 2 and summary["table"]["eps_simple"]["nll_vlb_bpd"]["n"] == 2
     assert "eps_simple" in first.stdout and "nll_vlb_bpd" in first.stdout
-    report = tmp_path / "runs" / "report" / "smoke-digits-2steps"
+    report = tmp_path / "runs" / "report" / "smoke-digits-2steps-linear-T20-small"
     table = json.loads((report / "report.json").read_text())["table"]
     assert table["eps_simple"]["nll_vlb_bpd"]["value"]["n"] == 2 and (report / "report.html").is_file()
     assert "[report]" in first.stdout

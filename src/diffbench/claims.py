@@ -20,7 +20,7 @@ from diffbench.stats import (
 
 NLL_METRICS = ("nll_vlb_bpd", "nll_ode_bpd")
 QUALITY_METRICS = ("fd_digits", "fd_mnist", "fid")
-#: Columns of the comparison table, in order; every one of them is better when lower.
+#: Columns of the comparison table, in order; all better when lower except NOT_RANKED.
 TABLE_METRICS = (
     *NLL_METRICS,
     *QUALITY_METRICS,
@@ -33,6 +33,10 @@ TABLE_METRICS = (
     "val/vlb_bpd",
     "val/eps_mse",
 )
+
+#: The data's own NLL (equal for every arm) and the samples' true NLL (best when it matches the
+#: data's, not when lowest: collapsing onto the modes lowers it) are shown but never ranked.
+NOT_RANKED = ("nll_exact_bpd", "sample_true_nll_bpd")
 
 Values = dict[str, dict[str, dict[int, float]]]
 Curves = dict[str, dict[int, tuple[list[float], list[float]]]]
@@ -62,8 +66,7 @@ class Claim:
 
 def quality_metric(values: Values) -> str | None:
     """The sample-quality metric these runs have (fd_digits, fd_mnist or Inception FID)."""
-    present = {metric for metrics in values.values() for metric in metrics}
-    return next((m for m in QUALITY_METRICS if m in present), None)
+    return next(iter(present_metrics(values, QUALITY_METRICS)), None)
 
 
 def seeds_of(values: Values, arm: str, metric: str) -> dict[int, float]:
@@ -90,10 +93,16 @@ def weighting_effects(values: Values, head: str, metric: str) -> dict[int, float
     )
 
 
+def present_metrics(values: Values, candidates: tuple[str, ...]) -> list[str]:
+    """The candidates some arm has: a metric nobody measured is not a comparison that failed."""
+    present = {metric for metrics in values.values() for metric in metrics}
+    return [m for m in candidates if m in present]
+
+
 def claim_elbo_likelihood(values: Values) -> Claim:
     parts = []
     for head in HEADS:
-        for metric in NLL_METRICS:
+        for metric in present_metrics(values, NLL_METRICS):
             diff = paired_interval(values, f"{head}_elbo", f"{head}_simple", metric)
             label = f"{head}_elbo − {head}_simple"
             parts.append(Part(label, metric, diff, directional_verdict(diff, "negative")))
@@ -122,8 +131,8 @@ def claim_simple_quality(values: Values) -> Claim:
 
 def claim_equivalence(values: Values) -> Claim:
     """On gmm the distance to the optimal ε* tests the equivalence most directly."""
-    present = {metric for metrics in values.values() for metric in metrics}
-    metrics = [m for m in (*NLL_METRICS, quality_metric(values), "eps_star_mse") if m in present]
+    quality = quality_metric(values)
+    metrics = present_metrics(values, (*NLL_METRICS, *([quality] if quality else []), "eps_star_mse"))
     pairs = [(a, b) for i, a in enumerate(HEADS) for b in HEADS[i + 1 :]]
     parts = []
     for metric in metrics:
@@ -155,7 +164,7 @@ def profile_correlations(curves: Curves, weights: dict[str, np.ndarray], arm: st
         t_ref, error_ref = (np.asarray(v) for v in curves[REFERENCE][seed])
         if not np.array_equal(t, t_ref):
             continue
-        keep = t >= 2
+        keep = (t >= 2) & (t - 2 < min(len(weights[arm]), len(weights[REFERENCE])))
         index = t[keep].astype(int) - 2
         weight_ratio = np.log(weights[arm][index] / weights[REFERENCE][index])
         error_ratio = np.log(error[keep] / error_ref[keep])

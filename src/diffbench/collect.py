@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -21,33 +23,65 @@ class Run:
 
     experiment: str
     seed: int
-    data: str
-    profile: str
-    steps: int
+    group: str
     metrics: dict[str, float]
+    data: str = "?"
+    profile: str = "?"
+    steps: int = 0
     evaluation: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     directory: Path | None = None
-
-    @property
-    def group(self) -> str:
-        return group_name(self.profile, self.data, self.steps)
+    dropped: list[str] = field(default_factory=list)
+    created: float = 0.0
 
 
 @dataclass
 class Incomplete:
-    """A run directory without a usable results.json, and why."""
+    """A run (directory or W&B run) without usable results, and why."""
 
-    directory: Path
+    directory: Path | str
     reason: str
     experiment: str = "?"
     seed: int | str = "?"
     group: str | None = None
 
 
-def group_name(profile: str, data: str, steps: int) -> str:
-    """Runs are compared only with runs of the same data, profile and training budget."""
-    return f"{profile}-{data}-{steps}steps"
+DEFAULT_DIFFUSION = {"schedule": "linear", "num_timesteps": 1000, "variance": "small"}
+
+
+def group_name(profile: str, data: str, steps: int, diffusion: dict | None = None) -> str:
+    """Runs are compared only with runs of the same data, profile, training budget and diffusion
+    process; the process is named only when it is not DDPM's linear T = 1000 with σ² = β̃."""
+    name = f"{profile}-{data}-{steps}steps"
+    process = {**DEFAULT_DIFFUSION, **(diffusion or {})}
+    if process != DEFAULT_DIFFUSION:
+        name += f"-{process['schedule']}-T{process['num_timesteps']}-{process['variance']}"
+    return name
+
+
+def config_group(config: dict) -> str | None:
+    """The group a run belongs to according to its resolved config (None if it cannot say)."""
+    try:
+        return group_name(
+            config["profile"],
+            config["data"]["name"],
+            int(config["trainer"]["max_steps"]),
+            {k: v for k, v in (config.get("diffusion") or {}).items() if k in DEFAULT_DIFFUSION},
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def finite_metrics(raw: object) -> tuple[dict[str, float], list[str]]:
+    """Numeric, finite metrics, and the names of those left out (NaN, ±inf, not a number), so a
+    diverged arm shows as missing data instead of poisoning an interval."""
+    kept, dropped = {}, []
+    for key, value in (raw or {}).items() if isinstance(raw, dict) else []:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            kept[key] = float(value)
+        else:
+            dropped.append(key)
+    return kept, dropped
 
 
 def read_config(directory: Path) -> dict | None:
@@ -59,13 +93,12 @@ def read_config(directory: Path) -> dict | None:
 
 
 def load_run(directory: Path) -> Run | Incomplete:
-    """A run directory as a Run, or as an Incomplete that says what is missing."""
+    """A run directory as a Run, or as an Incomplete that says what is missing. Where
+    results.json lacks a field (a run evaluated again by `diffbench.evaluate`), config.yaml says."""
     config = read_config(directory) or {}
     experiment = config.get("experiment", directory.parent.name)
     seed = config.get("seed", "?")
-    group = None
-    if {"profile", "data", "trainer"} <= config.keys():
-        group = group_name(config["profile"], config["data"]["name"], config["trainer"]["max_steps"])
+    group = config_group(config)
     path = directory / "results.json"
     if not path.is_file():
         reason = "no results.json (unfinished, interrupted or failed)"
@@ -74,68 +107,91 @@ def load_run(directory: Path) -> Run | Incomplete:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         return Incomplete(directory, f"results.json unreadable ({error})", experiment, seed, group)
-    if not isinstance(results, dict) or results.get("status") != "complete" or "metrics" not in results:
+    if not isinstance(results, dict) or results.get("status") != "complete":
         return Incomplete(directory, "results.json not marked complete", experiment, seed, group)
+    metrics, dropped = finite_metrics(results.get("metrics"))
+    try:
+        seed = int(results.get("seed", seed))
+    except (TypeError, ValueError):
+        return Incomplete(directory, "results.json has no usable seed", experiment, seed, group)
+    if not metrics or group is None:
+        reason = "results.json has no metrics" if not metrics else "config.yaml missing or incomplete"
+        return Incomplete(directory, reason, experiment, seed, group)
     return Run(
         experiment=results.get("experiment", experiment),
-        seed=int(results.get("seed", seed)),
-        data=results.get("data", "?"),
-        profile=results.get("profile", "?"),
-        steps=int(results.get("steps", 0)),
-        metrics={k: float(v) for k, v in results["metrics"].items()},
-        evaluation=results.get("evaluation", {}),
+        seed=seed,
+        group=group,
+        metrics=metrics,
+        data=config["data"]["name"],
+        profile=config["profile"],
+        steps=int(results.get("steps", config["trainer"]["max_steps"])),
+        evaluation=results.get("evaluation", {}) if isinstance(results.get("evaluation"), dict) else {},
         config=config,
         directory=directory,
+        dropped=dropped,
+        created=path.stat().st_mtime,
     )
 
 
+def newest(runs: list[Run]) -> list[Run]:
+    """Of several finished runs of one arm and seed in a group, the newest wins."""
+    chosen: dict[tuple[str, str, int], Run] = {}
+    for run in runs:
+        key = (run.group, run.experiment, run.seed)
+        if key not in chosen or chosen[key].created < run.created:
+            chosen[key] = run
+    return list(chosen.values())
+
+
 def scan(root: Path) -> tuple[list[Run], list[Incomplete]]:
-    """Every run directory under `root` (a folder holding config.yaml, W&B's own copies aside).
-    Of several finished runs of one arm, seed and group the newest wins."""
-    runs: dict[tuple[str, str, int], tuple[float, Run]] = {}
-    incomplete = []
+    """Every run directory under `root` (a folder holding config.yaml, W&B's own copies aside)."""
+    runs, incomplete = [], []
     for config in sorted(root.rglob("config.yaml")):
         directory = config.parent
         if "wandb" in directory.parts or "checkpoints" in directory.parts:
             continue
         loaded = load_run(directory)
-        if isinstance(loaded, Incomplete):
-            incomplete.append(loaded)
-            continue
-        key = (loaded.group, loaded.experiment, loaded.seed)
-        mtime = (directory / "results.json").stat().st_mtime
-        if key not in runs or runs[key][0] < mtime:
-            runs[key] = (mtime, loaded)
-    return [run for _, run in runs.values()], incomplete
+        (incomplete if isinstance(loaded, Incomplete) else runs).append(loaded)
+    return newest(runs), incomplete
 
 
-def from_wandb(path: str) -> list[Run]:
-    """Finished runs of a W&B project `entity/project`: final metrics from their summaries
-    (per-t curves and images stay with the local run directories)."""
-    import wandb
+def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[Incomplete]]:
+    """Runs of a W&B project `entity/project`: final metrics from the summaries of finished runs,
+    everything else listed as incomplete (per-t curves and images stay in the run directories)."""
+    if api is None:
+        import wandb
 
-    found = []
-    for remote in wandb.Api().runs(path, filters={"state": "finished"}):
+        api = wandb.Api()
+    runs, incomplete = [], []
+    for remote in api.runs(path):
         config = dict(remote.config)
-        metrics = {
-            key.removeprefix("final/"): float(value)
-            for key, value in remote.summary.items()
-            if key.startswith("final/") and isinstance(value, (int, float))
+        where = f"wandb:{path}/{remote.id}"
+        experiment, seed, group = config.get("experiment", "?"), config.get("seed"), config_group(config)
+        summary = {
+            k.removeprefix("final/"): v for k, v in dict(remote.summary).items() if k.startswith("final/")
         }
-        if not metrics or "experiment" not in config:
+        metrics, dropped = finite_metrics(summary)
+        if remote.state != "finished" or not metrics or seed is None or group is None:
+            reason = (
+                f"W&B state {remote.state}" if remote.state != "finished" else "no final metrics or config"
+            )
+            incomplete.append(Incomplete(where, reason, experiment, "?" if seed is None else seed, group))
             continue
-        found.append(
+        runs.append(
             Run(
-                experiment=config["experiment"],
-                seed=int(config.get("seed", 0)),
-                data=config.get("data", {}).get("name", "?"),
-                profile=config.get("profile", "?"),
-                steps=int(config.get("trainer", {}).get("max_steps", 0)),
+                experiment=experiment,
+                seed=int(seed),
+                group=group,
                 metrics=metrics,
+                data=config["data"]["name"],
+                profile=config["profile"],
+                steps=int(config["trainer"]["max_steps"]),
                 config=config,
+                dropped=dropped,
+                created=datetime.fromisoformat(remote.created_at.replace("Z", "+00:00")).timestamp(),
             )
         )
-    return found
+    return newest(runs), incomplete
 
 
 def by_group(runs: list[Run], incomplete: list[Incomplete]) -> dict[str, tuple[list[Run], list[Incomplete]]]:

@@ -76,7 +76,7 @@ def per_t_curves(
         lengths = {len(t) for t, _ in seeds.values()}
         if len(lengths) != 1:
             continue
-        t = np.asarray(next(iter(seeds.values()))[0])
+        t = np.array([steps for steps, _ in seeds.values()]).mean(0)
         y = np.array([values for _, values in seeds.values()])
         ax.plot(t, y.mean(0), label=f"{arm} (n={len(y)})", **style(arm))
         if len(y) > 1:

@@ -17,6 +17,7 @@ import torch
 from diffbench import figures
 from diffbench.claims import (
     NLL_METRICS,
+    NOT_RANKED,
     QUALITY_METRICS,
     TABLE_METRICS,
     Claim,
@@ -43,6 +44,7 @@ from diffbench.summary import write_atomic
 
 #: Metrics drawn in the paired-difference figure: the claims' metrics and the validation VLB.
 COMPARED = (*NLL_METRICS, *QUALITY_METRICS, "eps_star_mse", "val/vlb_bpd")
+RANK_NOTE = "not ranked: " + ", ".join(NOT_RANKED)
 SETTINGS_KEYS = ("nll_vlb_settings", "nll_ode_settings", "sample_settings")
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #1f2328; }
@@ -107,6 +109,8 @@ def settings_summary(runs: list[Run]) -> dict[str, list[str]]:
             add("batch size", config.get("data", {}).get("batch_size"))
             add("model", config.get("model", {}).get("name"))
             add("diffusion", config.get("diffusion"))
+        if not run.evaluation and config.get("eval"):
+            add("evaluation config", config["eval"])
         for key in SETTINGS_KEYS:
             if key in run.evaluation:
                 add(
@@ -142,14 +146,21 @@ def claims_json(claims: list[Claim]) -> list[dict]:
     ]
 
 
-def cell(interval: Interval | None) -> str:
-    return "—" if interval is None else f"{interval.mean:.4g} [{interval.low:.4g}, {interval.high:.4g}]"
+def cell(interval: Interval | None, with_n: bool = False) -> str:
+    """`mean [low, high]`; table cells add n, since a value and its paired Δ may rest on
+    different seeds and a single seed's interval is no interval at all."""
+    if interval is None:
+        return "—"
+    n = f" (n={interval.n})" if with_n else ""
+    return f"{interval.mean:.4g} [{interval.low:.4g}, {interval.high:.4g}]{n}"
 
 
 def best_arms(table: dict, metrics: list[str]) -> dict[str, str]:
     """The arm with the lowest mean per metric (every table metric is better when lower)."""
     best = {}
     for metric in metrics:
+        if metric in NOT_RANKED:
+            continue
         means = {a: row[metric]["value"].mean for a, row in table.items() if row[metric]["value"] is not None}
         finite = {a: m for a, m in means.items() if math.isfinite(m)}
         if finite:
@@ -166,7 +177,7 @@ def markdown(group: str, table: dict, metrics: list[str], claims: list[Claim], c
         "## Comparison",
         "",
         "Mean over seeds [95% bootstrap interval]; second line: paired Δ to "
-        f"`{REFERENCE}` (same seed). Lower is better; **bold** = best mean.",
+        f"`{REFERENCE}` (same seed). Lower is better; **bold** = best mean ({RANK_NOTE}).",
         "",
     ]
     lines.append("| arm | " + " | ".join(f"`{m}`" for m in metrics) + " |")
@@ -174,11 +185,11 @@ def markdown(group: str, table: dict, metrics: list[str], claims: list[Claim], c
     for arm, row in table.items():
         cells = []
         for metric in metrics:
-            text = cell(row[metric]["value"])
+            text = cell(row[metric]["value"], with_n=True)
             if best.get(metric) == arm:
                 text = f"**{text}**"
             if row[metric]["diff"] is not None:
-                text += f"<br>Δ {cell(row[metric]['diff'])}"
+                text += f"<br>Δ {cell(row[metric]['diff'], with_n=True)}"
             cells.append(text)
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "## Claims", ""]
@@ -200,7 +211,7 @@ def markdown(group: str, table: dict, metrics: list[str], claims: list[Claim], c
     ]
     lines += ["", f"Runs used: {context['runs']}.", ""]
     if context["incomplete"]:
-        lines += ["## Incomplete runs (left out)", ""]
+        lines += ["## Incomplete runs and left-out values", ""]
         lines += [
             f"- `{item['directory']}` ({item['experiment']}, seed {item['seed']}): {item['reason']}"
             for item in context["incomplete"]
@@ -237,7 +248,7 @@ def html_page(
     parts += [
         "</ul><h2>Comparison</h2>",
         f"<p>Mean over seeds [95% bootstrap interval]; grey: seed-paired difference to {REFERENCE}. "
-        "Lower is better; green: best mean.</p><table><tr><th>arm</th>",
+        f"Lower is better; green: best mean ({RANK_NOTE}).</p><table><tr><th>arm</th>",
     ]
     parts += [f"<th>{esc(m)}</th>" for m in metrics]
     parts.append("</tr>")
@@ -246,8 +257,8 @@ def html_page(
         for metric in metrics:
             klass = " class='best'" if best.get(metric) == arm else ""
             diff = row[metric]["diff"]
-            extra = f"<br><span class='diff'>Δ {esc(cell(diff))}</span>" if diff is not None else ""
-            parts.append(f"<td{klass}>{esc(cell(row[metric]['value']))}{extra}</td>")
+            extra = f"<br><span class='diff'>Δ {esc(cell(diff, True))}</span>" if diff is not None else ""
+            parts.append(f"<td{klass}>{esc(cell(row[metric]['value'], True))}{extra}</td>")
         parts.append("</tr>")
     parts.append("</table><h2>Claims</h2>")
     for claim in claims:
@@ -272,7 +283,7 @@ def html_page(
         )
     parts.append(f"</ul><p>Runs used: {context['runs']}.</p>")
     if context["incomplete"]:
-        parts.append("<h2 id='incomplete'>Incomplete runs (left out)</h2><ul>")
+        parts.append("<h2 id='incomplete'>Incomplete runs and left-out values</h2><ul>")
         parts += [
             f"<li><code>{esc(item['directory'])}</code> ({esc(str(item['experiment']))}, seed "
             f"{esc(str(item['seed']))}): {esc(item['reason'])}</li>"
@@ -354,6 +365,17 @@ def build_report(group: str, runs: list[Run], incomplete: list[Incomplete], out:
         "incomplete": [
             {"directory": str(i.directory), "reason": i.reason, "experiment": i.experiment, "seed": i.seed}
             for i in incomplete
+        ]
+        + [
+            {
+                "directory": str(r.directory or "W&B"),
+                "reason": "used, but these values are not finite numbers and were left out: "
+                + ", ".join(r.dropped),
+                "experiment": r.experiment,
+                "seed": r.seed,
+            }
+            for r in runs
+            if r.dropped
         ],
         "figures": make_figures(runs, weights, schedule, table, metrics, out) if runs else [],
     }
@@ -384,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(options.runs)
     out = Path(options.out) if options.out else root / "report"
     if options.wandb:
-        runs, incomplete = from_wandb(options.wandb), []
+        runs, incomplete = from_wandb(options.wandb)
     elif not root.is_dir():
         print(
             f"diffbench.report: no run folder {root}/. Train first (make sweep OBJ=all or "

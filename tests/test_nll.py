@@ -3,6 +3,7 @@ and both estimators against the exact log-density of small Gaussian mixtures (ε
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 
@@ -13,7 +14,7 @@ from torch.distributions import Normal, kl_divergence
 
 from diffbench.data.gmm import DiffusedMixture
 from diffbench.diffusion import NoiseSchedule
-from diffbench.nll import mean_and_stderr, ode_nll_bpd, stratified_timesteps, vlb_bpd
+from diffbench.nll import mean_and_stderr, ode_nll_bpd, stratified_timesteps, stratified_weights, vlb_bpd
 from diffbench.samplers import T_MIN, EpsFn
 
 TINY_T = 10
@@ -126,18 +127,40 @@ def test_per_example_timesteps_score_each_example_at_its_own_steps() -> None:
     torch.testing.assert_close(shared.terms_bpd[0], mixed.terms_bpd[0])
     assert not torch.allclose(shared.terms_bpd[1:], mixed.terms_bpd[1:])
     rows = stratified_timesteps(TINY_T, 5, seeded(0), batch=3)
-    assert rows.shape == (3, 5) and torch.equal((rows - 1) // 2, torch.arange(5).expand(3, -1))
+    assert rows.shape == (3, 6) and torch.equal(rows[:, :2], torch.tensor([[1, 2]] * 3))
+    assert torch.equal((rows[:, 1:] - 1) // 2, torch.arange(5).expand(3, -1))
     with pytest.raises(ValueError):
         vlb_bpd(linear_eps, schedule, x0, 17, seeded(2), timesteps=own[:2])
 
 
 def test_stratified_timesteps_draw_one_step_from_each_stratum() -> None:
     steps = stratified_timesteps(1000, 50, seeded(0))
-    assert len(steps) == 50 and steps.min() >= 1 and steps.max() <= 1000
-    assert torch.equal((steps - 1) // 20, torch.arange(50))
+    assert len(steps) == 51 and steps[0] == 1 and 2 <= steps[1] <= 20 and steps.max() <= 1000
+    assert torch.equal((steps[1:] - 1) // 20, torch.arange(50))
     assert not torch.equal(steps, stratified_timesteps(1000, 50, seeded(1)))
     with pytest.raises(ValueError):
         stratified_timesteps(1000, 30, seeded(0))
+    with pytest.raises(ValueError):
+        stratified_timesteps(1000, 1000, seeded(0))
+
+
+def test_stratified_estimate_is_unbiased_for_any_terms() -> None:
+    """E[Σ_i w_i f(t_i)] = Σ_t f(t): exact by enumeration of every stratum's draw (T = 12)."""
+    T, count = 12, 3
+    terms = torch.rand(T + 1, generator=seeded(3), dtype=torch.float64)
+    weights = stratified_weights(T, count)
+    assert weights.sum() == T
+    width = T // count
+    expected = sum(
+        float(weights @ terms[torch.tensor([1, first, *(1 + width * k + o for k, o in enumerate(rest, 1))])])
+        for first in range(2, width + 1)
+        for rest in itertools.product(range(width), repeat=count - 1)
+    ) / ((width - 1) * width ** (count - 1))
+    assert expected == pytest.approx(float(terms[1:].sum()), rel=1e-12)
+    draws = stratified_timesteps(T, count, seeded(4), batch=20_000)
+    assert set(draws[:, 1].tolist()) == set(range(2, width + 1))
+    estimate = (terms[draws] @ weights).mean()
+    assert float(estimate) == pytest.approx(float(terms[1:].sum()), rel=0.01)
 
 
 def test_mean_and_stderr_is_the_sample_mean_and_its_standard_error() -> None:

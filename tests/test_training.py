@@ -14,6 +14,8 @@ import torch
 from conftest import TINY
 from diffbench.config import compose, experiments_dir
 from diffbench.data import build_datamodule
+from diffbench.diffusion import q_sample
+from diffbench.likelihood import nats_to_bpd, prior_kl, vlb_term
 from diffbench.run import build_module
 
 EXPERIMENTS = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
@@ -40,6 +42,32 @@ def test_every_preset_runs_one_training_step(name: str) -> None:
         x0.double(), (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt(), rtol=1e-4, atol=1e-4
     )
     torch.testing.assert_close(score.double(), -eps / (1 - alpha_bar).sqrt(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["eps_elbo", "x0_simple"])
+def test_validation_vlb_averages_to_the_whole_bound(name: str) -> None:
+    """Averaged over t = 2..T with the noise fixed, L_T + (T − 1)·L_{t−1} + L_0 is exactly the
+    bound L_T + L_0 + Σ_{t≥2} L_{t−1}, each term computed here directly from `vlb_term`."""
+    cfg = compose([f"experiment={name}", *TINY])
+    datamodule = build_datamodule(cfg.data)
+    module = build_module(cfg, datamodule).eval()
+    x0 = datamodule.split("val")[:3]
+    generator = torch.Generator().manual_seed(0)
+    eps, eps_decoder = torch.randn(x0.shape, generator=generator), torch.randn(x0.shape, generator=generator)
+    schedule, T = module.schedule, module.num_timesteps
+
+    def term(step: int, noise: torch.Tensor) -> torch.Tensor:
+        t = torch.full((len(x0),), step)
+        xt = q_sample(x0.double(), noise.double(), schedule.at(schedule.alphas_cumprod, t, x0.ndim)).float()
+        return vlb_term(schedule, x0, xt, t, module.eps_hat(xt, t), datamodule.num_levels, "small")
+
+    with torch.no_grad():
+        per_t = [module.validation_terms(x0, torch.full((3,), t), eps, eps_decoder) for t in range(2, T + 1)]
+        nats = prior_kl(schedule, x0) + term(1, eps_decoder) + sum(term(t, eps) for t in range(2, T + 1))
+    average = torch.stack([terms["vlb_bpd"] for terms in per_t]).mean(0)
+    torch.testing.assert_close(average, nats_to_bpd(nats, x0[0].numel()), rtol=1e-6, atol=1e-8)
+    if name.endswith("elbo"):
+        torch.testing.assert_close(per_t[4]["loss"], per_t[4]["vlb_bpd"], rtol=1e-6, atol=1e-8)
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

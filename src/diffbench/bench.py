@@ -12,7 +12,7 @@ import torch
 
 from diffbench.config import compose
 from diffbench.data import build_datamodule
-from diffbench.nll import ode_nll_bpd, stratified_timesteps, vlb_bpd
+from diffbench.nll import ode_nll_bpd, stratified_timesteps, stratified_weights, vlb_bpd
 from diffbench.run import build_module
 from diffbench.samplers import sample
 
@@ -84,6 +84,7 @@ def bench_eval(model: str, device: torch.device, num_images: int, extra: list[st
                 levels,
                 gen.manual_seed(0),
                 timesteps=stratified_timesteps(T, 100, torch.Generator(device=device).manual_seed(0)),
+                weights=stratified_weights(T, 100),
                 batch_timesteps=50,
             ),
             n,

@@ -94,12 +94,13 @@ def evaluate_vlb(
     """nll_vlb_bpd over the evaluation images: all T terms, or a stratified estimate."""
     rank, size = world()
     generator = generator_for(seed, 1, module.device)
-    timesteps = None
+    timesteps = weights = None
     shard = x0[rank::size].to(module.device)
     if cfg.vlb_timesteps:
         timesteps = nll.stratified_timesteps(
             module.num_timesteps, cfg.vlb_timesteps, generator, batch=len(shard)
         )
+        weights = nll.stratified_weights(module.num_timesteps, cfg.vlb_timesteps)
     start = time.perf_counter()
     result = nll.vlb_bpd(
         module.eps_hat,
@@ -111,6 +112,7 @@ def evaluate_vlb(
         timesteps=timesteps,
         batch_timesteps=cfg.vlb_batch_timesteps,
         progress=rank == 0,
+        weights=weights,
     )
     totals = gather_rows(result.total_bpd.cpu(), len(x0))
     terms = gather_rows(result.terms_bpd.cpu(), len(x0)).mean(0)
@@ -133,7 +135,9 @@ def evaluate_vlb(
         "nll_vlb_bpd": mean,
         "nll_vlb_bpd_stderr": stderr,
         "nll_vlb_settings": {
-            "timesteps": "all" if timesteps is None else f"stratified-{len(steps)}, drawn per image",
+            "timesteps": "all"
+            if timesteps is None
+            else f"stratified-{cfg.vlb_timesteps}, drawn per image, plus the decoder term (t = 1)",
             "variance": module.hparams.variance,
             "num_images": len(x0),
             "wall_time_s": round(time.perf_counter() - start, 2),

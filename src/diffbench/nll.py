@@ -45,16 +45,31 @@ class VLBResult:
 def stratified_timesteps(
     num_timesteps: int, count: int, generator: torch.Generator, batch: int | None = None
 ) -> Tensor:
-    """One uniform t from each of `count` equal strata of 1..T, for an unbiased, low-variance
-    `vlb_bpd` estimate (each draw stands for its stratum of T / count steps). With `batch`, each
-    example draws its own (batch, count) set, so the standard error over examples also covers
-    the choice of timesteps."""
-    if count < 1 or num_timesteps % count:
-        raise ValueError(f"count must divide the number of timesteps ({num_timesteps}), got {count}")
+    """t = 1 (the decoder term), then one uniform t from each of `count` equal strata of 1..T
+    (the first stratum without t = 1), for an unbiased, low-variance `vlb_bpd` estimate with
+    `stratified_weights`. The decoder is evaluated for every image because, drawn like any other
+    t, it would be a rare term carrying weight T / count. With `batch`, each example draws its own
+    (batch, count + 1) set, so the standard error over examples also covers the timestep draw."""
+    if count < 1 or num_timesteps % count or num_timesteps // count < 2:
+        raise ValueError(
+            f"count must divide the number of timesteps ({num_timesteps}) into strata of at least "
+            f"two steps, got {count}"
+        )
     width = num_timesteps // count
     shape = (count,) if batch is None else (batch, count)
-    offsets = torch.randint(0, width, shape, generator=generator, device=generator.device)
-    return 1 + width * torch.arange(count, device=generator.device) + offsets
+    device = generator.device
+    offsets = torch.randint(0, width, shape, generator=generator, device=device)
+    first = torch.randint(1, width, shape[:-1] + (1,), generator=generator, device=device)
+    offsets = torch.cat([first, offsets[..., 1:]], dim=-1)
+    steps = 1 + width * torch.arange(count, device=device) + offsets
+    return torch.cat([torch.ones(shape[:-1] + (1,), dtype=steps.dtype, device=device), steps], dim=-1)
+
+
+def stratified_weights(num_timesteps: int, count: int) -> Tensor:
+    """How many of the T terms each entry of `stratified_timesteps` stands for: 1 for t = 1, the
+    rest of the first stratum for its draw, a whole stratum for every other draw."""
+    width = num_timesteps // count
+    return torch.tensor([1.0, width - 1.0] + [float(width)] * (count - 1), dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -68,12 +83,14 @@ def vlb_bpd(
     timesteps: Tensor | None = None,
     batch_timesteps: int = 10,
     progress: bool = False,
+    weights: Tensor | None = None,
 ) -> VLBResult:
     """The discrete VLB L_T + Σ_t L_{t−1} of each example in x0, one x_t ~ q(x_t | x0) per term.
 
     With `timesteps` None every t = 1..T is evaluated (the reported NLL bound); otherwise only
-    those t, weighted by T / n, which is unbiased when they are drawn uniformly or stratified
-    (`stratified_timesteps`): shape (n,) shared by all examples, or (B, n) one set per example.
+    those t, each weighted by how many terms it stands for: `weights` (n,), e.g.
+    `stratified_weights`, or T / n, which is unbiased when they are drawn uniformly. Timesteps
+    have shape (n,), shared by all examples, or (B, n), one set per example.
     `batch_timesteps` timesteps share one eps_fn call of batch B · batch_timesteps. The noise
     for the i-th evaluated t is drawn as its own (B, …) tensor, so results do not depend on
     batch_timesteps.
@@ -101,7 +118,9 @@ def vlb_bpd(
         nats = vlb_term(schedule, x0_repeated, xt, t, eps_fn(xt, t), num_levels, variance)
         terms[:, start : start + len(chunk)] = nats.view(len(chunk), batch).T
     prior = prior_kl(schedule, x0)
-    total = prior + num_timesteps / num_terms * terms.sum(1)
+    if weights is None:
+        weights = torch.full((num_terms,), num_timesteps / num_terms, dtype=torch.float64)
+    total = prior + terms @ weights.to(device=device, dtype=torch.float64)
     return VLBResult(
         total_bpd=nats_to_bpd(total, num_dims),
         terms_bpd=nats_to_bpd(terms, num_dims),

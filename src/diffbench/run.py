@@ -301,9 +301,10 @@ def print_summary(results: dict) -> None:
 def check_settings(cfg: DictConfig) -> None:
     """Catch settings that would only fail after training."""
     T, K = cfg.diffusion.num_timesteps, cfg.eval.vlb_timesteps
-    if K and (K > T or T % K):
+    if K and (2 * K > T or T % K):
         raise ConfigError(
-            f"eval.vlb_timesteps={K} must divide diffusion.num_timesteps={T} (or be 0 for all T terms)."
+            f"eval.vlb_timesteps={K} must divide diffusion.num_timesteps={T} into strata of at least "
+            "two steps (or be 0 for all T terms)."
         )
     if cfg.objective.head not in MODULES:
         raise ConfigError(f"objective.head={cfg.objective.head!r}; choose one of {', '.join(MODULES)}.")

@@ -97,7 +97,7 @@ def test_cli_end_to_end_from_another_directory(tmp_path: Path) -> None:
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     (table,) = (offline / "files" / "media" / "table" / "curves").glob("vlb_terms_*.table.json")
     logged = json.loads(table.read_text())
-    assert logged["columns"] == ["t", "term_bpd"] and len(logged["data"]) == 5
+    assert logged["columns"] == ["t", "term_bpd"] and len(logged["data"]) == 6  # decoder + 5 strata
     assert "results in" in proc.stdout
 
 
@@ -124,3 +124,21 @@ def test_compiled_module_keeps_clean_checkpoint_keys() -> None:
     assert keys and not any("_orig_mod" in key for key in keys)
     plain = build_module(compose(["experiment=eps_simple", *TINY]), build_datamodule(cfg.data))
     assert keys == list(plain.state_dict())
+
+
+def test_resume_keeps_only_metrics_rows_before_the_checkpoint(tmp_path: Path) -> None:
+    """A crash between a checkpoint's CSV flush and its file leaves rows past the checkpoint
+    that is resumed from; they are dropped so that no step appears twice."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from diffbench.run import keep_previous_metrics
+
+    rows = ["step,train/loss,val/loss", *(f"{s},{s / 10},," for s in range(10)), "9,,0.5"]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
+    keep_previous_metrics(logger, resume_step=5)
+    logger.log_metrics({"train/loss": 0.55}, step=5)
+    logger.save()
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",") == ["step", "train/loss", "val/loss"]
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 1, 2, 3, 4, 5]

@@ -117,17 +117,24 @@ class FlushCSVOnCheckpoint(Callback):
                 logger.save()
 
 
-def keep_previous_metrics(csv_logger: CSVLogger) -> None:
+def keep_previous_metrics(csv_logger: CSVLogger, resume_step: int) -> None:
     """Lightning's CSV writer deletes an existing metrics.csv when it starts; on resume, set the
-    file aside while the writer starts, give it the old columns, and put the file back."""
+    file aside while the writer starts, give it the old columns, and put back the rows logged
+    before the checkpoint (rows after it were flushed by a later checkpoint that the crash cut
+    short, and will be logged again)."""
     path = Path(csv_logger.log_dir) / "metrics.csv"
     if not path.is_file():
         return
     kept = path.with_name("metrics.csv.resume")
     os.replace(path, kept)
-    writer = csv_logger.experiment
     with kept.open(newline="") as handle:
-        writer.metrics_keys = next(csv.reader(handle), [])
+        rows = list(csv.reader(handle))
+    header, body = (rows[0], rows[1:]) if rows else ([], [])
+    step = header.index("step") if "step" in header else None
+    before = [row for row in body if step is None or not row[step] or int(float(row[step])) < resume_step]
+    csv_logger.experiment.metrics_keys = header
+    with kept.open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *before] if header else [])
     os.replace(kept, path)
 
 
@@ -207,7 +214,8 @@ def train(cfg: DictConfig) -> dict:
     last = latest_checkpoint(run_dir / "checkpoints")
     if last and trainer.is_global_zero:
         print(f"[diffbench] resuming the interrupted run from {last}")
-        keep_previous_metrics(trainer.loggers[1])
+        resume_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+        keep_previous_metrics(trainer.loggers[1], resume_step)
     for logger in trainer.loggers:
         logger.log_hyperparams({"num_params": num_params})
     start = time.perf_counter()

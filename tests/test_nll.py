@@ -14,7 +14,14 @@ from torch.distributions import Normal, kl_divergence
 
 from diffbench.data.gmm import DiffusedMixture
 from diffbench.diffusion import NoiseSchedule
-from diffbench.nll import mean_and_stderr, ode_nll_bpd, stratified_timesteps, stratified_weights, vlb_bpd
+from diffbench.nll import (
+    importance_timesteps,
+    mean_and_stderr,
+    ode_nll_bpd,
+    stratified_timesteps,
+    stratified_weights,
+    vlb_bpd,
+)
 from diffbench.samplers import T_MIN, EpsFn
 
 TINY_T = 10
@@ -161,6 +168,17 @@ def test_stratified_estimate_is_unbiased_for_any_terms() -> None:
     assert set(draws[:, 1].tolist()) == set(range(2, width + 1))
     estimate = (terms[draws] @ weights).mean()
     assert float(estimate) == pytest.approx(float(terms[1:].sum()), rel=0.01)
+
+
+def test_importance_timesteps_follow_the_proposal_evenly() -> None:
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625], dtype=torch.float64)
+    t, p = importance_timesteps(probs, 64, seeded(0))
+    assert t.min() >= 2 and t.max() <= 6 and torch.equal(p, probs[t - 2])
+    counts = torch.bincount(t - 2, minlength=5).double()
+    assert (counts - 64 * probs).abs().max() < 1, "every t gets its share to within one draw"
+    draws = torch.cat([importance_timesteps(probs, 3, seeded(s))[0] for s in range(4000)])
+    frequencies = torch.bincount(draws - 2, minlength=5).double() / len(draws)
+    torch.testing.assert_close(frequencies, probs, atol=0.015, rtol=0)
 
 
 def test_mean_and_stderr_is_the_sample_mean_and_its_standard_error() -> None:

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from diffbench import diffusion
 from diffbench.diffusion import Head, NoiseSchedule, VarianceType
 from diffbench.likelihood import elbo_loss_term, nats_to_bpd, prior_kl, vlb_term
+from diffbench.nll import importance_timesteps
 
 WEIGHTINGS = ("simple", "elbo")
 
@@ -87,11 +88,8 @@ class DiffusionModule(L.LightningModule):
         """ᾱ at integer or fractional t, shaped to broadcast against the data."""
         return self.schedule.alpha_bar_continuous(t).reshape(-1, *([1] * (ndim - 1)))
 
-    def loss_terms(
-        self, x0: Tensor, t: Tensor, eps: Tensor, use_ema: bool = False, vlb_weight: int | None = None
-    ) -> dict[str, Tensor]:
-        """Per-example own loss, ε-space squared error and one-sample VLB estimate (bits/dim):
-        L_T + vlb_weight · L_{t−1}, with vlb_weight = T for t uniform on 1..T."""
+    def loss_terms(self, x0: Tensor, t: Tensor, eps: Tensor, use_ema: bool = False) -> dict[str, Tensor]:
+        """Per-example own loss, ε-space squared error and one-sample VLB estimate (bits/dim)."""
         alpha_bar = self.schedule.at(self.schedule.alphas_cumprod, t, x0.ndim)
         xt = diffusion.q_sample(x0.double(), eps.double(), alpha_bar).float()
         output = self.network_output(xt, t, use_ema)
@@ -100,12 +98,11 @@ class DiffusionModule(L.LightningModule):
         eps_hat = self.output_to_eps(output.double(), xt.double(), alpha_bar)
         levels = self.hparams.num_levels
         variance = self.hparams.variance
-        weight = self.num_timesteps if vlb_weight is None else vlb_weight
-        vlb_nats = weight * vlb_term(self.schedule, x0, xt, t, eps_hat, levels, variance)
+        vlb_nats = self.num_timesteps * vlb_term(self.schedule, x0, xt, t, eps_hat, levels, variance)
         vlb_bpd = nats_to_bpd(vlb_nats + prior_kl(self.schedule, x0), num_dims)
         if self.hparams.weighting == "elbo":
             term = elbo_loss_term(self.head, self.schedule, output, target, x0, xt, t, levels, variance)
-            loss = nats_to_bpd(weight * term + prior_kl(self.schedule, x0), num_dims)
+            loss = nats_to_bpd(self.num_timesteps * term + prior_kl(self.schedule, x0), num_dims)
         else:
             loss = (output.double() - target).pow(2).flatten(1).mean(1)
         eps_mse = (eps_hat - eps.double()).pow(2).flatten(1).mean(1)
@@ -136,36 +133,44 @@ class DiffusionModule(L.LightningModule):
             for ema_buffer, buffer in zip(self.ema.buffers(), self.net.buffers()):
                 ema_buffer.copy_(buffer)
 
-    def decoder_bpd(self, x0: Tensor, eps: Tensor) -> Tensor:
-        """L_0 = −log p(x0 | x1) per example (bits/dim) with the EMA weights."""
-        t = torch.ones(len(x0), dtype=torch.long, device=x0.device)
-        alpha_bar = self.schedule.at(self.schedule.alphas_cumprod, t, x0.ndim)
-        xt = diffusion.q_sample(x0.double(), eps.double(), alpha_bar).float()
-        nats = vlb_term(
-            self.schedule, x0, xt, t, self.eps_hat(xt, t), self.hparams.num_levels, self.hparams.variance
-        )
+    def vlb_estimate_bpd(
+        self, x0: Tensor, t: Tensor, prob: Tensor, eps: Tensor, eps_decoder: Tensor
+    ) -> Tensor:
+        """L_T + L_{t−1}/p(t) + L_0 per example (bits/dim, EMA weights) for t ≥ 2 drawn with
+        probability p(t): unbiased for the whole bound, the decoder L_0 evaluated for every image."""
+        first = torch.ones_like(t)
+        nats = prior_kl(self.schedule, x0)
+        for step, noise, weight in ((t, eps, 1 / prob), (first, eps_decoder, torch.ones_like(prob))):
+            alpha_bar = self.schedule.at(self.schedule.alphas_cumprod, step, x0.ndim)
+            xt = diffusion.q_sample(x0.double(), noise.double(), alpha_bar).float()
+            term = vlb_term(
+                self.schedule,
+                x0,
+                xt,
+                step,
+                self.eps_hat(xt, step),
+                self.hparams.num_levels,
+                self.hparams.variance,
+            )
+            nats = nats + weight * term
         return nats_to_bpd(nats, x0[0].numel())
 
-    def validation_terms(self, x0: Tensor, t: Tensor, eps: Tensor, eps_decoder: Tensor) -> dict[str, Tensor]:
-        """For t uniform on 2..T: L_T + (T − 1)·L_{t−1} + L_0, the decoder evaluated for every image.
-        Still unbiased for the VLB, without the rare T·L_0 draw that makes a one-sample estimate
-        heavy-tailed (on continuous data it can even fall below the true NLL)."""
-        terms = self.loss_terms(x0, t, eps, use_ema=True, vlb_weight=self.num_timesteps - 1)
-        decoder = self.decoder_bpd(x0, eps_decoder)
-        terms["vlb_bpd"] = terms["vlb_bpd"] + decoder
-        if self.hparams.weighting == "elbo":
-            terms["loss"] = terms["loss"] + decoder
-        return terms
-
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        """Same timesteps and noise for every arm and every validation pass (seeded by batch)."""
+        """Same timesteps and noise for every arm and every validation pass (seeded by batch). The
+        VLB is importance-sampled with p(t) ∝ the ELBO's ε-weight, where its terms are large: a
+        uniform t makes the estimate heavy-tailed (a few small-t draws dominate it)."""
         x0 = batch[0]
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        t = 2 + torch.randint(0, self.num_timesteps - 1, (len(x0),), device=self.device, generator=generator)
-        eps, eps_decoder = (
-            torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype) for _ in range(2)
+        t = self.sample_timesteps(len(x0), generator)
+        eps, eps_vlb, eps_decoder = (
+            torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype) for _ in range(3)
         )
-        terms = self.validation_terms(x0, t, eps, eps_decoder)
+        terms = self.loss_terms(x0, t, eps, use_ema=True)
+        proposal = diffusion.implied_eps_weight(self.schedule, "eps", "elbo", self.hparams.variance)
+        t_vlb, prob = importance_timesteps(proposal / proposal.sum(), len(x0), generator)
+        terms["vlb_bpd"] = self.vlb_estimate_bpd(x0, t_vlb, prob, eps_vlb, eps_decoder)
+        if self.hparams.weighting == "elbo":
+            terms["loss"] = terms["vlb_bpd"]
         for name, metric in self.val_metrics.items():
             metric.update(terms[name].float())
 

@@ -72,6 +72,18 @@ def stratified_weights(num_timesteps: int, count: int) -> Tensor:
     return torch.tensor([1.0, width - 1.0] + [float(width)] * (count - 1), dtype=torch.float64)
 
 
+def importance_timesteps(probs: Tensor, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`batch` timesteps t = 2..T with P(t) = probs[t − 2], and those probabilities. Inverse CDF of
+    evenly spread uniforms (U + π(i)/B) mod 1: each draw has exactly that marginal, and every
+    stretch of the distribution gets its share of the batch to within one draw."""
+    device = generator.device
+    offset = torch.rand(1, generator=generator, dtype=torch.float64, device=device)
+    order = torch.randperm(batch, generator=generator, device=device).double()
+    cdf = torch.cumsum(probs.double().to(device), 0)
+    index = torch.searchsorted(cdf, (offset + order / batch) % 1, right=True).clamp(max=len(probs) - 1)
+    return index + 2, probs.to(device)[index]
+
+
 @torch.no_grad()
 def vlb_bpd(
     eps_fn: EpsFn,

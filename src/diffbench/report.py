@@ -24,6 +24,7 @@ from diffbench.claims import (
     all_claims,
     arm_interval,
     paired_interval,
+    present_metrics,
     quality_metric,
     summary_line,
 )
@@ -302,7 +303,13 @@ def html_page(
 
 
 def make_figures(
-    runs: list[Run], weights: dict, schedule: NoiseSchedule, table: dict, metrics: list[str], out: Path
+    runs: list[Run],
+    weights: dict,
+    schedule: NoiseSchedule,
+    table: dict,
+    metrics: list[str],
+    eps_curves: dict,
+    out: Path,
 ) -> list[str]:
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,7 +331,7 @@ def make_figures(
             "measured per-t VLB terms",
         ),
         figures.per_t_curves(
-            seed_curves(runs, "eps_mse_by_t.csv"),
+            eps_curves,
             folder / "eps_mse_by_t.png",
             "‖ε − ε̂‖² / D",
             "measured ε-space error per t",
@@ -353,12 +360,12 @@ def build_report(group: str, runs: list[Run], incomplete: list[Incomplete], out:
     """Write report.html, report.md, report.json and figures/ into `out`; return the JSON."""
     out.mkdir(parents=True, exist_ok=True)
     values = seed_values(runs)
-    present = {metric for metrics in values.values() for metric in metrics}
-    metrics = [m for m in TABLE_METRICS if m in present]
+    metrics = present_metrics(values, TABLE_METRICS)
     schedule, variance = schedule_of(runs)
     weights = arm_weights(schedule, variance)
     table = comparison_table(values, metrics)
-    claims = all_claims(values, seed_curves(runs, "eps_mse_by_t.csv"), weights)
+    eps_curves = seed_curves(runs, "eps_mse_by_t.csv")
+    claims = all_claims(values, eps_curves, weights)
     context = {
         "settings": settings_summary(runs),
         "runs": len(runs),
@@ -377,13 +384,13 @@ def build_report(group: str, runs: list[Run], incomplete: list[Incomplete], out:
             for r in runs
             if r.dropped
         ],
-        "figures": make_figures(runs, weights, schedule, table, metrics, out) if runs else [],
+        "figures": make_figures(runs, weights, schedule, table, metrics, eps_curves, out) if runs else [],
     }
     payload = {
         "group": group,
         "metrics": metrics,
         "quality_metric": quality_metric(values),
-        "nll_metrics": [m for m in NLL_METRICS if m in present],
+        "nll_metrics": present_metrics(values, NLL_METRICS),
         "table": {
             arm: {m: {k: interval_dict(v) for k, v in row[m].items()} for m in metrics}
             for arm, row in table.items()

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from diffbench import diffusion
 from diffbench.diffusion import Head, NoiseSchedule, VarianceType
 from diffbench.likelihood import elbo_loss_term, nats_to_bpd, prior_kl, vlb_term
-from diffbench.nll import importance_timesteps
+from diffbench.nll import importance_timesteps, vlb_bpd
 
 WEIGHTINGS = ("simple", "elbo")
 
@@ -133,27 +133,21 @@ class DiffusionModule(L.LightningModule):
             for ema_buffer, buffer in zip(self.ema.buffers(), self.net.buffers()):
                 ema_buffer.copy_(buffer)
 
-    def vlb_estimate_bpd(
-        self, x0: Tensor, t: Tensor, prob: Tensor, eps: Tensor, eps_decoder: Tensor
-    ) -> Tensor:
-        """L_T + L_{t−1}/p(t) + L_0 per example (bits/dim, EMA weights) for t ≥ 2 drawn with
+    def vlb_estimate_bpd(self, x0: Tensor, t: Tensor, prob: Tensor, generator: torch.Generator) -> Tensor:
+        """L_T + L_0 + L_{t−1}/p(t) per example (bits/dim, EMA weights) for t ≥ 2 drawn with
         probability p(t): unbiased for the whole bound, the decoder L_0 evaluated for every image."""
         first = torch.ones_like(t)
-        nats = prior_kl(self.schedule, x0)
-        for step, noise, weight in ((t, eps, 1 / prob), (first, eps_decoder, torch.ones_like(prob))):
-            alpha_bar = self.schedule.at(self.schedule.alphas_cumprod, step, x0.ndim)
-            xt = diffusion.q_sample(x0.double(), noise.double(), alpha_bar).float()
-            term = vlb_term(
-                self.schedule,
-                x0,
-                xt,
-                step,
-                self.eps_hat(xt, step),
-                self.hparams.num_levels,
-                self.hparams.variance,
-            )
-            nats = nats + weight * term
-        return nats_to_bpd(nats, x0[0].numel())
+        return vlb_bpd(
+            self.eps_hat,
+            self.schedule,
+            x0,
+            self.hparams.num_levels,
+            generator,
+            variance=self.hparams.variance,
+            timesteps=torch.stack([first, t], dim=1),
+            weights=torch.stack([torch.ones_like(prob), 1 / prob], dim=1),
+            batch_timesteps=2,
+        ).total_bpd
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         """Same timesteps and noise for every arm and every validation pass (seeded by batch). The
@@ -162,13 +156,11 @@ class DiffusionModule(L.LightningModule):
         x0 = batch[0]
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         t = self.sample_timesteps(len(x0), generator)
-        eps, eps_vlb, eps_decoder = (
-            torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype) for _ in range(3)
-        )
+        eps = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         terms = self.loss_terms(x0, t, eps, use_ema=True)
         proposal = diffusion.implied_eps_weight(self.schedule, "eps", "elbo", self.hparams.variance)
         t_vlb, prob = importance_timesteps(proposal / proposal.sum(), len(x0), generator)
-        terms["vlb_bpd"] = self.vlb_estimate_bpd(x0, t_vlb, prob, eps_vlb, eps_decoder)
+        terms["vlb_bpd"] = self.vlb_estimate_bpd(x0, t_vlb, prob, generator)
         if self.hparams.weighting == "elbo":
             terms["loss"] = terms["vlb_bpd"]
         for name, metric in self.val_metrics.items():

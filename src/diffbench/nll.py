@@ -100,9 +100,10 @@ def vlb_bpd(
     """The discrete VLB L_T + Σ_t L_{t−1} of each example in x0, one x_t ~ q(x_t | x0) per term.
 
     With `timesteps` None every t = 1..T is evaluated (the reported NLL bound); otherwise only
-    those t, each weighted by how many terms it stands for: `weights` (n,), e.g.
-    `stratified_weights`, or T / n, which is unbiased when they are drawn uniformly. Timesteps
-    have shape (n,), shared by all examples, or (B, n), one set per example.
+    those t, each weighted by how many terms it stands for: `weights` (n,) or (B, n), e.g.
+    `stratified_weights` or 1 / p(t) for importance-sampled t, or T / n, which is unbiased when
+    they are drawn uniformly. Timesteps have shape (n,), shared by all examples, or (B, n), one
+    set per example.
     `batch_timesteps` timesteps share one eps_fn call of batch B · batch_timesteps. The noise
     for the i-th evaluated t is drawn as its own (B, …) tensor, so results do not depend on
     batch_timesteps.
@@ -132,7 +133,7 @@ def vlb_bpd(
     prior = prior_kl(schedule, x0)
     if weights is None:
         weights = torch.full((num_terms,), num_timesteps / num_terms, dtype=torch.float64)
-    total = prior + terms @ weights.to(device=device, dtype=torch.float64)
+    total = prior + (terms * weights.to(device=device, dtype=torch.float64)).sum(1)
     return VLBResult(
         total_bpd=nats_to_bpd(total, num_dims),
         terms_bpd=nats_to_bpd(terms, num_dims),

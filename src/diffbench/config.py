@@ -1,12 +1,12 @@
 """Config composition with Hydra's command line (`experiment=eps_simple data=digits
-trainer.max_steps=500`) over plain OmegaConf YAML: group defaults live in the package's
-`conf/`, experiment presets in the repository's top-level `experiments/`."""
+trainer.max_steps=500`) over plain OmegaConf YAML. Group defaults and the built-in experiment
+presets live in the package's `conf/`, so a non-editable install finds them; user presets are
+found in `$DIFFBENCH_EXPERIMENTS` and `./experiments` first. The merge order is written at the
+top of `conf/config.yaml`."""
 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -16,36 +16,44 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("data", "model", "objective", "trainer")
 """Groups whose file fills `cfg.<group>`; a `profile` file is merged at the top level instead."""
+GLOBAL_SECTION = "_global_"
+"""A group file's section merged at the top level, e.g. trainer=gpu turning on speed.compile."""
+SHORTCUTS = {"head": "objective.head", "weighting": "objective.weighting"}
 
 
 class ConfigError(ValueError):
     """A bad command line or config file; its message says what to do instead."""
 
 
-def experiments_dir() -> Path:
-    """`$DIFFBENCH_EXPERIMENTS`, else the `experiments/` folder of this source checkout."""
+def experiment_dirs() -> list[Path]:
+    """Where experiment presets are looked up, first match wins: `$DIFFBENCH_EXPERIMENTS`,
+    `./experiments` of the working directory, then the package's built-in `conf/experiment`."""
     env = os.environ.get("DIFFBENCH_EXPERIMENTS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "experiments"
+    user = [Path(env)] if env else []
+    return [*user, Path.cwd() / "experiments", CONF_DIR / "experiment"]
 
 
-def group_dir(group: str) -> Path:
-    return experiments_dir() if group == "experiment" else CONF_DIR / group
+def group_dirs(group: str) -> list[Path]:
+    return experiment_dirs() if group == "experiment" else [CONF_DIR / group]
 
 
 def available(group: str) -> list[str]:
-    folder = group_dir(group)
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+    return sorted({p.stem for folder in group_dirs(group) for p in folder.glob("*.yaml")})
+
+
+def find_choice(group: str, name: str) -> Path | None:
+    return next((d / f"{name}.yaml" for d in group_dirs(group) if (d / f"{name}.yaml").is_file()), None)
 
 
 def load_choice(group: str, name: str) -> DictConfig:
-    folder = group_dir(group)
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        options = ", ".join(available(group)) or f"none (no YAML files in {folder})"
+    path = find_choice(group, name)
+    if path is None:
+        folders = " or ".join(str(d) for d in group_dirs(group))
+        options = ", ".join(available(group)) or "none"
         raise ConfigError(
             f"unknown {group} {name!r}. Available {group} choices: {options}. "
             f"Pick one of them (e.g. {group}={available(group)[0] if available(group) else '…'}) "
-            f"or add {path}."
+            f"or add {name}.yaml to {folders}."
         )
     return OmegaConf.load(path)
 
@@ -75,6 +83,8 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, ob
             )
         if key in (*GROUPS, "experiment", "profile"):
             choices[key] = raw
+        elif key in SHORTCUTS:
+            values.append((SHORTCUTS[key], parse_value(raw)))
         else:
             values.append((key, parse_value(raw)))
     return choices, values
@@ -143,9 +153,12 @@ def compose(args: list[str]) -> DictConfig:
         experiment = load_choice("experiment", choices["experiment"])
         defaults.update(OmegaConf.to_container(experiment.pop("defaults", OmegaConf.create())))
     defaults.update({k: v for k, v in choices.items() if k != "experiment"})
+    global_sections = []
     for group in GROUPS:
         cfg[group] = load_choice(group, defaults[group])
+        global_sections.append(cfg[group].pop(GLOBAL_SECTION, OmegaConf.create()))
         cfg[group]["name"] = defaults[group]
+    cfg = OmegaConf.merge(cfg, *global_sections)
     profile = choices.get("profile", cfg.profile)
     cfg = OmegaConf.merge(cfg, load_choice("profile", profile))
     cfg.profile = profile
@@ -155,21 +168,3 @@ def compose(args: list[str]) -> DictConfig:
     for key, value in values:
         apply_value(cfg, key, value)
     return cfg
-
-
-IDENTITY_EXCLUDES = ("run", "wandb")
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Identity of a trial: the resolved config without where it is written or logged."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in IDENTITY_EXCLUDES:
-        data.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def trial_dir(cfg: DictConfig) -> Path:
-    """`<root>/trials/<profile>-<data>/<experiment>/s<seed>-<hash>`: one directory per resolved
-    config, so a sweep finds its finished and interrupted trials whatever ran them."""
-    name = f"s{cfg.seed}-{config_hash(cfg)}"
-    return Path(cfg.run.root) / "trials" / f"{cfg.profile}-{cfg.data.name}" / cfg.experiment / name

@@ -21,6 +21,7 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
+from diffbench import atomic
 from diffbench.data.base import ArrayDataModule
 from diffbench.data.digits import digits_images
 
@@ -188,10 +189,7 @@ def fit_digits_mixture(
         "means": torch.from_numpy(model.means_),
         "covariances": torch.from_numpy(full_covariances(model)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(params, partial)
-    partial.replace(path)
+    atomic.save_with(path, lambda tmp: torch.save(params, tmp))
     return DiffusedMixture(**params)
 
 

@@ -17,7 +17,7 @@ import torchdiffeq
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffbench.diffusion import (
+from diffbench.core.diffusion import (
     NoiseSchedule,
     VarianceType,
     eps_to_score,

@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor
 
+from diffbench.core.diffusion import NoiseSchedule, q_sample
 from diffbench.data.gmm import DiffusedMixture
-from diffbench.diffusion import NoiseSchedule
-from diffbench.samplers import EpsFn
+from diffbench.sampling.samplers import EpsFn
 
 
 def exact_nll_bpd(mixture: DiffusedMixture, x0: Tensor) -> Tensor:
@@ -58,10 +58,7 @@ def eps_star_distance(
         noise = torch.randn(
             (len(t), *x0.shape[1:]), generator=generator, dtype=torch.float64, device=generator.device
         ).to(x0.device)
-        xt = (
-            alpha_bar.sqrt() * clean.repeat(len(chunk), *([1] * (x0.dim() - 1)))
-            + (1 - alpha_bar).sqrt() * noise
-        ).float()
+        xt = q_sample(clean.repeat(len(chunk), *([1] * (x0.dim() - 1))), noise, alpha_bar).float()
         eps_hat = eps_fn(xt, t).to(torch.float64)
         eps_star = mixture.eps_star(xt, alpha_bar.reshape(-1))
         squared = (eps_hat - eps_star).reshape(len(chunk), batch, dim).pow(2).sum(-1) / dim

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from diffbench.data.vision import network_available
-from diffbench.features import EXTRACTOR_NAMES, classifier_checkpoint, to_uint8
+from diffbench.evaluation.features import EXTRACTOR_NAMES, classifier_checkpoint, to_uint8
 
 CLASSIFIER_OF_DATASET = {"digits": "digits", "gmm": "digits", "mnist": "mnist"}
 """Which classifier's features measure each dataset; gmm samples are 8×8 digits-like images."""

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffbench.collect import ARMS, HEADS, REFERENCE
-from diffbench.stats import (
+from diffbench.analysis.collect import ARMS, HEADS, REFERENCE
+from diffbench.analysis.stats import (
     HOLDS,
     Interval,
     bootstrap_interval,
@@ -17,26 +17,7 @@ from diffbench.stats import (
     paired_differences,
     spearman,
 )
-
-NLL_METRICS = ("nll_vlb_bpd", "nll_ode_bpd")
-QUALITY_METRICS = ("fd_digits", "fd_mnist", "fid")
-#: Columns of the comparison table, in order; all better when lower except NOT_RANKED.
-TABLE_METRICS = (
-    *NLL_METRICS,
-    *QUALITY_METRICS,
-    "kid_digits",
-    "kid_mnist",
-    "kid",
-    "eps_star_mse",
-    "sample_true_nll_bpd",
-    "nll_exact_bpd",
-    "val/vlb_bpd",
-    "val/eps_mse",
-)
-
-#: The data's own NLL (equal for every arm) and the samples' true NLL (best when it matches the
-#: data's, not when lowest: collapsing onto the modes lowers it) are shown but never ranked.
-NOT_RANKED = ("nll_exact_bpd", "sample_true_nll_bpd")
+from diffbench.rundir import NLL_METRICS, QUALITY_METRICS, arm_label
 
 Values = dict[str, dict[str, dict[int, float]]]
 Curves = dict[str, dict[int, tuple[list[float], list[float]]]]
@@ -89,7 +70,7 @@ def paired_interval(values: Values, a: str, b: str, metric: str) -> Interval | N
 def weighting_effects(values: Values, head: str, metric: str) -> dict[int, float]:
     """Per seed: the head's elbo arm minus its simple arm."""
     return paired_differences(
-        seeds_of(values, f"{head}_elbo", metric), seeds_of(values, f"{head}_simple", metric)
+        seeds_of(values, arm_label(head, "elbo"), metric), seeds_of(values, arm_label(head, "own"), metric)
     )
 
 
@@ -100,13 +81,14 @@ def present_metrics(values: Values, candidates: tuple[str, ...]) -> list[str]:
 
 
 def weighting_wins(values: Values, winner: str, metrics: list[str]) -> list[Part]:
-    """Per head and metric: does the `winner` weighting ("elbo" or "simple") score lower?"""
-    loser = "simple" if winner == "elbo" else "elbo"
+    """Per head and metric: does the `winner` weighting ("elbo" or "own") score lower?"""
+    loser = "own" if winner == "elbo" else "elbo"
     parts = []
     for head in HEADS:
         for metric in metrics:
-            diff = paired_interval(values, f"{head}_{winner}", f"{head}_{loser}", metric)
-            label = f"{head}_{winner} − {head}_{loser}"
+            a, b = arm_label(head, winner), arm_label(head, loser)
+            diff = paired_interval(values, a, b, metric)
+            label = f"{a} − {b}"
             parts.append(Part(label, metric, diff, directional_verdict(diff, "negative")))
     return parts
 
@@ -125,7 +107,7 @@ def claim_simple_quality(values: Values) -> Claim:
         2,
         "L_simple gives better sample quality than ELBO training, for each head",
         "paired difference simple − elbo of the feature distance below zero",
-        weighting_wins(values, "simple", present_metrics(values, QUALITY_METRICS)[:1]),
+        weighting_wins(values, "own", present_metrics(values, QUALITY_METRICS)[:1]),
     )
 
 
@@ -137,8 +119,9 @@ def claim_equivalence(values: Values) -> Claim:
     parts = []
     for metric in metrics:
         for a, b in pairs:
-            diff = paired_interval(values, f"{a}_elbo", f"{b}_elbo", metric)
-            parts.append(Part(f"{a}_elbo − {b}_elbo", metric, diff, equivalence_verdict(diff)))
+            arm_a, arm_b = arm_label(a, "elbo"), arm_label(b, "elbo")
+            diff = paired_interval(values, arm_a, arm_b, metric)
+            parts.append(Part(f"{arm_a} − {arm_b}", metric, diff, equivalence_verdict(diff)))
     for metric in metrics:
         for a, b in pairs:
             effects = paired_differences(

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import yaml
+from diffbench.rundir import COMPLETE, CONFIG, RESULTS, Curve, RunDir, arm_label, upgrade
 
-ARMS = ("eps_simple", "eps_elbo", "x0_simple", "x0_elbo", "score_simple", "score_elbo")
 HEADS = ("eps", "x0", "score")
-REFERENCE = "eps_simple"
+"""The heads of the six original arms, which the claims compare."""
+ARM_PARTS = {arm_label(head, weighting): (head, weighting) for head in HEADS for weighting in ("own", "elbo")}
+"""The six original arms, in table order, with their (head, weighting)."""
+ARMS = tuple(ARM_PARTS)
+REFERENCE = arm_label("eps", "own")
 
 
 @dataclass
 class Run:
-    """One finished trial: its headline metrics and where its curves and images are."""
+    """One finished trial: its arm, headline metrics and where its curves and images are."""
 
-    experiment: str
+    arm: str
     seed: int
     group: str
     metrics: dict[str, float]
+    head: str = "?"
+    weighting: str = "?"
     data: str = "?"
     profile: str = "?"
     steps: int = 0
@@ -41,7 +44,7 @@ class Incomplete:
 
     directory: Path | str
     reason: str
-    experiment: str = "?"
+    arm: str = "?"
     seed: int | str = "?"
     group: str | None = None
 
@@ -84,44 +87,46 @@ def finite_metrics(raw: object) -> tuple[dict[str, float], list[str]]:
     return kept, dropped
 
 
-def read_config(directory: Path) -> dict | None:
-    try:
-        config = yaml.safe_load((directory / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return config if isinstance(config, dict) else None
+def arm_of(config: dict, fallback: str) -> str:
+    """The arm a config trained: derived from its head and weighting, never parsed from a name."""
+    objective = config.get("objective") or {}
+    if "head" in objective and "weighting" in objective:
+        return upgrade({"head": objective["head"], "weighting": objective["weighting"]})["arm"]
+    return fallback
 
 
 def load_run(directory: Path) -> Run | Incomplete:
     """A run directory as a Run, or as an Incomplete that says what is missing. Where
     results.json lacks a field (a run evaluated again by `diffbench.evaluate`), config.yaml says."""
-    config = read_config(directory) or {}
-    experiment = config.get("experiment", directory.parent.name)
+    run_dir = RunDir(directory)
+    config = run_dir.read_config() or {}
+    arm = arm_of(config, directory.parent.name)
     seed = config.get("seed", "?")
     group = config_group(config)
-    path = directory / "results.json"
-    if not path.is_file():
-        reason = "no results.json (unfinished, interrupted or failed)"
-        return Incomplete(directory, reason, experiment, seed, group)
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        return Incomplete(directory, f"results.json unreadable ({error})", experiment, seed, group)
-    if not isinstance(results, dict) or results.get("status") != "complete":
-        return Incomplete(directory, "results.json not marked complete", experiment, seed, group)
+    if not (run_dir / RESULTS).is_file():
+        reason = f"no {RESULTS} (unfinished, interrupted or failed)"
+        return Incomplete(directory, reason, arm, seed, group)
+    results = run_dir.read_results()
+    if results is None:
+        return Incomplete(directory, f"{RESULTS} unreadable", arm, seed, group)
+    if results.get("status") != COMPLETE:
+        return Incomplete(directory, f"{RESULTS} not marked complete", arm, seed, group)
+    arm = results.get("arm", arm)
     metrics, dropped = finite_metrics(results.get("metrics"))
     try:
         seed = int(results.get("seed", seed))
     except (TypeError, ValueError):
-        return Incomplete(directory, "results.json has no usable seed", experiment, seed, group)
+        return Incomplete(directory, f"{RESULTS} has no usable seed", arm, seed, group)
     if not metrics or group is None:
-        reason = "results.json has no metrics" if not metrics else "config.yaml missing or incomplete"
-        return Incomplete(directory, reason, experiment, seed, group)
+        reason = f"{RESULTS} has no metrics" if not metrics else "config.yaml missing or incomplete"
+        return Incomplete(directory, reason, arm, seed, group)
     return Run(
-        experiment=results.get("experiment", experiment),
+        arm=arm,
         seed=seed,
         group=group,
         metrics=metrics,
+        head=results.get("head", "?"),
+        weighting=results.get("weighting", "?"),
         data=config["data"]["name"],
         profile=config["profile"],
         steps=int(results.get("steps", config["trainer"]["max_steps"])),
@@ -129,7 +134,7 @@ def load_run(directory: Path) -> Run | Incomplete:
         config=config,
         directory=directory,
         dropped=dropped,
-        created=path.stat().st_mtime,
+        created=(directory / RESULTS).stat().st_mtime,
     )
 
 
@@ -137,7 +142,7 @@ def newest(runs: list[Run]) -> list[Run]:
     """Of several finished runs of one arm and seed in a group, the newest wins."""
     chosen: dict[tuple[str, str, int], Run] = {}
     for run in runs:
-        key = (run.group, run.experiment, run.seed)
+        key = (run.group, run.arm, run.seed)
         if key not in chosen or chosen[key].created < run.created:
             chosen[key] = run
     return list(chosen.values())
@@ -146,7 +151,7 @@ def newest(runs: list[Run]) -> list[Run]:
 def scan(root: Path) -> tuple[list[Run], list[Incomplete]]:
     """Every run directory under `root` (a folder holding config.yaml, W&B's own copies aside)."""
     runs, incomplete = [], []
-    for config in sorted(root.rglob("config.yaml")):
+    for config in sorted(root.rglob(CONFIG)):
         directory = config.parent
         if "wandb" in directory.parts or "checkpoints" in directory.parts:
             continue
@@ -166,7 +171,7 @@ def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[In
     for remote in api.runs(path):
         config = dict(remote.config)
         where = f"wandb:{path}/{remote.id}"
-        experiment, seed, group = config.get("experiment", "?"), config.get("seed"), config_group(config)
+        arm, seed, group = config.get("arm", arm_of(config, "?")), config.get("seed"), config_group(config)
         summary = {
             k.removeprefix("final/"): v for k, v in dict(remote.summary).items() if k.startswith("final/")
         }
@@ -175,14 +180,16 @@ def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[In
             reason = (
                 f"W&B state {remote.state}" if remote.state != "finished" else "no final metrics or config"
             )
-            incomplete.append(Incomplete(where, reason, experiment, "?" if seed is None else seed, group))
+            incomplete.append(Incomplete(where, reason, arm, "?" if seed is None else seed, group))
             continue
         runs.append(
             Run(
-                experiment=experiment,
+                arm=arm,
                 seed=int(seed),
                 group=group,
                 metrics=metrics,
+                head=config.get("objective", {}).get("head", "?"),
+                weighting=config.get("objective", {}).get("weighting", "?"),
                 data=config["data"]["name"],
                 profile=config["profile"],
                 steps=int(config["trainer"]["max_steps"]),
@@ -211,28 +218,18 @@ def by_group(runs: list[Run], incomplete: list[Incomplete]) -> dict[str, tuple[l
 
 
 def seed_values(runs: list[Run]) -> dict[str, dict[str, dict[int, float]]]:
-    """{experiment: {metric: {seed: value}}}: the shape every statistic is computed from."""
+    """{arm: {metric: {seed: value}}}: the shape every statistic is computed from."""
     values: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for run in runs:
         for metric, value in run.metrics.items():
-            values[run.experiment][metric][run.seed] = value
+            values[run.arm][metric][run.seed] = value
     return {arm: dict(metrics) for arm, metrics in values.items()}
 
 
-def read_curve(path: Path) -> tuple[list[float], list[float]] | None:
-    """A two-column CSV written by the evaluation (e.g. t, eps_mse), or None if absent or broken."""
-    try:
-        with path.open(newline="") as handle:
-            rows = list(csv.reader(handle))[1:]
-        return [float(r[0]) for r in rows], [float(r[1]) for r in rows]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def seed_curves(runs: list[Run], filename: str) -> dict[str, dict[int, tuple[list[float], list[float]]]]:
-    """{experiment: {seed: (t, value)}} for one per-t CSV present in the run directories."""
+def seed_curves(runs: list[Run], curve: Curve) -> dict[str, dict[int, tuple[list[float], list[float]]]]:
+    """{arm: {seed: (t, value)}} for one per-t curve present in the run directories."""
     curves: dict[str, dict[int, tuple[list[float], list[float]]]] = defaultdict(dict)
     for run in runs:
-        if run.directory is not None and (curve := read_curve(run.directory / filename)):
-            curves[run.experiment][run.seed] = curve
+        if run.directory is not None and (values := RunDir(run.directory).read_curve(curve)):
+            curves[run.arm][run.seed] = values
     return dict(curves)

@@ -4,28 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
-HEADLINE_METRICS = (
-    "nll_vlb_bpd",
-    "nll_ode_bpd",
-    "fd_digits",
-    "fd_mnist",
-    "fid",
-    "eps_star_mse",
-    "val/vlb_bpd",
-)
-
-
-def read_results(run_dir: Path) -> dict | None:
-    """A run's results.json, or None when it is missing, half-written or not finished."""
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return results if results.get("status") == "complete" else None
+from diffbench import atomic
+from diffbench.rundir import HEADLINE_METRICS, RunDir
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:
@@ -37,12 +20,12 @@ def mean_and_spread(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """{experiment: {metric: {mean, spread, n}}} over the seeds present."""
+    """{arm: {metric: {mean, spread, n}}} over the seeds present."""
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for result in results:
         for metric in HEADLINE_METRICS:
             if metric in result.get("metrics", {}):
-                values[result["experiment"]][metric].append(float(result["metrics"][metric]))
+                values[result["arm"]][metric].append(float(result["metrics"][metric]))
     table: dict[str, dict[str, dict[str, float]]] = {}
     for experiment, metrics in values.items():
         table[experiment] = {}
@@ -71,21 +54,14 @@ def format_table(table: dict[str, dict[str, dict[str, float]]], profile: str) ->
     return "\n".join([title, *lines])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside the target and rename, so a reader sees the old file or the new, never half."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def summarize_trials(run_dirs: list[Path], out_stem: Path) -> str:
     """Aggregate the finished trials, write `<stem>.md` and `<stem>.json`, return the table."""
-    results = [r for r in (read_results(d) for d in run_dirs) if r is not None]
+    results = [r for r in (RunDir(d).complete_results() for d in run_dirs) if r is not None]
     profiles = sorted({r.get("profile", "?") for r in results}) or ["?"]
     table = aggregate(results)
     text = format_table(table, "/".join(profiles))
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_stem.with_suffix(".md"), text + "\n")
+    atomic.write_text(out_stem.with_suffix(".md"), text + "\n")
     payload = {"profiles": profiles, "trials": len(run_dirs), "complete": len(results), "table": table}
-    write_atomic(out_stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
+    atomic.write_text(out_stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
     return text

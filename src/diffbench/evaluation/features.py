@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from diffbench import atomic
 from diffbench.data.base import split_indices
 from diffbench.data.digits import DigitsDataModule, digits_images
 from diffbench.data.gmm import cache_dir
@@ -178,10 +178,7 @@ def classifier_checkpoint(
             "test_accuracy": test_accuracy,
             "train_seconds": time.perf_counter() - start,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(payload, partial)
-        partial.replace(path)
+        atomic.save_with(path, lambda tmp: torch.save(payload, tmp))
     payload = torch.load(path, map_location="cpu", weights_only=True)
     return ClassifierCheckpoint(path, payload["test_accuracy"], payload["train_seconds"])
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,24 +11,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffbench.collect import ARMS, REFERENCE, Run  # noqa: E402
-from diffbench.stats import Interval  # noqa: E402
+from diffbench import atomic  # noqa: E402
+from diffbench.analysis.collect import ARM_PARTS, ARMS, REFERENCE, Run  # noqa: E402
+from diffbench.analysis.stats import Interval  # noqa: E402
+from diffbench.rundir import RunDir  # noqa: E402
 
-HEAD_COLORS = {"eps": "tab:blue", "x0": "tab:orange", "score": "tab:green"}
+HEAD_COLORS = {"eps": "tab:blue", "x0": "tab:orange", "score": "tab:green", "v": "tab:purple"}
 
 
 def style(arm: str) -> dict:
-    """Colour by head, solid for elbo and dashed for simple, so arms read the same everywhere."""
-    head, _, weighting = arm.partition("_")
+    """Colour by head, solid for elbo and dashed otherwise, so arms read the same everywhere."""
+    head, weighting = ARM_PARTS.get(arm, ("?", "?"))
     return {"color": HEAD_COLORS.get(head, "black"), "linestyle": "-" if weighting == "elbo" else "--"}
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
     """Write through a temporary file so a reader never sees half a PNG."""
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    atomic.save_with(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -40,7 +39,7 @@ def implied_weights(log_snr: np.ndarray, weights: dict[str, np.ndarray], path: P
     for arm in ARMS:
         if arm not in weights:
             continue
-        if arm.endswith("_elbo"):
+        if ARM_PARTS[arm][1] == "elbo":
             if drawn_elbo:
                 continue
             drawn_elbo, label, kw = True, "every *_elbo arm", {"color": "black", "linestyle": "-"}
@@ -109,17 +108,17 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labelled: set[str] = set()
     drawn = False
-    for run in sorted(runs, key=lambda r: (ARMS.index(r.experiment) if r.experiment in ARMS else 99, r.seed)):
+    for run in sorted(runs, key=lambda r: (ARMS.index(r.arm) if r.arm in ARMS else 99, r.seed)):
         if run.directory is None:
             continue
-        series = metric_columns(run.directory / "metrics.csv", names)
+        series = metric_columns(RunDir(run.directory).metrics_csv, names)
         for ax, name in zip(axes, names):
             steps, values = series.get(name, ([], []))
             if steps:
-                label = None if run.experiment in labelled else run.experiment
-                ax.plot(steps, values, label=label, alpha=0.8, **style(run.experiment))
+                label = None if run.arm in labelled else run.arm
+                ax.plot(steps, values, label=label, alpha=0.8, **style(run.arm))
                 drawn = True
-        labelled.add(run.experiment)
+        labelled.add(run.arm)
     if not drawn:
         plt.close(fig)
         return None
@@ -151,7 +150,7 @@ def paired_differences(
                 xerr=[[diff.mean - diff.low], [diff.high - diff.mean]],
                 fmt="o",
                 color=style(arm)["color"],
-                mfc="white" if arm.endswith("_simple") else style(arm)["color"],
+                mfc="white" if ARM_PARTS[arm][1] == "own" else style(arm)["color"],
                 capsize=3,
             )
         low = min(0.0, *(table[arm][metric].low for arm in arms))

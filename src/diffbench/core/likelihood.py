@@ -8,8 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from diffbench.diffusion import Head, NoiseSchedule, VarianceType, elbo_weight, eps_to_x0, to_eps
-from diffbench.diffusion import posterior_mean as q_posterior_mean
+from diffbench.core.diffusion import NoiseSchedule, VarianceType, elbo_eps_weight, eps_to_x0
+from diffbench.core.diffusion import posterior_mean as q_posterior_mean
+from diffbench.core.heads import Head
 
 
 def sum_except_batch(x: Tensor) -> Tensor:
@@ -112,15 +113,16 @@ def elbo_loss_term(
     num_levels: int | None,
     variance: VarianceType = "small",
 ) -> Tensor:
-    """L_{t−1} per example written as the head's own weighted squared error plus the
-    θ-independent variance mismatch; equals `vlb_term` for the implied ε̂ (a test checks)."""
+    """L_{t−1} per example written as the head's own weighted squared error (the ELBO's ε-weight
+    times the head's ε-space factor) plus the θ-independent variance mismatch; equals `vlb_term`
+    for the implied ε̂ (a test checks)."""
     c = schedule.coefficients(t, x0.ndim)
     sigma2 = schedule.at(schedule.reverse_variance(variance), t, x0.ndim)
-    weight = elbo_weight(head, c["beta"], c["alpha"], c["alpha_bar"], c["alpha_bar_prev"], sigma2)
+    weight = elbo_eps_weight(c["beta"], c["alpha"], c["alpha_bar"], sigma2) * head.eps_factor(c["alpha_bar"])
     squared_error = sum_except_batch((target.double() - output.double()) ** 2)
     var_true = schedule.at(schedule.posterior_variance, t, x0.ndim).clamp(min=1e-300)
     mismatch = 0.5 * (sigma2.log() - var_true.log() + var_true / sigma2 - 1)
     kl = weight.flatten() * squared_error + mismatch.flatten() * x0[0].numel()
-    eps_hat = to_eps(head, output.double(), xt.double(), c["alpha_bar"])
+    eps_hat = head.to_eps(output.double(), xt.double(), c["alpha_bar"])
     x0_hat = eps_to_x0(xt.double(), eps_hat, c["alpha_bar"])
     return with_decoder_at_first_step(t, kl, x0.double(), x0_hat, sigma2, num_levels)

@@ -13,9 +13,9 @@ import torchdiffeq
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffbench.diffusion import NoiseSchedule, VarianceType, q_sample
-from diffbench.likelihood import nats_to_bpd, prior_kl, sum_except_batch, vlb_term
-from diffbench.samplers import T_MIN, EpsFn, continuous_eps, probability_flow_drift
+from diffbench.core.diffusion import NoiseSchedule, VarianceType, q_sample
+from diffbench.core.likelihood import nats_to_bpd, prior_kl, sum_except_batch, vlb_term
+from diffbench.sampling.samplers import T_MIN, EpsFn, continuous_eps, probability_flow_drift
 
 # torchdiffeq's adaptive Runge–Kutta solvers: the likelihood is only as good as its tolerance.
 AdaptiveMethod = Literal["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"]
@@ -70,18 +70,6 @@ def stratified_weights(num_timesteps: int, count: int) -> Tensor:
     rest of the first stratum for its draw, a whole stratum for every other draw."""
     width = num_timesteps // count
     return torch.tensor([1.0, width - 1.0] + [float(width)] * (count - 1), dtype=torch.float64)
-
-
-def importance_timesteps(probs: Tensor, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """`batch` timesteps t = 2..T with P(t) = probs[t − 2], and those probabilities. Inverse CDF of
-    evenly spread uniforms (U + π(i)/B) mod 1: each draw has exactly that marginal, and every
-    stretch of the distribution gets its share of the batch to within one draw."""
-    device = generator.device
-    offset = torch.rand(1, generator=generator, dtype=torch.float64, device=device)
-    order = torch.randperm(batch, generator=generator, device=device).double()
-    cdf = torch.cumsum(probs.double().to(device), 0)
-    index = torch.searchsorted(cdf, (offset + order / batch) % 1, right=True).clamp(max=len(probs) - 1)
-    return index + 2, probs.to(device)[index]
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""Training, EMA and validation for every arm; the ε-, x0- and score-prediction modules differ
-only in what the network regresses on and how its output converts to ε̂."""
+"""Training, EMA and validation for every arm: one LightningModule whose head and weighting are
+constructor arguments (objects from `diffbench.core`)."""
 
 from __future__ import annotations
 
@@ -10,23 +10,22 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from diffbench import diffusion
-from diffbench.diffusion import Head, NoiseSchedule, VarianceType
-from diffbench.likelihood import elbo_loss_term, nats_to_bpd, prior_kl, vlb_term
-from diffbench.nll import importance_timesteps, vlb_bpd
-
-WEIGHTINGS = ("simple", "elbo")
+from diffbench.core import diffusion
+from diffbench.core.diffusion import NoiseSchedule, VarianceType
+from diffbench.core.heads import Denoiser, get_head
+from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
+from diffbench.core.weightings import LossInputs, get_weighting, importance_timesteps
+from diffbench.sampling.nll import vlb_bpd
 
 
 class DiffusionModule(L.LightningModule):
-    """One arm: a head (set by the subclass) trained with `weighting` ∈ {simple, elbo}."""
-
-    head: Head
+    """One arm: a head (how the output becomes ε̂) trained with a weighting (how much each t counts)."""
 
     def __init__(
         self,
         net: nn.Module,
-        weighting: str = "simple",
+        head: str = "eps",
+        weighting: str = "own",
         schedule: str = "linear",
         num_timesteps: int = 1000,
         variance: VarianceType = "small",
@@ -39,84 +38,51 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"objective.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         self.save_hyperparameters(ignore=["net"])
+        self.head = get_head(head)
+        self.weighting = get_weighting(weighting)
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
         self.schedule = NoiseSchedule(schedule, num_timesteps)
         self.num_timesteps = num_timesteps
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
             self.ema.to(memory_format=torch.channels_last)
         if compile:
             self.net.compile()
             self.ema.compile()
+        self.online = Denoiser(self.net, self.head, self.schedule, memory_format)
+        self.denoiser = Denoiser(self.ema, self.head, self.schedule, memory_format)
+        """The EMA network read through the head: what samplers, likelihoods and metrics use."""
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "eps_mse", "vlb_bpd")})
 
-    def target(self, x0: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
-        """What the network output is regressed on."""
-        return diffusion.head_target(self.head, x0, eps, alpha_bar)
-
-    def output_to_eps(self, output: Tensor, xt: Tensor, alpha_bar: Tensor) -> Tensor:
-        """The ε̂ implied by the network's raw output."""
-        return diffusion.to_eps(self.head, output, xt, alpha_bar)
-
-    def network_output(self, xt: Tensor, t: Tensor, use_ema: bool = False) -> Tensor:
-        net = self.ema if use_ema else self.net
-        dtype = next(net.parameters()).dtype
-        xt = xt.to(dtype).contiguous(memory_format=self.memory_format)
-        return net(xt, t.to(dtype)).float()
-
-    def eps_hat(self, xt: Tensor, t: Tensor, use_ema: bool = True) -> Tensor:
-        """ε̂(x_t, t) for samplers and metrics, whatever the head; t may be fractional. Grad mode
-        is the caller's: the ODE likelihood differentiates through it."""
-        output = self.network_output(xt, t, use_ema)
-        alpha_bar = self.alpha_bar_at(t, xt.ndim)
-        return self.output_to_eps(output.double(), xt.double(), alpha_bar).to(xt.dtype)
-
-    def x0_hat(self, xt: Tensor, t: Tensor, use_ema: bool = True) -> Tensor:
-        alpha_bar = self.alpha_bar_at(t, xt.ndim)
-        return diffusion.eps_to_x0(xt.double(), self.eps_hat(xt, t, use_ema).double(), alpha_bar).to(xt.dtype)
-
-    def score_hat(self, xt: Tensor, t: Tensor, use_ema: bool = True) -> Tensor:
-        alpha_bar = self.alpha_bar_at(t, xt.ndim)
-        return diffusion.eps_to_score(self.eps_hat(xt, t, use_ema).double(), alpha_bar).to(xt.dtype)
-
-    def alpha_bar_at(self, t: Tensor, ndim: int) -> Tensor:
-        """ᾱ at integer or fractional t, shaped to broadcast against the data."""
-        return self.schedule.alpha_bar_continuous(t).reshape(-1, *([1] * (ndim - 1)))
-
-    def loss_terms(self, x0: Tensor, t: Tensor, eps: Tensor, use_ema: bool = False) -> dict[str, Tensor]:
-        """Per-example own loss, ε-space squared error and one-sample VLB estimate (bits/dim)."""
+    def loss_terms(
+        self, x0: Tensor, t: Tensor, eps: Tensor, terms_per_draw: Tensor | int, use_ema: bool = False
+    ) -> dict[str, Tensor]:
+        """Per-example loss of the arm's weighting, ε-space squared error and one-sample VLB
+        estimate (bits/dim)."""
         alpha_bar = self.schedule.at(self.schedule.alphas_cumprod, t, x0.ndim)
         xt = diffusion.q_sample(x0.double(), eps.double(), alpha_bar).float()
-        output = self.network_output(xt, t, use_ema)
-        target = self.target(x0.double(), eps.double(), alpha_bar)
+        output = (self.denoiser if use_ema else self.online).output(xt, t)
+        target = self.head.target(x0.double(), eps.double(), alpha_bar)
         num_dims = x0[0].numel()
-        eps_hat = self.output_to_eps(output.double(), xt.double(), alpha_bar)
+        eps_hat = self.head.to_eps(output.double(), xt.double(), alpha_bar)
         levels = self.hparams.num_levels
         variance = self.hparams.variance
         vlb_nats = self.num_timesteps * vlb_term(self.schedule, x0, xt, t, eps_hat, levels, variance)
         vlb_bpd = nats_to_bpd(vlb_nats + prior_kl(self.schedule, x0), num_dims)
-        if self.hparams.weighting == "elbo":
-            term = elbo_loss_term(self.head, self.schedule, output, target, x0, xt, t, levels, variance)
-            loss = nats_to_bpd(self.num_timesteps * term + prior_kl(self.schedule, x0), num_dims)
-        else:
-            loss = (output.double() - target).pow(2).flatten(1).mean(1)
+        batch = LossInputs(x0, xt, t, output, target, terms_per_draw, levels, variance)
+        loss = self.weighting.loss(self.head, self.schedule, batch)
         eps_mse = (eps_hat - eps.double()).pow(2).flatten(1).mean(1)
         return {"loss": loss, "eps_mse": eps_mse, "vlb_bpd": vlb_bpd}
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randint(
-            1, self.num_timesteps + 1, (batch_size,), device=self.device, generator=generator
-        )
-
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x0 = batch[0]
-        t = self.sample_timesteps(len(x0))
-        terms = self.loss_terms(x0, t, torch.randn_like(x0))
+        t, terms_per_draw = self.weighting.sample_timesteps(
+            self.schedule, len(x0), self.device, self.hparams.variance
+        )
+        terms = self.loss_terms(x0, t, torch.randn_like(x0), terms_per_draw)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/eps_mse", terms["eps_mse"].mean())
@@ -138,7 +104,7 @@ class DiffusionModule(L.LightningModule):
         probability p(t): unbiased for the whole bound, the decoder L_0 evaluated for every image."""
         first = torch.ones_like(t)
         return vlb_bpd(
-            self.eps_hat,
+            self.denoiser,
             self.schedule,
             x0,
             self.hparams.num_levels,
@@ -155,13 +121,14 @@ class DiffusionModule(L.LightningModule):
         uniform t makes the estimate heavy-tailed (a few small-t draws dominate it)."""
         x0 = batch[0]
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        t = self.sample_timesteps(len(x0), generator)
+        t = torch.randint(1, self.num_timesteps + 1, (len(x0),), device=self.device, generator=generator)
         eps = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
-        terms = self.loss_terms(x0, t, eps, use_ema=True)
-        proposal = diffusion.implied_eps_weight(self.schedule, "eps", "elbo", self.hparams.variance)
+        terms = self.loss_terms(x0, t, eps, self.num_timesteps, use_ema=True)
+        steps = torch.arange(2, self.num_timesteps + 1, device=self.device)
+        proposal = get_weighting("elbo").eps_weight(self.head, self.schedule, steps, self.hparams.variance)
         t_vlb, prob = importance_timesteps(proposal / proposal.sum(), len(x0), generator)
         terms["vlb_bpd"] = self.vlb_estimate_bpd(x0, t_vlb, prob, generator)
-        if self.hparams.weighting == "elbo":
+        if self.weighting.is_bound:
             terms["loss"] = terms["vlb_bpd"]
         for name, metric in self.val_metrics.items():
             metric.update(terms[name].float())
@@ -178,28 +145,3 @@ class DiffusionModule(L.LightningModule):
         warmup = max(1, self.hparams.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-class EpsPrediction(DiffusionModule):
-    """Predicts the noise ε (DDPM)."""
-
-    head = "eps"
-
-
-class X0Prediction(DiffusionModule):
-    """Predicts the clean image x0."""
-
-    head = "x0"
-
-
-class ScorePrediction(DiffusionModule):
-    """Predicts the score ∇log q_t(x_t) directly."""
-
-    head = "score"
-
-
-MODULES: dict[str, type[DiffusionModule]] = {
-    "eps": EpsPrediction,
-    "x0": X0Prediction,
-    "score": ScorePrediction,
-}

@@ -1,5 +1,5 @@
-"""The discrete DDPM process in one place: schedules, marginals, posterior, head conversions
-and loss weights (shared/DESIGN.md is the specification).
+"""The discrete DDPM process in one place: schedules, marginals, posterior and the exact
+conversions between ε, x0, score and v (docs/math.md is the specification).
 
 Timesteps run t = 1..T and every table is indexed by t directly: entry 0 holds t = 0
 (ᾱ_0 = 1, β_0 = 0), so code reads like the formulas. Coefficients are float64.
@@ -13,8 +13,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-Head = Literal["eps", "x0", "score"]
-HEADS: tuple[Head, ...] = ("eps", "x0", "score")
 VarianceType = Literal["small", "large"]
 
 
@@ -141,58 +139,17 @@ def score_to_eps(score: Tensor, alpha_bar: Tensor) -> Tensor:
     return -(1 - alpha_bar).sqrt() * score
 
 
-def to_eps(head: Head, output: Tensor, xt: Tensor, alpha_bar: Tensor) -> Tensor:
-    """The ε̂ implied by a head's raw output, so everything downstream is head-agnostic."""
-    if head == "eps":
-        return output
-    if head == "x0":
-        return x0_to_eps(xt, output, alpha_bar)
-    return score_to_eps(output, alpha_bar)
+def v_target(x0: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    """v = √ᾱ ε − √(1 − ᾱ) x0 (Salimans & Ho 2022): the velocity of x_t along the circle in (x0, ε)."""
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
 
 
-def head_target(head: Head, x0: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
-    """What each head regresses on: ε, x0, or the conditional score −ε/√(1 − ᾱ)."""
-    if head == "eps":
-        return eps
-    if head == "x0":
-        return x0
-    return eps_to_score(eps, alpha_bar)
+def v_to_eps(xt: Tensor, v: Tensor, alpha_bar: Tensor) -> Tensor:
+    """ε̂ = √ᾱ v̂ + √(1 − ᾱ) x_t, exact since x_t = √ᾱ x0 + √(1 − ᾱ) ε."""
+    return alpha_bar.sqrt() * v + (1 - alpha_bar).sqrt() * xt
 
 
-def elbo_weight(
-    head: Head,
-    beta: Tensor,
-    alpha: Tensor,
-    alpha_bar: Tensor,
-    alpha_bar_prev: Tensor,
-    sigma2: Tensor,
-) -> Tensor:
-    """w_t with L_{t−1} = w_t ‖target − prediction‖² + const, in the head's own space (t ≥ 2)."""
-    if head == "eps":
-        return beta**2 / (2 * sigma2 * alpha * (1 - alpha_bar))
-    if head == "x0":
-        return alpha_bar_prev * beta**2 / (2 * sigma2 * (1 - alpha_bar) ** 2)
-    return beta**2 / (2 * sigma2 * alpha)
-
-
-def simple_weight_in_eps_space(head: Head, alpha_bar: Tensor) -> Tensor:
-    """Weight that a head's unweighted MSE puts on ‖ε − ε̂‖²: 1, 1/SNR or 1/(1 − ᾱ)."""
-    if head == "eps":
-        return torch.ones_like(alpha_bar)
-    if head == "x0":
-        return 1 / snr(alpha_bar)
-    return 1 / (1 - alpha_bar)
-
-
-def implied_eps_weight(
-    schedule: NoiseSchedule, head: Head, weighting: str, variance: VarianceType = "small"
-) -> Tensor:
-    """The weight an arm's loss puts on ‖ε − ε̂‖² at t = 2..T. Every head's ELBO is the same
-    function of the implied ε̂, so all elbo arms share the ε-head's ELBO weight."""
-    alpha_bar = schedule.alphas_cumprod[2:]
-    if weighting == "simple":
-        return simple_weight_in_eps_space(head, alpha_bar)
-    sigma2 = schedule.reverse_variance(variance)[2:]
-    return elbo_weight(
-        "eps", schedule.betas[2:], schedule.alphas[2:], alpha_bar, schedule.alphas_cumprod_prev[2:], sigma2
-    )
+def elbo_eps_weight(beta: Tensor, alpha: Tensor, alpha_bar: Tensor, sigma2: Tensor) -> Tensor:
+    """The ELBO's weight on ‖ε − ε̂‖² (t ≥ 2): L_{t−1} = w ‖ε − ε̂‖² + const, any σ_t²; with
+    σ_t² = β̃_t it is ½(SNR_{t−1}/SNR_t − 1). Every head's ELBO is this times its ε-space factor."""
+    return beta**2 / (2 * sigma2 * alpha * (1 - alpha_bar))

@@ -1,0 +1,1 @@
+"""Reading finished runs: collection into comparable groups, statistics, claims, figures, the report."""

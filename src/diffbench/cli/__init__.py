@@ -1,0 +1,1 @@
+"""The commands: run, evaluate, sweep, report, dashboard, bench (thin; `python -m diffbench.<name>`)."""

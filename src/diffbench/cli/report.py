@@ -1,0 +1,51 @@
+"""`python -m diffbench.report`: the verdict on each claim from the finished runs, as a
+self-contained HTML page, a Markdown summary, PNG figures and a JSON file per group."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diffbench.analysis.collect import by_group, from_wandb, scan
+from diffbench.analysis.report import REPORT_HTML, build_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffbench.report", description=__doc__)
+    parser.add_argument("--runs", default="runs", help="folder searched for run directories (default: runs)")
+    parser.add_argument("--out", default=None, help="where reports go (default: <runs>/report)")
+    parser.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT", help="read finished runs from W&B")
+    options = parser.parse_args(argv)
+    root = Path(options.runs)
+    out = Path(options.out) if options.out else root / "report"
+    if options.wandb:
+        runs, incomplete = from_wandb(options.wandb)
+    elif not root.is_dir():
+        print(
+            f"diffbench.report: no run folder {root}/. Train first (make sweep OBJ=all or "
+            "python -m diffbench.run experiment=eps_simple), or point --runs at a folder of runs.",
+            file=sys.stderr,
+        )
+        return 2
+    else:
+        runs, incomplete = scan(root)
+    groups = by_group(runs, incomplete)
+    if not groups:
+        print(
+            f"diffbench.report: found no run directories under {root}/ (a run directory holds "
+            "config.yaml and, once finished, results.json). Train first with make sweep OBJ=all.",
+            file=sys.stderr,
+        )
+        return 2
+    for group, (group_runs, group_incomplete) in sorted(groups.items()):
+        payload = build_report(group, group_runs, group_incomplete, out / group)
+        print(f"[report] {group}: {len(group_runs)} finished runs, {len(group_incomplete)} incomplete")
+        for claim in payload["claims"]:
+            print(f"[report]   claim {claim['number']}: {claim['verdict']:<12} {claim['title']}")
+        print(f"[report]   {out / group / REPORT_HTML} (and report.md, report.json, figures/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""`python -m diffbench.run experiment=eps_simple [key=value …]`: train one arm, draw a sample
+grid, and leave a run directory with config, checkpoints, metrics CSV and results.json."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import wandb
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig
+
+from diffbench.config import ConfigError, compose
+from diffbench.core.heads import HEADS
+from diffbench.core.unet import count_parameters
+from diffbench.core.weightings import WEIGHTINGS
+from diffbench.data.vision import DatasetMissingError
+from diffbench.evaluation.evaluate import evaluate
+from diffbench.evaluation.fidelity import (
+    INCEPTION_DATASETS,
+    InceptionWeightsMissingError,
+    resolve_inception_weights,
+)
+from diffbench.evaluation.plots import save_grid
+from diffbench.rundir import (
+    COMPLETE,
+    CURVES,
+    IMAGES,
+    SAMPLE_GRID,
+    RunDir,
+    arm_label,
+    config_hash,
+    make_run_dir,
+)
+from diffbench.sampling.samplers import ddpm_ancestral
+from diffbench.train.build import build_datamodule, build_module, build_trainer
+from diffbench.train.callbacks import keep_previous_metrics
+from diffbench.train.module import DiffusionModule
+
+
+def completed_results(run_dir: RunDir, cfg: DictConfig) -> dict | None:
+    """The results of a finished run of this very config in `run_dir`, if there are any."""
+    results = run_dir.complete_results()
+    return results if results is not None and results.get("config_hash") == config_hash(cfg) else None
+
+
+def draw_samples(cfg: DictConfig, module: DiffusionModule, path: Path, shape: tuple[int, ...]) -> dict:
+    """A grid from the EMA model with DDPM's plain ancestral sampler over all T steps."""
+    generator = torch.Generator(device=module.device).manual_seed(cfg.seed)
+    start = time.perf_counter()
+    samples = ddpm_ancestral(
+        module.denoiser,
+        module.schedule,
+        (cfg.sample.num_images, *shape),
+        generator,
+        variance=cfg.sample.variance,
+        progress=True,
+    )
+    save_grid(samples, path, nrow=math.ceil(cfg.sample.num_images**0.5))
+    return {
+        "file": path.name,
+        "sampler": "ancestral",
+        "steps": module.num_timesteps,
+        "num_images": cfg.sample.num_images,
+        "variance": cfg.sample.variance,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit one arm, evaluate it, and return what `results.json` records (rank zero)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    run_dir = RunDir(make_run_dir(cfg))
+    done = completed_results(run_dir, cfg)
+    if done:
+        print(f"[diffbench] {cfg.experiment} seed {cfg.seed}: already complete in {run_dir.path}; skipping")
+        return done
+    datamodule.train_samples = cfg.trainer.max_steps * cfg.data.batch_size
+    module = build_module(cfg, datamodule.num_levels)
+    trainer = build_trainer(cfg, run_dir.path)
+    num_params = count_parameters(module.net)
+    if trainer.is_global_zero:
+        run_dir.write_config(cfg)
+        print(
+            f"[diffbench] {cfg.experiment}: U-Net with {num_params:,} parameters; "
+            f"run directory {run_dir.path}"
+        )
+    last = run_dir.latest_checkpoint()
+    if last and trainer.is_global_zero:
+        print(f"[diffbench] resuming the interrupted run from {last}")
+        resume_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+        keep_previous_metrics(trainer.loggers[1], run_dir.metrics_csv, resume_step)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"num_params": num_params})
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
+    train_seconds = time.perf_counter() - start
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    module.to(trainer.strategy.root_device)
+    evaluation, eval_seconds = (
+        evaluate(module.denoiser, datamodule, cfg, run_dir) if cfg.eval.enabled else (None, 0.0)
+    )
+    if not trainer.is_global_zero:
+        return {}
+    shape = datamodule.image_shape
+    grid = draw_samples(cfg, module, run_dir / SAMPLE_GRID, shape) if cfg.sample.num_images else None
+    head, weighting = cfg.objective.head, cfg.objective.weighting
+    results = {
+        "status": COMPLETE,
+        "experiment": cfg.experiment,
+        "arm": arm_label(head, weighting),
+        "head": head,
+        "weighting": weighting,
+        "profile": cfg.profile,
+        "config_hash": config_hash(cfg),
+        "seed": cfg.seed,
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "num_params": num_params,
+        "steps": trainer.global_step,
+        "train_wall_time_s": round(train_seconds, 2),
+        "eval_wall_time_s": eval_seconds,
+        "metrics": {
+            **{key: float(value) for key, value in final.items()},
+            **(evaluation.metrics if evaluation else {}),
+        },
+        "evaluation": evaluation.settings if evaluation else {},
+        "samples": grid,
+        "run_dir": str(run_dir.path),
+    }
+    log_to_wandb(trainer.loggers[0], results, run_dir, trainer.global_step)
+    run_dir.write_results(results)
+    trainer.loggers[0].experiment.finish()
+    print_summary(results)
+    return results
+
+
+def log_to_wandb(logger: WandbLogger, results: dict, run_dir: RunDir, step: int) -> None:
+    """Final metrics as the run's summary (what W&B's runs table and grouping by `arm`
+    aggregate), the per-t curves as tables and the images."""
+    run = logger.experiment
+    for key in results["metrics"]:
+        run.define_metric(f"final/{key}", summary="last")
+    run.summary.update({f"final/{k}": v for k, v in results["metrics"].items()})
+    run.summary.update({"seed": results["seed"], "num_params": results["num_params"]})
+    for curve in CURVES:
+        if (values := run_dir.read_curve(curve)) is not None:
+            table = wandb.Table(columns=list(curve.columns), data=[list(row) for row in zip(*values)])
+            run.log({f"curves/{curve.name}": table})
+    for name in IMAGES:
+        if (run_dir / name).is_file():
+            logger.log_image(key=media_key(name), images=[str(run_dir / name)], step=step)
+
+
+def print_summary(results: dict) -> None:
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(results["metrics"].items()))
+    print(
+        f"\n[diffbench] {results['arm']} ({results['head']} head, {results['weighting']} weighting) "
+        f"seed {results['seed']}: "
+        f"{results['steps']} steps in {results['train_wall_time_s']:.0f} s\n"
+        f"[diffbench] final {metrics}\n"
+        f"[diffbench] results in {results['run_dir']}/results.json (sample grids and curves beside it)"
+    )
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Catch settings that would only fail after training."""
+    T, K = cfg.diffusion.num_timesteps, cfg.eval.vlb_timesteps
+    if K and (2 * K > T or T % K):
+        raise ConfigError(
+            f"eval.vlb_timesteps={K} must divide diffusion.num_timesteps={T} into strata of at least "
+            "two steps (or be 0 for all T terms)."
+        )
+    head, weighting = cfg.objective.head, cfg.objective.weighting
+    if head not in HEADS:
+        raise ConfigError(f"head={head!r} is not a head; choose one of {', '.join(HEADS)} (e.g. head=eps).")
+    if weighting == "simple":
+        raise ConfigError(
+            "weighting=simple is now called weighting=own (the head's own unweighted MSE); "
+            "the eps_simple, x0_simple and score_simple presets keep their names."
+        )
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(
+            f"weighting={weighting!r} is not a weighting; choose one of {', '.join(WEIGHTINGS)} "
+            "(docs/math.md lists what each one weighs)."
+        )
+    if cfg.eval.enabled and cfg.data.name in INCEPTION_DATASETS:
+        resolve_inception_weights(cfg.eval.inception_weights)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = compose(args)
+        check_settings(cfg)
+        train(cfg)
+    except (ConfigError, DatasetMissingError, InceptionWeightsMissingError) as error:
+        print(f"diffbench.run: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation of a trained denoiser: NLLs, sample-quality metrics, ground truth on gmm, pictures."""

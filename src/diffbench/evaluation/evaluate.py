@@ -1,0 +1,299 @@
+"""Evaluation that makes the arms comparable: NLL as the discrete VLB and through the
+probability-flow ODE, sample-quality metrics, x̂0 trajectories, and on `gmm` the ground truth.
+
+`python -m diffbench.evaluate run_dir=… [sampler=ddim steps=100 …]` evaluates a finished run
+again; `diffbench.run` calls `evaluate` after training. Every metric is recorded with the
+settings (sampler, steps, sample count, timesteps) that produced it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from diffbench.core.diffusion import VarianceType, q_sample
+from diffbench.core.heads import Denoiser
+from diffbench.data.base import ArrayDataModule
+from diffbench.evaluation import groundtruth
+from diffbench.evaluation.distributed import gather_rows, generator_for, world
+from diffbench.evaluation.fidelity import sample_quality
+from diffbench.evaluation.plots import plot_curve, save_grid
+from diffbench.rundir import EPS_MSE_BY_T, EPS_STAR_DISTANCE, VLB_TERMS, X0_TRAJECTORY, RunDir, sample_grid
+from diffbench.sampling import nll, samplers
+
+EXTRACTOR_FIELDS = {"classifier_test_accuracy"}
+"""Numbers about the feature extractor, recorded with the settings rather than as metrics."""
+
+
+@dataclass
+class Evaluation:
+    """What an evaluation measured (`metrics`, finite floats) and how (`settings`, per metric
+    family: sampler, steps, sample count, timesteps, wall time), kept apart from the start."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, metrics: dict[str, float], settings: dict[str, dict] | None = None) -> None:
+        self.metrics.update({k: float(v) for k, v in metrics.items()})
+        self.settings.update(settings or {})
+
+
+def evaluate_vlb(
+    denoiser: Denoiser,
+    x0: Tensor,
+    cfg: DictConfig,
+    num_levels: int | None,
+    variance: VarianceType,
+    seed: int,
+    out: RunDir,
+) -> Evaluation:
+    """nll_vlb_bpd over the evaluation images: all T terms, or a stratified estimate."""
+    rank, size = world()
+    generator = generator_for(seed, 1, denoiser.device)
+    num_timesteps = denoiser.schedule.num_timesteps
+    timesteps = weights = None
+    shard = x0[rank::size].to(denoiser.device)
+    if cfg.vlb_timesteps:
+        timesteps = nll.stratified_timesteps(num_timesteps, cfg.vlb_timesteps, generator, batch=len(shard))
+        weights = nll.stratified_weights(num_timesteps, cfg.vlb_timesteps)
+    start = time.perf_counter()
+    result = nll.vlb_bpd(
+        denoiser,
+        denoiser.schedule,
+        shard,
+        num_levels,
+        generator,
+        variance=variance,
+        timesteps=timesteps,
+        batch_timesteps=cfg.vlb_batch_timesteps,
+        progress=rank == 0,
+        weights=weights,
+    )
+    totals = gather_rows(result.total_bpd.cpu(), len(x0))
+    terms = gather_rows(result.terms_bpd.cpu(), len(x0)).mean(0)
+    mean, stderr = nll.mean_and_stderr(totals)
+    steps = result.timesteps.cpu().double()
+    if steps.ndim == 2:
+        steps = gather_rows(steps, len(x0)).mean(0)
+    if rank == 0:
+        out.write_curve(VLB_TERMS, steps.tolist(), terms.tolist())
+        plot_curve(steps, terms, out / VLB_TERMS.png, VLB_TERMS, logy=True)
+    settings = {
+        "timesteps": "all"
+        if timesteps is None
+        else f"stratified-{cfg.vlb_timesteps}, drawn per image, plus the decoder term (t = 1)",
+        "variance": variance,
+        "num_images": len(x0),
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    return Evaluation({"nll_vlb_bpd": mean, "nll_vlb_bpd_stderr": stderr}, {"nll_vlb_settings": settings})
+
+
+def evaluate_eps_profile(denoiser: Denoiser, x0: Tensor, cfg: DictConfig, seed: int, out: RunDir) -> None:
+    """Mean ‖ε − ε̂‖²/D at `profile_timesteps` log-spaced t: the measured counterpart of each
+    arm's implied ε-space weight (rank zero, first 256 images)."""
+    device, schedule = denoiser.device, denoiser.schedule
+    x0 = x0[:256].to(device)
+    T = schedule.num_timesteps
+    steps = torch.unique(
+        torch.logspace(0, torch.log10(torch.tensor(float(T))), cfg.profile_timesteps).round().long()
+    )
+    generator = generator_for(seed, 6, device)
+    errors = []
+    with torch.no_grad():
+        for step in steps.tolist():
+            t = torch.full((len(x0),), step, device=device, dtype=torch.long)
+            eps = torch.randn(x0.shape, generator=generator, device=device)
+            alpha_bar = schedule.at(schedule.alphas_cumprod, t, x0.ndim)
+            xt = q_sample(x0.double(), eps.double(), alpha_bar).float()
+            errors.append(float((denoiser(xt, t) - eps).pow(2).mean()))
+    out.write_curve(EPS_MSE_BY_T, steps.tolist(), errors)
+
+
+def evaluate_ode(
+    denoiser: Denoiser, x0: Tensor, cfg: DictConfig, num_levels: int | None, seed: int
+) -> Evaluation:
+    """nll_ode_bpd on the first `ode_images` evaluation images."""
+    rank, size = world()
+    x0 = x0[: cfg.ode_images]
+    start = time.perf_counter()
+    result = nll.ode_nll_bpd(
+        denoiser,
+        denoiser.schedule,
+        x0[rank::size].to(denoiser.device),
+        num_levels,
+        generator_for(seed, 2, denoiser.device),
+        rtol=cfg.ode_rtol,
+        atol=cfg.ode_atol,
+        progress=rank == 0,
+    )
+    mean, stderr = nll.mean_and_stderr(gather_rows(result.bpd.cpu(), len(x0)))
+    settings = {
+        "rtol": cfg.ode_rtol,
+        "atol": cfg.ode_atol,
+        "num_images": len(x0),
+        "nfe": result.nfe,
+        "dequantization": "uniform" if num_levels else "none (continuous data)",
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    return Evaluation({"nll_ode_bpd": mean, "nll_ode_bpd_stderr": stderr}, {"nll_ode_settings": settings})
+
+
+def sampler_settings(cfg: DictConfig, ancestral_variance: VarianceType) -> dict:
+    """Keyword settings of the configured sampler, as recorded beside its metrics."""
+    if cfg.sampler == "ancestral":
+        return {"steps": cfg.sampler_steps or None, "variance": ancestral_variance}
+    if cfg.sampler == "ddim":
+        return {"steps": cfg.sampler_steps, "eta": cfg.ddim_eta}
+    if cfg.sampler == "sde":
+        return {"steps": cfg.sampler_steps}
+    return {"method": cfg.ode_method, "steps": cfg.sampler_steps, "rtol": cfg.ode_rtol, "atol": cfg.ode_atol}
+
+
+def draw(
+    denoiser: Denoiser, cfg: DictConfig, settings: dict, shape: tuple[int, ...], seed: int
+) -> tuple[Tensor, int]:
+    """`num_samples` samples split across ranks (rank r draws r, r + W, …), each rank with its
+    own generator; gathered so every sample exists exactly once."""
+    rank, size = world()
+    count = len(range(rank, cfg.num_samples, size))
+    generator = generator_for(seed, 3, denoiser.device)
+    pieces, nfe = [], 0
+    for start in range(0, count, cfg.sample_batch_size):
+        n = min(cfg.sample_batch_size, count - start)
+        result = samplers.sample(
+            cfg.sampler,
+            denoiser,
+            denoiser.schedule,
+            (n, *shape),
+            generator,
+            **settings,
+            progress=rank == 0,
+        )
+        pieces.append(result.samples.cpu())
+        nfe += result.nfe
+    local = torch.cat(pieces) if pieces else torch.empty((0, *shape))
+    return gather_rows(local, cfg.num_samples), nfe
+
+
+def evaluate_samples(
+    denoiser: Denoiser,
+    datamodule: ArrayDataModule,
+    cfg: DictConfig,
+    ancestral_variance: VarianceType,
+    seed: int,
+    out: RunDir,
+    data_name: str,
+) -> tuple[Evaluation, Tensor]:
+    start = time.perf_counter()
+    settings = sampler_settings(cfg, ancestral_variance)
+    samples, nfe = draw(denoiser, cfg, settings, datamodule.image_shape, seed)
+    seconds = time.perf_counter() - start
+    record = {
+        "sampler": cfg.sampler,
+        **settings,
+        "num_samples": len(samples),
+        "nfe_per_batch": nfe,
+        "wall_time_s": round(seconds, 2),
+    }
+    if world()[0] != 0:
+        return Evaluation(), samples
+    save_grid(samples[:64], out / sample_grid(cfg.sampler), nrow=8)
+    reference = datamodule.split(cfg.reference_split)
+    quality = sample_quality(
+        samples,
+        reference,
+        dataset=data_name,
+        num_levels=datamodule.num_levels,
+        inception_weights=cfg.inception_weights,
+        data_root=getattr(datamodule, "root", "data"),
+    )
+    metrics = {k: v for k, v in quality.items() if isinstance(v, float) and k not in EXTRACTOR_FIELDS}
+    record.update({k: v for k, v in quality.items() if k not in metrics})
+    record["reference"] = f"{cfg.reference_split} split ({len(reference)} images)"
+    return Evaluation(metrics, {"sample_settings": record}), samples
+
+
+def evaluate_trajectory(
+    denoiser: Denoiser,
+    cfg: DictConfig,
+    variance: VarianceType,
+    shape: tuple[int, ...],
+    seed: int,
+    out: RunDir,
+) -> None:
+    """Rows: images; columns: the model's x̂0 from t = T (left) to t = 1 (right)."""
+    trajectory = samplers.x0_trajectory(
+        denoiser,
+        denoiser.schedule,
+        (cfg.trajectory_images, *shape),
+        generator_for(seed, 4, denoiser.device),
+        num_snapshots=10,
+        variance=variance,
+        steps=cfg.trajectory_steps or None,
+    )
+    grid = trajectory.x0_hats.transpose(0, 1).reshape(-1, *shape)
+    save_grid(grid, out / X0_TRAJECTORY, nrow=trajectory.x0_hats.shape[0])
+
+
+def evaluate_groundtruth(
+    denoiser: Denoiser,
+    datamodule: ArrayDataModule,
+    x0: Tensor,
+    samples: Tensor,
+    cfg: DictConfig,
+    seed: int,
+    out: RunDir,
+) -> Evaluation:
+    """gmm only: exact NLL, distance of the implied ε̂ to the optimal ε* per t, and how likely
+    the samples are under the true density."""
+    mixture = datamodule.mixture
+    device = denoiser.device
+    num_timesteps = denoiser.schedule.num_timesteps
+    timesteps = torch.linspace(1, num_timesteps, cfg.gmm_timesteps).round().long().to(device)
+    distance = groundtruth.eps_star_distance(
+        denoiser, mixture, denoiser.schedule, x0.to(device), timesteps, generator_for(seed, 5, device)
+    )
+    out.write_curve(EPS_STAR_DISTANCE, timesteps.cpu().tolist(), distance.cpu().tolist())
+    plot_curve(timesteps, distance, out / EPS_STAR_DISTANCE.png, EPS_STAR_DISTANCE, logy=True)
+    exact = groundtruth.exact_nll_bpd(mixture, x0)
+    mean, stderr = nll.mean_and_stderr(exact)
+    return Evaluation(
+        {
+            "nll_exact_bpd": mean,
+            "nll_exact_bpd_stderr": stderr,
+            "eps_star_mse": float(distance.mean()),
+            "sample_true_nll_bpd": groundtruth.sample_log_density_bpd(mixture, samples),
+        }
+    )
+
+
+def evaluate(
+    denoiser: Denoiser, datamodule: ArrayDataModule, cfg: DictConfig, out: RunDir
+) -> tuple[Evaluation, float]:
+    """Every evaluation the config asks for: metrics (complete on rank zero) with their settings,
+    and the wall time it took."""
+    ev = cfg.eval
+    denoiser.net.eval()
+    x0 = datamodule.split(ev.split)
+    if ev.num_images:
+        x0 = x0[: ev.num_images]
+    levels = datamodule.num_levels
+    start = time.perf_counter()
+    result = evaluate_vlb(denoiser, x0, ev, levels, cfg.diffusion.variance, cfg.seed, out)
+    if ev.ode_images:
+        result.add(**vars(evaluate_ode(denoiser, x0, ev, levels, cfg.seed)))
+    quality, samples = evaluate_samples(
+        denoiser, datamodule, ev, cfg.sample.variance, cfg.seed, out, cfg.data.name
+    )
+    result.add(**vars(quality))
+    if world()[0] == 0:
+        evaluate_eps_profile(denoiser, x0, ev, cfg.seed, out)
+        if ev.trajectory_images:
+            evaluate_trajectory(denoiser, ev, cfg.sample.variance, datamodule.image_shape, cfg.seed, out)
+        if hasattr(datamodule, "mixture"):
+            result.add(**vars(evaluate_groundtruth(denoiser, datamodule, x0, samples, ev, cfg.seed, out)))
+    return result, round(time.perf_counter() - start, 2)

@@ -1,0 +1,262 @@
+"""The run-directory contract: the one module that spells file names, the `results.json` schema
+and its version, the metric registry and where a run or a sweep trial lives. Training, evaluation,
+the report, the summary, the dashboard, the sweep and the tests all read and write through it.
+
+A run directory holds:
+    config.yaml          the resolved config (written before training)
+    metrics.csv          Lightning's CSV log (train/*, val/* against step)
+    checkpoints/         step*.ckpt and last.ckpt
+    results.json         written last, atomically; `status` says whether the run is complete
+    *.csv, *.png         per-t curves and image grids of the evaluation (CURVES, IMAGES)
+    sweep.log            a sweep trial's output when trials run in parallel
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from diffbench import atomic
+
+SCHEMA_VERSION = 2
+"""2: `head`, `weighting` ("own" for a head's unweighted MSE) and `arm` are fields. 1 (no
+`schema_version`): the weighting of the unweighted arms was called "simple"."""
+
+CONFIG = "config.yaml"
+RESULTS = "results.json"
+METRICS_CSV = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+SWEEP_LOG = "sweep.log"
+SAMPLE_GRID = "samples.png"
+X0_TRAJECTORY = "x0_trajectory.png"
+SAMPLERS = ("ancestral", "ddim", "sde", "ode")
+COMPLETE = "complete"
+IDENTITY_EXCLUDES = ("run", "wandb")
+RUN_DIR_ENV = "DIFFBENCH_RUN_DIR"
+
+
+def media_key(image: str) -> str:
+    """The W&B key an evaluation image is logged under: `eval/<file stem>`."""
+    return f"eval/{Path(image).stem}"
+
+
+def sample_grid(sampler: str) -> str:
+    """The 64-sample grid of the evaluation's sampler."""
+    return f"samples_{sampler}.png"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A per-t curve of the evaluation: `<name>.csv` with two columns, and `<name>.png`."""
+
+    name: str
+    columns: tuple[str, str]
+    ylabel: str
+    title: str
+
+    @property
+    def csv(self) -> str:
+        return f"{self.name}.csv"
+
+    @property
+    def png(self) -> str:
+        return f"{self.name}.png"
+
+
+VLB_TERMS = Curve("vlb_terms", ("t", "term_bpd"), "L_{t-1} (bits/dim)", "where the bound spends its bits")
+EPS_MSE_BY_T = Curve("eps_mse_by_t", ("t", "eps_mse"), "‖ε − ε̂‖² / D", "measured ε-space error per t")
+EPS_STAR_DISTANCE = Curve(
+    "eps_star_distance",
+    ("t", "mse_to_eps_star"),
+    "‖ε̂ − ε*‖² / D",
+    "distance to the optimal denoiser ε* (gmm)",
+)
+CURVES = (VLB_TERMS, EPS_MSE_BY_T, EPS_STAR_DISTANCE)
+IMAGES = (SAMPLE_GRID, *map(sample_grid, SAMPLERS), X0_TRAJECTORY, VLB_TERMS.png, EPS_STAR_DISTANCE.png)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number in `results.json`'s `metrics`: what it is, and how the report treats it."""
+
+    name: str
+    label: str
+    kind: str
+    ranked: bool = True
+
+
+METRICS = (
+    Metric("nll_vlb_bpd", "NLL from the variational bound (bits/dim)", "nll"),
+    Metric("nll_ode_bpd", "NLL from the probability-flow ODE (bits/dim)", "nll"),
+    Metric("fd_digits", "Fréchet distance, digits-classifier features", "quality"),
+    Metric("fd_mnist", "Fréchet distance, MNIST-classifier features", "quality"),
+    Metric("fid", "FID, Inception features", "quality"),
+    Metric("kid_digits", "KID, digits-classifier features", "kid"),
+    Metric("kid_mnist", "KID, MNIST-classifier features", "kid"),
+    Metric("kid", "KID, Inception features", "kid"),
+    Metric("eps_star_mse", "MSE of the implied ε to the optimal ε* (gmm)", "groundtruth"),
+    # The samples' true NLL is best when it matches the data's, not when lowest (collapsing onto
+    # the modes lowers it), and the data's own NLL is equal for every arm: shown, never ranked.
+    Metric(
+        "sample_true_nll_bpd", "True NLL of the samples under the mixture (bits/dim)", "groundtruth", False
+    ),
+    Metric("nll_exact_bpd", "Exact NLL of the test data under the mixture (bits/dim)", "groundtruth", False),
+    Metric("val/vlb_bpd", "Validation VLB, importance-sampled (bits/dim)", "validation"),
+    Metric("val/eps_mse", "Validation ε MSE", "validation"),
+)
+METRIC_INFO = {m.name: m for m in METRICS}
+
+
+def metrics_of_kind(*kinds: str) -> tuple[str, ...]:
+    return tuple(m.name for m in METRICS if m.kind in kinds)
+
+
+NLL_METRICS = metrics_of_kind("nll")
+QUALITY_METRICS = metrics_of_kind("quality")
+TABLE_METRICS = tuple(m.name for m in METRICS)
+NOT_RANKED = tuple(m.name for m in METRICS if not m.ranked)
+HEADLINE_METRICS = (*NLL_METRICS, *QUALITY_METRICS, "eps_star_mse", "val/vlb_bpd")
+
+
+def arm_label(head: str, weighting: str) -> str:
+    """The one place an arm's name is made: `<head>_<weighting>`, with the head's own unweighted
+    MSE called `simple` so the six original arms keep their names (eps_simple, x0_elbo, …)."""
+    return f"{head}_{'simple' if weighting == 'own' else weighting}"
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a trial: the resolved config without where it is written or logged."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in IDENTITY_EXCLUDES:
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def trial_dir(cfg: DictConfig) -> Path:
+    """`<root>/trials/<profile>-<data>/<arm>/s<seed>-<hash>`: one directory per resolved config,
+    so a sweep finds its finished and interrupted trials whatever ran them."""
+    name = f"s{cfg.seed}-{config_hash(cfg)}"
+    arm = arm_label(cfg.objective.head, cfg.objective.weighting)
+    return Path(cfg.run.root) / "trials" / f"{cfg.profile}-{cfg.data.name}" / arm / name
+
+
+def trials_root(trial: Path) -> Path:
+    """`<root>/trials/<profile>-<data>` of a trial directory: where a sweep's summary goes."""
+    return trial.parents[1]
+
+
+def runs_root(trial: Path) -> Path:
+    """`<root>` of a trial directory: the folder the report scans."""
+    return trial.parents[3]
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    """A fresh `<root>/<arm>/<timestamp>_s<seed>` (suffixed when the second is taken), `run.dir`,
+    or the trial directory (`run.reuse`); DDP workers inherit the launcher's through the environment."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if cfg.run.dir or cfg.run.reuse:
+        run_dir = Path(cfg.run.dir) if cfg.run.dir else trial_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        parent = Path(cfg.run.root) / cfg.experiment
+        parent.mkdir(parents=True, exist_ok=True)
+        stem = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_s{cfg.seed}"
+        for attempt in range(1, 1000):
+            run_dir = parent / (stem if attempt == 1 else f"{stem}_{attempt}")
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+    return run_dir.resolve()
+
+
+def upgrade(results: dict) -> dict:
+    """A results.json of any schema version, in the current one."""
+    if results.get("schema_version", 1) < 2:
+        results = dict(results)
+        if results.get("weighting") == "simple":
+            results["weighting"] = "own"
+        if "head" in results and "weighting" in results:
+            results["arm"] = arm_label(results["head"], results["weighting"])
+        results["schema_version"] = SCHEMA_VERSION
+    return results
+
+
+class RunDir:
+    """A run directory: every path in it, and atomic reads and writes of its files."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / METRICS_CSV
+
+    def read_config(self) -> dict | None:
+        """The stored config.yaml as plain data, or None when missing or unreadable."""
+        try:
+            config = yaml.safe_load((self.path / CONFIG).read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return config if isinstance(config, dict) else None
+
+    def write_config(self, cfg: DictConfig) -> None:
+        atomic.write_text(self.path / CONFIG, OmegaConf.to_yaml(cfg))
+
+    def read_results(self) -> dict | None:
+        """results.json in the current schema, whatever its status; None when missing or broken."""
+        try:
+            results = json.loads((self.path / RESULTS).read_text())
+        except (OSError, ValueError):
+            return None
+        return upgrade(results) if isinstance(results, dict) else None
+
+    def complete_results(self) -> dict | None:
+        results = self.read_results()
+        return results if results is not None and results.get("status") == COMPLETE else None
+
+    def write_results(self, results: dict) -> None:
+        atomic.write_json(self.path / RESULTS, {**results, "schema_version": SCHEMA_VERSION})
+
+    def latest_checkpoint(self) -> Path | None:
+        """last.ckpt, or the highest-step checkpoint when the run died before writing last.ckpt."""
+        if (self.checkpoints / LAST_CHECKPOINT).is_file():
+            return self.checkpoints / LAST_CHECKPOINT
+        steps = sorted(self.checkpoints.glob("step*.ckpt"))
+        return steps[-1] if steps else None
+
+    def write_curve(self, curve: Curve, x: list[float], y: list[float]) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(curve.columns)
+        writer.writerows(zip(x, y))
+        atomic.write_text(self.path / curve.csv, buffer.getvalue())
+
+    def read_curve(self, curve: Curve) -> tuple[list[float], list[float]] | None:
+        """A two-column curve, or None if absent or broken."""
+        try:
+            with (self.path / curve.csv).open(newline="") as handle:
+                rows = list(csv.reader(handle))[1:]
+            return [float(r[0]) for r in rows], [float(r[1]) for r in rows]
+        except (OSError, ValueError, IndexError):
+            return None

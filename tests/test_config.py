@@ -6,22 +6,54 @@ from pathlib import Path
 
 import pytest
 
-from diffbench.config import ConfigError, available, compose, experiments_dir
+from diffbench.config import ConfigError, available, compose
+from diffbench.rundir import arm_label
 
-EXPERIMENTS = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
+EXPERIMENTS = available("experiment")
+SIX_ARMS = {"eps_simple": ("eps", "own"), "eps_elbo": ("eps", "elbo"), "x0_simple": ("x0", "own")}
+SIX_ARMS |= {"x0_elbo": ("x0", "elbo"), "score_simple": ("score", "own"), "score_elbo": ("score", "elbo")}
 
 
-def test_six_arms_are_presets() -> None:
-    assert {f"{h}_{w}" for h in ("eps", "x0", "score") for w in ("simple", "elbo")} <= set(EXPERIMENTS)
+def test_six_arms_are_presets_with_their_exact_meaning() -> None:
+    assert set(SIX_ARMS) <= set(EXPERIMENTS)
+    for name, (head, weighting) in SIX_ARMS.items():
+        cfg = compose([f"experiment={name}"])
+        assert (cfg.objective.head, cfg.objective.weighting) == (head, weighting)
+        assert arm_label(head, weighting) == name
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_preset_composes(name: str) -> None:
     cfg = compose([f"experiment={name}"])
     assert cfg.experiment == name
-    head, weighting = name.split("_")[:2]
-    assert (cfg.objective.head, cfg.objective.weighting) == (head, weighting)
     assert cfg.data.name == "digits" and cfg.model.name == "unet_small"
+
+
+def test_head_and_weighting_shortcuts_win_over_the_preset() -> None:
+    cfg = compose(["experiment=eps_simple", "head=x0", "weighting=eps"])
+    assert (cfg.objective.head, cfg.objective.weighting) == ("x0", "eps")
+    assert compose(["objective=v"]).objective.head == "v"
+
+
+def test_group_global_section_merges_at_top_level() -> None:
+    cfg = compose(["trainer=gpu", "profile=full"])  # default and smoke set their own cadence
+    assert cfg.speed.compile is True and cfg.run.checkpoint_every == 5000
+    assert "_global_" not in cfg.trainer
+    assert compose(["trainer=gpu", "speed.compile=false"]).speed.compile is False
+
+
+def test_user_experiment_folders_come_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$DIFFBENCH_EXPERIMENTS, then ./experiments, then the built-in presets."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "eps_simple.yaml").write_text("objective:\n  weighting: minsnr\n")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "local_v.yaml").write_text("defaults:\n  objective: v\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFBENCH_EXPERIMENTS", str(tmp_path / "mine"))
+    assert compose(["experiment=eps_simple"]).objective.weighting == "minsnr"
+    assert compose(["experiment=local_v"]).objective.head == "v"
+    assert compose(["experiment=x0_elbo"]).objective.head == "x0"
+    assert {"eps_simple", "local_v", "x0_elbo"} <= set(available("experiment"))
 
 
 def test_overrides_are_typed_and_groups_switch() -> None:

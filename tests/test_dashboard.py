@@ -10,7 +10,7 @@ import pytest
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
-from diffbench.dashboard import build_workspace, main
+from diffbench.cli.dashboard import build_workspace, main
 
 SECTIONS = ["Verdict: likelihood and sample quality", "Training curves", "Samples"]
 CURVES = ["train/loss", "val/loss", "val/vlb_bpd", "val/eps_mse"]
@@ -68,16 +68,14 @@ def test_digits_workspace_has_the_three_sections_and_their_keys() -> None:
     assert all(isinstance(panel, wr.MediaBrowser) for panel in samples)
     assert {panel.x for panel in curves} == {"trainer/global_step"}
     for panel in [*verdict, *curves]:
-        assert panel.groupby == wr.Config("experiment")
+        assert panel.groupby == wr.Config("arm")
         assert (panel.groupby_aggfunc, panel.groupby_rangefunc) == ("mean", "stddev")
 
 
-def test_runs_are_grouped_by_experiment_and_filtered_to_the_dataset() -> None:
+def test_runs_are_grouped_by_arm_and_filtered_to_the_dataset() -> None:
     runset = build_workspace("e", "p", "n", data="mnist").runset_settings
     # expr metrics overload == to build filters, so compare their keys, not the objects.
-    assert [group.to_key().model_dump() for group in runset.groupby] == [
-        {"section": "config", "name": "experiment"}
-    ]
+    assert [group.to_key().model_dump() for group in runset.groupby] == [{"section": "config", "name": "arm"}]
     assert "Tags" in runset.filters and "'mnist'" in runset.filters
 
 
@@ -105,13 +103,13 @@ def test_serialises_to_the_spec_that_save_would_upload() -> None:
     assert [config["mediaKeys"] for config in samples] == [[key] for key in MEDIA]
     for config in [*verdict, *curves]:
         assert (config["groupBy"], config["groupAgg"], config["groupArea"]) == (
-            "experiment.value",
+            "arm.value",
             "mean",
             "stddev",
         )
     assert {config["xAxis"] for config in curves} == {"trainer/global_step"}
     (runset,) = spec["section"]["runSets"]
-    assert runset["grouping"] == [{"section": "config", "name": "experiment.value"}]
+    assert runset["grouping"] == [{"section": "config", "name": "arm.value"}]
     assert [(f["key"]["name"], f["op"], f["value"]) for f in runset["filters"]["filters"]] == [
         ("tags", "IN", ["gmm"])
     ]
@@ -129,7 +127,7 @@ def test_spec_loads_back_into_the_same_workspace() -> None:
 def test_dry_run_prints_the_outline(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--entity", "e", "--project", "p", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    for line in [*SECTIONS, *VERDICT["digits"], *CURVES, *MEDIA, "e/p", "experiment"]:
+    for line in [*SECTIONS, *VERDICT["digits"], *CURVES, *MEDIA, "e/p", "arm"]:
         assert line in out
     assert "final/fid" not in out
 

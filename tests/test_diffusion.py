@@ -1,5 +1,6 @@
-"""Schedules, marginals, posterior, head conversions and loss weights of `diffbench.diffusion`,
-each checked against an independent computation (numpy/math loops, Bayes' rule, autograd)."""
+"""Schedules, marginals, posterior and conversions of `diffbench.core.diffusion`, and the heads'
+and weightings' per-t weights, each checked against an independent computation (numpy/math
+loops, Bayes' rule, autograd)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,24 @@ import pytest
 import torch
 from torch import Tensor
 
-from diffbench.diffusion import (
-    HEADS,
-    Head,
+from diffbench.core.diffusion import (
     NoiseSchedule,
-    elbo_weight,
+    elbo_eps_weight,
     eps_to_score,
     eps_to_x0,
-    head_target,
-    implied_eps_weight,
     linear_betas,
     make_betas,
     posterior_mean,
     posterior_variance,
     q_sample,
     score_to_eps,
-    simple_weight_in_eps_space,
     snr,
+    v_target,
+    v_to_eps,
     x0_to_eps,
 )
+from diffbench.core.heads import HEADS
+from diffbench.core.weightings import WEIGHTINGS
 
 T = 1000
 SCHEDULE_NAMES = ("linear", "cosine")
@@ -219,6 +219,12 @@ def test_conversions_recover_truth_and_round_trip(name: str) -> None:
     torch.testing.assert_close(x0_to_eps(b["xt"], x0_hat, alpha_bar), b["eps_hat"], rtol=1e-9, atol=1e-9)
     score_hat = eps_to_score(b["eps_hat"], alpha_bar)
     torch.testing.assert_close(score_to_eps(score_hat, alpha_bar), b["eps_hat"], rtol=1e-12, atol=1e-12)
+    v = alpha_bar.sqrt() * b["eps"] - (1 - alpha_bar).sqrt() * b["x0"]
+    torch.testing.assert_close(v_target(b["x0"], b["eps"], alpha_bar), v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v_to_eps(b["xt"], v, alpha_bar), b["eps"], rtol=1e-9, atol=1e-9)
+    for head in HEADS.values():
+        target = head.target(b["x0"], b["eps"], alpha_bar)
+        torch.testing.assert_close(head.to_eps(target, b["xt"], alpha_bar), b["eps"], rtol=1e-9, atol=1e-9)
 
 
 def test_score_of_true_noise_is_gradient_of_forward_kernel() -> None:
@@ -229,13 +235,13 @@ def test_score_of_true_noise_is_gradient_of_forward_kernel() -> None:
     (gradient,) = torch.autograd.grad(kernel.log_prob(xt).sum(), xt)
     torch.testing.assert_close(eps_to_score(b["eps"], b["alpha_bar"]), gradient, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(
-        head_target("score", b["x0"], b["eps"], b["alpha_bar"]), gradient, rtol=1e-9, atol=1e-9
+        HEADS["score"].target(b["x0"], b["eps"], b["alpha_bar"]), gradient, rtol=1e-9, atol=1e-9
     )
 
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_error_identities_between_heads(name: str) -> None:
-    """‖ε−ε̂‖² = SNR_t ‖x0−x̂0‖² = (1−ᾱ_t) ‖s−ŝ‖²."""
+    """‖ε−ε̂‖² = SNR_t ‖x0−x̂0‖² = (1−ᾱ_t) ‖s−ŝ‖² = ᾱ_t ‖v−v̂‖²."""
     b = random_batch(2, TS, name)
     alpha_bar = b["alpha_bar"]
     hand_snr = (alpha_bar / (1 - alpha_bar)).flatten()
@@ -245,34 +251,45 @@ def test_error_identities_between_heads(name: str) -> None:
     score_error = squared_norm(eps_to_score(b["eps"], alpha_bar) - eps_to_score(b["eps_hat"], alpha_bar))
     torch.testing.assert_close(hand_snr * x0_error, eps_error, rtol=1e-8, atol=0)
     torch.testing.assert_close((1 - alpha_bar).flatten() * score_error, eps_error, rtol=1e-10, atol=0)
+    v_hat = (b["eps_hat"] - (1 - alpha_bar).sqrt() * b["xt"]) / alpha_bar.sqrt()
+    v_error = squared_norm(v_target(b["x0"], b["eps"], alpha_bar) - v_hat)
+    torch.testing.assert_close(alpha_bar.flatten() * v_error, eps_error, rtol=1e-8, atol=0)
 
 
-def outputs_for_eps_hat(b: dict[str, Tensor]) -> dict[Head, Tensor]:
+def outputs_for_eps_hat(b: dict[str, Tensor]) -> dict[str, Tensor]:
     """Each head's raw output that implies the batch's ε̂, written out by hand."""
     alpha_bar = b["alpha_bar"]
     return {
         "eps": b["eps_hat"],
         "x0": (b["xt"] - (1 - alpha_bar).sqrt() * b["eps_hat"]) / alpha_bar.sqrt(),
         "score": -b["eps_hat"] / (1 - alpha_bar).sqrt(),
+        "v": (b["eps_hat"] - (1 - alpha_bar).sqrt() * b["xt"]) / alpha_bar.sqrt(),
     }
 
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
-def test_simple_losses_are_reweighted_eps_errors(name: str) -> None:
+def test_head_outputs_imply_eps_hat_and_factors_convert_errors(name: str) -> None:
+    """Each head's hand-written output maps to ε̂, and its own squared error times c_head is the
+    ε-space error, with c_head = 1, SNR, 1 − ᾱ, ᾱ written out by hand."""
     b = random_batch(3, TS, name)
     alpha_bar = b["alpha_bar"]
     outputs = outputs_for_eps_hat(b)
     eps_error = squared_norm(b["eps"] - b["eps_hat"])
-    hand_weights = {
+    hand_factors = {
         "eps": torch.ones_like(alpha_bar),
-        "x0": (1 - alpha_bar) / alpha_bar,
-        "score": 1 / (1 - alpha_bar),
+        "x0": alpha_bar / (1 - alpha_bar),
+        "score": 1 - alpha_bar,
+        "v": alpha_bar,
     }
-    for head in HEADS:
-        simple = squared_norm(head_target(head, b["x0"], b["eps"], alpha_bar) - outputs[head])
-        weight = simple_weight_in_eps_space(head, alpha_bar).flatten()
-        torch.testing.assert_close(weight, hand_weights[head].flatten(), rtol=1e-12, atol=0)
-        torch.testing.assert_close(simple, weight * eps_error, rtol=1e-8, atol=0)
+    assert set(HEADS) == set(hand_factors)
+    for key, head in HEADS.items():
+        torch.testing.assert_close(
+            head.to_eps(outputs[key], b["xt"], alpha_bar), b["eps_hat"], rtol=1e-9, atol=1e-9
+        )
+        own = squared_norm(head.target(b["x0"], b["eps"], alpha_bar) - outputs[key])
+        factor = head.eps_factor(alpha_bar).flatten()
+        torch.testing.assert_close(factor, hand_factors[key].flatten(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(factor * own, eps_error, rtol=1e-8, atol=0)
 
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
@@ -287,18 +304,18 @@ def test_elbo_weights_with_posterior_variance_are_snr_differences(name: str) -> 
         "x0": 0.5 * (snr_prev - snr_now),
         "score": 0.5 * (snr_prev / snr_now - 1) * (1 - alpha_bars[2:]),
     }
-    tables = coefficient_tables(schedule)
-    for head in HEADS:
-        weight = elbo_weight(head, *(table[2:] for table in tables), schedule.posterior_variance[2:])
-        torch.testing.assert_close(weight, torch.tensor(expected[head], dtype=DTYPE), rtol=1e-8, atol=0)
+    t = torch.arange(2, T + 1)
+    for key in expected:
+        weight = WEIGHTINGS["elbo"].head_weight(HEADS[key], schedule, t, "small")
+        torch.testing.assert_close(weight, torch.tensor(expected[key], dtype=DTYPE), rtol=1e-8, atol=0)
 
 
 def test_eps_elbo_weight_documented_values_for_linear_schedule() -> None:
     """DESIGN.md: ≈0.60 at t = 2 and ≈0.010 for t ≥ 100. The weight is 0.0103 at t = 100 and
     0.0102 at t = T but dips to 0.0050 near t = 350, so "≈0.010" holds within a factor two."""
     schedule = NoiseSchedule("linear", T)
-    tables = coefficient_tables(schedule)
-    weight = elbo_weight("eps", *tables, schedule.posterior_variance)
+    beta, alpha, alpha_bar, _ = coefficient_tables(schedule)
+    weight = elbo_eps_weight(beta, alpha, alpha_bar, schedule.posterior_variance)
     assert weight[2].item() == pytest.approx(0.60, abs=0.005)
     assert weight[100].item() == pytest.approx(0.010, abs=0.0005)
     assert weight[T].item() == pytest.approx(0.010, abs=0.0005)
@@ -307,17 +324,31 @@ def test_eps_elbo_weight_documented_values_for_linear_schedule() -> None:
 
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
-def test_implied_eps_weights_of_the_six_arms(name: str) -> None:
-    """Every elbo arm: ½(SNR_{t−1}/SNR_t − 1) with σ² = β̃; simple arms: 1, 1/SNR, 1 + SNR."""
+def test_eps_space_weight_of_every_weighting(name: str) -> None:
+    """w_ε(t) of every weighting against its closed form on the reference schedule: elbo
+    ½(SNR_{t−1}/SNR_t − 1) with σ² = β̃; eps 1; x0 1/SNR; score 1/(1 − ᾱ); v 1/ᾱ; Min-SNR-5
+    min(SNR, 5)/SNR; EDM λ(σ)σ² with σ² = 1/SNR; own 1/c_head (for each head)."""
     schedule = NoiseSchedule(name, T)
     alpha_bars = np.array(reference_alpha_bars(reference_betas(name)))
     snrs = alpha_bars[1:] / (1 - alpha_bars[1:])  # SNR_1 .. SNR_T
-    elbo = 0.5 * (snrs[:-1] / snrs[1:] - 1)
-    expected = {"eps": np.ones(T - 1), "x0": 1 / snrs[1:], "score": 1 + snrs[1:]}
-    for head in HEADS:
-        torch.testing.assert_close(
-            implied_eps_weight(schedule, head, "elbo"), torch.tensor(elbo), rtol=1e-8, atol=0
-        )
-        torch.testing.assert_close(
-            implied_eps_weight(schedule, head, "simple"), torch.tensor(expected[head]), rtol=1e-8, atol=0
-        )
+    now, alpha_bar = snrs[1:], alpha_bars[2:]
+    sigma2, sigma_data = 1 / now, 0.5
+    expected = {
+        "elbo": 0.5 * (snrs[:-1] / now - 1),
+        "elbo_is": 0.5 * (snrs[:-1] / now - 1),
+        "eps": np.ones(T - 1),
+        "x0": 1 / now,
+        "score": 1 / (1 - alpha_bar),
+        "v": 1 / alpha_bar,
+        "minsnr": np.minimum(now, 5.0) / now,
+        "edm": (sigma2 + sigma_data**2) / (sigma2 * sigma_data**2) * sigma2,
+    }
+    own = {"eps": np.ones(T - 1), "x0": 1 / now, "score": 1 / (1 - alpha_bar), "v": 1 / alpha_bar}
+    assert set(WEIGHTINGS) == {*expected, "own"}
+    t = torch.arange(2, T + 1)
+    for key, head in HEADS.items():
+        for weighting, weight in {**expected, "own": own[key]}.items():
+            actual = WEIGHTINGS[weighting].eps_weight(head, schedule, t, "small")
+            torch.testing.assert_close(
+                actual, torch.tensor(weight), rtol=1e-8, atol=0, msg=f"{key} {weighting}"
+            )

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
+from diffbench.cli.evaluate import main as evaluate_main
+from diffbench.cli.run import train
 from diffbench.config import compose
-from diffbench.evaluate import main as evaluate_main
-from diffbench.run import train
 
 GMM = ["data=gmm", "data.num_train=256", "data.num_val=64", "data.num_test=64", "data.num_components=4"]
 

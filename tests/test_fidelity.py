@@ -11,10 +11,15 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-import diffbench.fidelity as fidelity
+import diffbench.evaluation.fidelity as fidelity
 from diffbench.data.digits import DigitsDataModule
-from diffbench.features import ClassifierFeatureExtractor, classifier_checkpoint, classifier_data, to_uint8
-from diffbench.fidelity import InceptionWeightsMissingError, sample_quality
+from diffbench.evaluation.features import (
+    ClassifierFeatureExtractor,
+    classifier_checkpoint,
+    classifier_data,
+    to_uint8,
+)
+from diffbench.evaluation.fidelity import InceptionWeightsMissingError, sample_quality
 
 
 @pytest.fixture(scope="module")

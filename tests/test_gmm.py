@@ -13,12 +13,12 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
+from diffbench.core.diffusion import NoiseSchedule
 from diffbench.data import gmm
 from diffbench.data.digits import digits_images
 from diffbench.data.gmm import DiffusedMixture, GMMDataModule, fit_digits_mixture
-from diffbench.diffusion import NoiseSchedule
-from diffbench.groundtruth import eps_star_distance, exact_nll_bpd, sample_log_density_bpd
-from diffbench.samplers import EpsFn
+from diffbench.evaluation.groundtruth import eps_star_distance, exact_nll_bpd, sample_log_density_bpd
+from diffbench.sampling.samplers import EpsFn
 
 ALPHA_BARS = [1.0, 0.9, 0.3, 1e-3, 1e-9]
 

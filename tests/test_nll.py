@@ -12,17 +12,17 @@ import torch
 from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 
+from diffbench.core.diffusion import NoiseSchedule
+from diffbench.core.weightings import importance_timesteps
 from diffbench.data.gmm import DiffusedMixture
-from diffbench.diffusion import NoiseSchedule
-from diffbench.nll import (
-    importance_timesteps,
+from diffbench.sampling.nll import (
     mean_and_stderr,
     ode_nll_bpd,
     stratified_timesteps,
     stratified_weights,
     vlb_bpd,
 )
-from diffbench.samplers import T_MIN, EpsFn
+from diffbench.sampling.samplers import T_MIN, EpsFn
 
 TINY_T = 10
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-import yaml
+import torch
+from omegaconf import OmegaConf
 
-from diffbench import report
-from diffbench.claims import claim_elbo_likelihood, claim_equivalence
-from diffbench.collect import ARMS, from_wandb, load_run
-from diffbench.diffusion import NoiseSchedule, implied_eps_weight
-from diffbench.stats import (
+from diffbench.analysis import report
+from diffbench.analysis.claims import claim_elbo_likelihood, claim_equivalence
+from diffbench.analysis.collect import ARM_PARTS, ARMS, from_wandb, load_run
+from diffbench.analysis.stats import (
     FAILS,
     HOLDS,
     INCONCLUSIVE,
@@ -30,6 +30,11 @@ from diffbench.stats import (
     directional_verdict,
     equivalence_verdict,
 )
+from diffbench.cli import report as report_cli
+from diffbench.core.diffusion import NoiseSchedule
+from diffbench.core.heads import HEADS
+from diffbench.core.weightings import WEIGHTINGS
+from diffbench.rundir import EPS_MSE_BY_T, VLB_TERMS, RunDir
 
 # Exact bootstrap of the mean of {1, 2, 3}: the 27 resample means have sums 3..9 with counts
 # 1, 3, 6, 7, 6, 3, 1; numpy's linear 2.5% quantile sits 0.65 of the way from 1 to 4/3 and the
@@ -90,8 +95,8 @@ FD = {
 
 
 def arm_metrics(arm: str, index: int) -> dict[str, float]:
-    head, weighting = arm.split("_")
-    nll = ELBO_NLL[head][index] + (GAP[index] if weighting == "simple" else 0.0)
+    head, weighting = ARM_PARTS[arm]
+    nll = ELBO_NLL[head][index] + (GAP[index] if weighting == "own" else 0.0)
     return {
         "nll_vlb_bpd": nll,
         "nll_ode_bpd": nll - 1,
@@ -105,12 +110,13 @@ def error_profile(arm: str) -> list[float]:
     score_elbo, whose error rises with its weight (claim 4 fails for it)."""
     schedule = NoiseSchedule("linear", 1000)
     t = np.array(PROFILE_T)
-    head, weighting = arm.split("_")
+    head, weighting = ARM_PARTS[arm]
     ratio = np.ones(len(t))
     keep = t >= 2
+    steps = torch.from_numpy(t[keep])
     ratio[keep] = (
-        implied_eps_weight(schedule, head, weighting).numpy()[t[keep] - 2]
-        / implied_eps_weight(schedule, "eps", "simple").numpy()[t[keep] - 2]
+        WEIGHTINGS[weighting].eps_weight(HEADS[head], schedule, steps, "small").numpy()
+        / WEIGHTINGS["eps"].eps_weight(HEADS["eps"], schedule, steps, "small").numpy()
     )
     exponent = 0.3 if arm == "score_elbo" else -0.3
     return (0.1 * ratio**exponent).tolist()
@@ -118,8 +124,10 @@ def error_profile(arm: str) -> list[float]:
 
 def write_config(directory: Path, arm: str, seed: int, num_timesteps: int = 1000) -> None:
     directory.mkdir(parents=True)
+    head, weighting = ARM_PARTS[arm]
     config = {
         "experiment": arm,
+        "objective": {"head": head, "weighting": weighting},
         "seed": seed,
         "profile": "default",
         "data": {"name": "digits", "batch_size": 128},
@@ -127,15 +135,19 @@ def write_config(directory: Path, arm: str, seed: int, num_timesteps: int = 1000
         "trainer": {"max_steps": 100},
         "diffusion": {"schedule": "linear", "num_timesteps": num_timesteps, "variance": "small"},
     }
-    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    RunDir(directory).write_config(OmegaConf.create(config))
 
 
 def write_run(root: Path, arm: str, seed: int) -> Path:
     directory = root / "trials" / "default-digits" / arm / f"s{seed}-0000"
     write_config(directory, arm, seed)
+    head, weighting = ARM_PARTS[arm]
     results = {
         "status": "complete",
         "experiment": arm,
+        "arm": arm,
+        "head": head,
+        "weighting": weighting,
         "seed": seed,
         "profile": "default",
         "data": "digits",
@@ -146,10 +158,10 @@ def write_run(root: Path, arm: str, seed: int) -> Path:
             "sample_settings": {"sampler": "ddim", "steps": 50, "num_samples": 1000},
         },
     }
-    (directory / "results.json").write_text(json.dumps(results))
-    rows = ["t,eps_mse", *(f"{t},{e}" for t, e in zip(PROFILE_T, error_profile(arm)))]
-    (directory / "eps_mse_by_t.csv").write_text("\n".join(rows) + "\n")
-    (directory / "vlb_terms.csv").write_text("t,term_bpd\n1,2.0\n500,0.01\n1000,0.001\n")
+    run_dir = RunDir(directory)
+    run_dir.write_results(results)
+    run_dir.write_curve(EPS_MSE_BY_T, PROFILE_T, error_profile(arm))
+    run_dir.write_curve(VLB_TERMS, [1, 500, 1000], [2.0, 0.01, 0.001])
     metrics = ["step,val/vlb_bpd,val/eps_mse", "50,5.0,", "50,,0.2", "100,4.0,0.1"]
     (directory / "metrics.csv").write_text("\n".join(metrics) + "\n")
     if seed == 0:
@@ -173,7 +185,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     garbled = root / "eps_elbo" / "garbled"
     garbled.mkdir(parents=True)
     (garbled / "config.yaml").write_text("experiment: [unclosed\n")
-    assert report.main(["--runs", str(root)]) == 0
+    assert report_cli.main(["--runs", str(root)]) == 0
     out = root / "report" / GROUP
     return out, json.loads((out / "report.json").read_text())
 
@@ -262,9 +274,9 @@ def test_files_figures_and_settings(built: tuple[Path, dict]) -> None:
 
 
 def test_missing_runs_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert report.main(["--runs", str(tmp_path / "nowhere")]) == 2
+    assert report_cli.main(["--runs", str(tmp_path / "nowhere")]) == 2
     assert "make sweep OBJ=all" in capsys.readouterr().err
-    assert report.main(["--runs", str(tmp_path)]) == 2
+    assert report_cli.main(["--runs", str(tmp_path)]) == 2
     assert "found no run directories" in capsys.readouterr().err
 
 
@@ -341,7 +353,7 @@ def test_bad_values_are_left_out_and_processes_are_not_mixed(tmp_path: Path) -> 
     (short / "results.json").write_text(json.dumps(reevaluated))
     rows = ["t,eps_mse", *(f"{t},0.1" for t in (1, 2, 50, 100))]
     (short / "eps_mse_by_t.csv").write_text("\n".join(rows) + "\n")
-    assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert report_cli.main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     groups = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert groups == [GROUP, "default-digits-100steps-linear-T100-small"]
     page = (tmp_path / "out" / GROUP / "report.html").read_text()
@@ -354,6 +366,7 @@ class FakeRun:
         self.id, self.state, self.created_at = id, state, created
         self.config = {
             "experiment": "eps_simple",
+            "objective": {"head": "eps", "weighting": "own"},
             "seed": seed,
             "profile": "default",
             "data": {"name": "digits"},

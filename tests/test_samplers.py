@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from diffbench.core.diffusion import NoiseSchedule
 from diffbench.data.gmm import DiffusedMixture
-from diffbench.diffusion import NoiseSchedule
-from diffbench.samplers import (
+from diffbench.sampling.samplers import (
     SAMPLERS,
     ddim,
     ddpm_ancestral,

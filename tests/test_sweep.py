@@ -16,9 +16,8 @@ import sweeps as wandb_sweeps
 import yaml
 
 from conftest import TINY
-from diffbench.config import ConfigError, compose
-from diffbench.run import check_settings
-from diffbench.sweep import (
+from diffbench.cli.run import check_settings
+from diffbench.cli.sweep import (
     expand_grid,
     load_sweep,
     main,
@@ -27,6 +26,7 @@ from diffbench.sweep import (
     trial_command,
     trial_overrides,
 )
+from diffbench.config import ConfigError, compose
 
 SWEEP_FILES = sorted(sweeps_dir().glob("*.yaml"))
 
@@ -122,7 +122,7 @@ def test_killed_trial_resumes_from_checkpoint(tmp_path: Path) -> None:
     args = [
         *TINY,
         "trainer.max_steps=40",
-        "trainer.checkpoint_every=5",
+        "run.checkpoint_every=5",
         "trainer.val_check_interval=40",
         f"run.dir={run_dir}",
     ]

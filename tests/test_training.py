@@ -12,20 +12,19 @@ import pytest
 import torch
 
 from conftest import TINY
-from diffbench.config import compose, experiments_dir
-from diffbench.data import build_datamodule
-from diffbench.diffusion import q_sample
-from diffbench.likelihood import nats_to_bpd, prior_kl, vlb_term
-from diffbench.run import build_module
+from diffbench.config import available, compose
+from diffbench.core.diffusion import q_sample
+from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
+from diffbench.train.build import build_datamodule, build_module
 
-EXPERIMENTS = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
+EXPERIMENTS = available("experiment")
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_preset_runs_one_training_step(name: str) -> None:
     cfg = compose([f"experiment={name}", *TINY])
-    datamodule = build_datamodule(cfg.data)
-    module = build_module(cfg, datamodule)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule.num_levels)
     optimizer = module.configure_optimizers()["optimizer"]
     batch = next(iter(datamodule.train_dataloader()))
     before = [p.detach().clone() for p in module.net.parameters()]
@@ -36,7 +35,7 @@ def test_every_preset_runs_one_training_step(name: str) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, module.net.parameters()))
     x = batch[0][:3]
     t = torch.tensor([1, 10, 20])
-    eps, x0, score = module.eps_hat(x, t), module.x0_hat(x, t), module.score_hat(x, t)
+    eps, x0, score = module.denoiser(x, t), module.denoiser.x0(x, t), module.denoiser.score(x, t)
     alpha_bar = module.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(
         x0.double(), (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt(), rtol=1e-4, atol=1e-4
@@ -49,8 +48,8 @@ def test_validation_vlb_is_unbiased_for_the_whole_bound(name: str) -> None:
     """Σ_t p(t)·[L_T + L_{t−1}/p(t) + L_0] over t = 2..T with the noise fixed is exactly the bound
     L_T + L_0 + Σ_{t≥2} L_{t−1}, each term computed here directly from `vlb_term`."""
     cfg = compose([f"experiment={name}", *TINY])
-    datamodule = build_datamodule(cfg.data)
-    module = build_module(cfg, datamodule).eval()
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule.num_levels).eval()
     x0 = datamodule.split("val")[:3]
     generator = torch.Generator().manual_seed(0)
     schedule, T = module.schedule, module.num_timesteps
@@ -63,7 +62,7 @@ def test_validation_vlb_is_unbiased_for_the_whole_bound(name: str) -> None:
     def term(step: int, noise: torch.Tensor) -> torch.Tensor:
         t = torch.full((len(x0),), step)
         xt = q_sample(x0.double(), noise.double(), schedule.at(schedule.alphas_cumprod, t, x0.ndim)).float()
-        return vlb_term(schedule, x0, xt, t, module.eps_hat(xt, t), datamodule.num_levels, "small")
+        return vlb_term(schedule, x0, xt, t, module.denoiser(xt, t), datamodule.num_levels, "small")
 
     with torch.no_grad():
         expectation = sum(
@@ -95,7 +94,8 @@ def test_cli_end_to_end_from_another_directory(tmp_path: Path) -> None:
     (run_dir,) = (tmp_path / "out" / "eps_elbo").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "complete" and results["steps"] == 2
-    assert results["head"] == "eps" and results["weighting"] == "elbo"
+    assert results["head"] == "eps" and results["weighting"] == "elbo" and results["arm"] == "eps_elbo"
+    assert results["schema_version"] == 2
     assert {"val/loss", "val/eps_mse", "val/vlb_bpd"} <= set(results["metrics"])
     assert (run_dir / "config.yaml").is_file() and (run_dir / "samples.png").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -125,11 +125,11 @@ def test_cli_bad_override_is_explained(tmp_path: Path, arg: str, message: str) -
 
 
 def test_compiled_module_keeps_clean_checkpoint_keys() -> None:
-    cfg = compose(["experiment=eps_simple", *TINY, "trainer.compile=true"])
-    module = build_module(cfg, build_datamodule(cfg.data))
+    cfg = compose(["experiment=eps_simple", *TINY, "speed.compile=true"])
+    module = build_module(cfg, 17)
     keys = list(module.state_dict())
     assert keys and not any("_orig_mod" in key for key in keys)
-    plain = build_module(compose(["experiment=eps_simple", *TINY]), build_datamodule(cfg.data))
+    plain = build_module(compose(["experiment=eps_simple", *TINY]), 17)
     assert keys == list(plain.state_dict())
 
 
@@ -138,12 +138,12 @@ def test_resume_keeps_only_metrics_rows_before_the_checkpoint(tmp_path: Path) ->
     that is resumed from; they are dropped so that no step appears twice."""
     from lightning.pytorch.loggers import CSVLogger
 
-    from diffbench.run import keep_previous_metrics
+    from diffbench.train.callbacks import keep_previous_metrics
 
     rows = ["step,train/loss,val/loss", *(f"{s},{s / 10},," for s in range(10)), "9,,0.5"]
     (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
     logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
-    keep_previous_metrics(logger, resume_step=5)
+    keep_previous_metrics(logger, tmp_path / "metrics.csv", resume_step=5)
     logger.log_metrics({"train/loss": 0.55}, step=5)
     logger.save()
     lines = (tmp_path / "metrics.csv").read_text().splitlines()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffbench.unet import AttentionBlock, UNet, count_parameters, timestep_embedding
+from diffbench.core.unet import AttentionBlock, UNet, count_parameters, timestep_embedding
 
 # Tiny tensors: a second intra-op thread only adds OpenMP stalls on a busy 2-core machine.
 pytestmark = pytest.mark.usefixtures("one_thread")

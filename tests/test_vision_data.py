@@ -13,7 +13,7 @@ import torch
 
 import diffbench.data.vision as vision
 from diffbench.data.vision import CIFAR10DataModule, DatasetMissingError, MNISTDataModule
-from diffbench.fidelity import sample_quality
+from diffbench.evaluation.fidelity import sample_quality
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",

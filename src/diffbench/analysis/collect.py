@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from diffbench.rundir import COMPLETE, CONFIG, RESULTS, Curve, RunDir, arm_label, upgrade
+from diffbench.rundir import CHECKPOINTS, COMPLETE, CONFIG, RESULTS, Curve, RunDir, arm_label, upgrade
 
 HEADS = ("eps", "x0", "score")
 """The heads of the six original arms, which the claims compare."""
@@ -153,7 +153,7 @@ def scan(root: Path) -> tuple[list[Run], list[Incomplete]]:
     runs, incomplete = [], []
     for config in sorted(root.rglob(CONFIG)):
         directory = config.parent
-        if "wandb" in directory.parts or "checkpoints" in directory.parts:
+        if "wandb" in directory.parts or CHECKPOINTS in directory.parts:
             continue
         loaded = load_run(directory)
         (incomplete if isinstance(loaded, Incomplete) else runs).append(loaded)

@@ -93,7 +93,7 @@ def markdown(group: str, table: dict, metrics: list[str], claims: list[Claim], c
     if context["incomplete"]:
         lines += ["## Incomplete runs and left-out values", ""]
         lines += [
-            f"- `{item['directory']}` ({item['experiment']}, seed {item['seed']}): {item['reason']}"
+            f"- `{item['directory']}` ({item['arm']}, seed {item['seed']}): {item['reason']}"
             for item in context["incomplete"]
         ]
         lines.append("")
@@ -165,7 +165,7 @@ def html_page(
     if context["incomplete"]:
         parts.append("<h2 id='incomplete'>Incomplete runs and left-out values</h2><ul>")
         parts += [
-            f"<li><code>{esc(item['directory'])}</code> ({esc(str(item['experiment']))}, seed "
+            f"<li><code>{esc(item['directory'])}</code> ({esc(str(item['arm']))}, seed "
             f"{esc(str(item['seed']))}): {esc(item['reason'])}</li>"
             for item in context["incomplete"]
         ]

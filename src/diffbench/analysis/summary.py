@@ -27,11 +27,11 @@ def aggregate(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
             if metric in result.get("metrics", {}):
                 values[result["arm"]][metric].append(float(result["metrics"][metric]))
     table: dict[str, dict[str, dict[str, float]]] = {}
-    for experiment, metrics in values.items():
-        table[experiment] = {}
+    for arm, metrics in values.items():
+        table[arm] = {}
         for metric, vals in metrics.items():
             mean, spread = mean_and_spread(vals)
-            table[experiment][metric] = {"mean": mean, "spread": spread, "n": len(vals)}
+            table[arm][metric] = {"mean": mean, "spread": spread, "n": len(vals)}
     return table
 
 
@@ -39,10 +39,10 @@ def format_table(table: dict[str, dict[str, dict[str, float]]], profile: str) ->
     columns = [m for m in HEADLINE_METRICS if any(m in row for row in table.values())]
     header = ["arm", *columns]
     rows = [header]
-    for experiment in sorted(table):
-        cells = [experiment]
+    for arm in sorted(table):
+        cells = [arm]
         for metric in columns:
-            cell = table[experiment].get(metric)
+            cell = table[arm].get(metric)
             cells.append(
                 "—" if cell is None else f"{cell['mean']:.4f} ± {cell['spread']:.4f} (n={cell['n']})"
             )

@@ -35,6 +35,7 @@ from diffbench.rundir import (
     arm_label,
     config_hash,
     make_run_dir,
+    media_key,
 )
 from diffbench.sampling.samplers import ddpm_ancestral
 from diffbench.train.build import build_datamodule, build_module, build_trainer

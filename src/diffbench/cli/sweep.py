@@ -26,8 +26,12 @@ SUMMARY_NAME = "summary"
 
 
 def sweeps_dir() -> Path:
+    """`$DIFFBENCH_SWEEPS`, else `./sweeps` of the working directory, else this checkout's `sweeps/`."""
     env = os.environ.get("DIFFBENCH_SWEEPS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "sweeps"
+    if env:
+        return Path(env)
+    local = Path.cwd() / "sweeps"
+    return local if local.is_dir() else Path(__file__).resolve().parents[3] / "sweeps"
 
 
 def valid_objs() -> list[str]:

@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from diffbench import atomic
 
 SCHEMA_VERSION = 2
-"""2: `head`, `weighting` ("own" for a head's unweighted MSE) and `arm` are fields. 1 (no
-`schema_version`): the weighting of the unweighted arms was called "simple"."""
+"""2: `arm` is a field, the head's unweighted MSE is the weighting "own", and `eval_wall_time_s`
+is a top-level field. 1 (no `schema_version`): that weighting was called "simple", and the
+evaluation's wall time sat among the metrics."""
 
 CONFIG = "config.yaml"
 RESULTS = "results.json"
@@ -161,7 +162,7 @@ def runs_root(trial: Path) -> Path:
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
-    """A fresh `<root>/<arm>/<timestamp>_s<seed>` (suffixed when the second is taken), `run.dir`,
+    """A fresh `<root>/<experiment>/<timestamp>_s<seed>` (suffixed when the second is taken), `run.dir`,
     or the trial directory (`run.reuse`); DDP workers inherit the launcher's through the environment."""
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
@@ -191,6 +192,10 @@ def upgrade(results: dict) -> dict:
             results["weighting"] = "own"
         if "head" in results and "weighting" in results:
             results["arm"] = arm_label(results["head"], results["weighting"])
+        if isinstance(results.get("metrics"), dict) and "eval_wall_time_s" in results["metrics"]:
+            metrics = dict(results["metrics"])
+            results["eval_wall_time_s"] = metrics.pop("eval_wall_time_s")
+            results["metrics"] = metrics
         results["schema_version"] = SCHEMA_VERSION
     return results
 

@@ -1,7 +1,7 @@
 """The DDPM U-Net (Ho et al. 2020, in the improved-diffusion layout) shared by every diffusion head.
 
 It is only the raw network `(x_t, t) -> tensor shaped like x_t`: what that output means (ε, x0 or
-score) is decided by the heads in `diffusion.py`. `forward` has no data-dependent Python branches,
+score) is decided by the heads in `core/heads.py`. `forward` has no data-dependent Python branches,
 so it runs eagerly, under `torch.autocast`, in channels_last and under `torch.compile` alike.
 """
 

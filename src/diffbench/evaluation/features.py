@@ -2,7 +2,7 @@
 
 Inception-v3 features say little about 8×8 grey digits, so their Fréchet distance, KID and
 precision/recall use a classifier trained on the dataset's own real training split, and carry its
-name (`fd_digits`, never "FID"; shared/DESIGN.md, "Metrics, honestly named"). A classifier is
+name (`fd_digits`, never "FID"; README, "Metrics"). A classifier is
 trained the first time it is needed (seconds for digits), cached under a hash of its data and of
 this file, and registered with torch-fidelity as a feature extractor (`digits-classifier`,
 `mnist-classifier`) that takes torch-fidelity's uint8 images like Inception does.

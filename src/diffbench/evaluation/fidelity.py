@@ -3,7 +3,7 @@
 CIFAR-10 gets Inception-v3 features and the usual names (`fid`, `kid`, `precision`, `recall`),
 comparable with papers. Digits, MNIST and gmm (digits-shaped) get the features of a classifier
 trained on their real training split, and every metric carries the classifier's dataset as suffix
-(`fd_digits`, `kid_digits`, …), never "FID" (shared/DESIGN.md, "Metrics, honestly named"). The
+(`fd_digits`, `kid_digits`, …), never "FID" (README, "Metrics"). The
 classifier path never touches the network.
 """
 

@@ -1,0 +1,95 @@
+"""The run-directory contract: names, the results.json schema and its upgrade, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from diffbench import atomic
+from diffbench.config import compose
+from diffbench.rundir import (
+    EPS_MSE_BY_T,
+    RESULTS,
+    SCHEMA_VERSION,
+    RunDir,
+    arm_label,
+    config_hash,
+    trial_dir,
+    trials_root,
+    upgrade,
+)
+
+
+def test_arm_labels_keep_the_six_names_and_name_the_grid() -> None:
+    assert arm_label("eps", "own") == "eps_simple" and arm_label("x0", "elbo") == "x0_elbo"
+    assert arm_label("v", "minsnr") == "v_minsnr" and arm_label("score", "elbo_is") == "score_elbo_is"
+
+
+def test_results_round_trip_with_the_schema_version(tmp_path: Path) -> None:
+    run_dir = RunDir(tmp_path)
+    run_dir.write_results({"status": "complete", "head": "eps", "weighting": "own", "arm": "eps_simple"})
+    stored = json.loads((tmp_path / RESULTS).read_text())
+    assert stored["schema_version"] == SCHEMA_VERSION
+    assert run_dir.complete_results() == stored
+    run_dir.write_results({"status": "diverged"})
+    assert run_dir.complete_results() is None and run_dir.read_results()["status"] == "diverged"
+
+
+def test_version_one_results_are_upgraded(tmp_path: Path) -> None:
+    old = {
+        "status": "complete",
+        "head": "x0",
+        "weighting": "simple",
+        "metrics": {"eval_wall_time_s": 3.0, "a": 1.0},
+    }
+    (tmp_path / RESULTS).write_text(json.dumps(old))
+    new = RunDir(tmp_path).read_results()
+    assert (new["weighting"], new["arm"], new["schema_version"]) == ("own", "x0_simple", 2)
+    assert new["metrics"] == {"a": 1.0} and new["eval_wall_time_s"] == 3.0
+    assert upgrade(new) == new
+
+
+def test_curves_round_trip_and_broken_ones_read_as_missing(tmp_path: Path) -> None:
+    run_dir = RunDir(tmp_path)
+    run_dir.write_curve(EPS_MSE_BY_T, [1, 10, 100], [0.5, 0.25, 0.125])
+    assert run_dir.read_curve(EPS_MSE_BY_T) == ([1.0, 10.0, 100.0], [0.5, 0.25, 0.125])
+    assert (tmp_path / EPS_MSE_BY_T.csv).read_text().splitlines()[0] == "t,eps_mse"
+    (tmp_path / EPS_MSE_BY_T.csv).write_text("t,eps_mse\n1,notanumber\n")
+    assert run_dir.read_curve(EPS_MSE_BY_T) is None
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    atomic.write_json(target, {"old": True})
+
+    def crash(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic.save_with(target, crash)
+    assert json.loads(target.read_text()) == {"old": True}
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_concurrent_writers_use_distinct_temporary_files(tmp_path: Path) -> None:
+    target = tmp_path / "x.txt"
+    with atomic.replacing(target) as first, atomic.replacing(target) as second:
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_text("a")
+        second.write_text("b")
+    assert target.read_text() == "a"
+
+
+def test_trial_dir_is_named_by_arm_seed_and_config(tmp_path: Path) -> None:
+    cfg = compose(["head=v", "weighting=minsnr", "seed=4", f"run.root={tmp_path}"])
+    path = trial_dir(cfg)
+    assert path == tmp_path / "trials" / "default-digits" / "v_minsnr" / f"s4-{config_hash(cfg)}"
+    assert trials_root(path) == tmp_path / "trials" / "default-digits"
+    moved = OmegaConf.merge(cfg, {"run": {"root": "elsewhere"}, "wandb": {"project": "p"}})
+    assert config_hash(moved) == config_hash(cfg)
+    assert config_hash(OmegaConf.merge(cfg, {"optim": {"lr": 0.1}})) != config_hash(cfg)

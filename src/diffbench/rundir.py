@@ -7,6 +7,10 @@ A run directory holds:
     metrics.csv          Lightning's CSV log (train/*, val/* against step)
     checkpoints/         step*.ckpt and last.ckpt
     results.json         written last, atomically; `status` says whether the run is complete
+    budgets.csv          the cheap metrics at each training budget, a row per budget, as they come
+                         `optimisation`: gradient_clip_val, clipped_fraction, grad_norm_median/_max
+                         (total norm before clipping) over steps_measured steps; `evaluation.baselines`:
+                         a per-pixel histogram's NLL and the real-vs-real floor of the FD (train split)
     *.csv, *.png         per-t curves and image grids of the evaluation (CURVES, IMAGES)
     sweep.log            a sweep trial's output when trials run in parallel
 """
@@ -38,6 +42,7 @@ METRICS_CSV = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 SWEEP_LOG = "sweep.log"
+BUDGETS_CSV = "budgets.csv"
 SAMPLE_GRID = "samples.png"
 X0_TRAJECTORY = "x0_trajectory.png"
 SAMPLERS = ("ancestral", "ddim", "sde", "ode")
@@ -242,6 +247,15 @@ class RunDir:
 
     def write_results(self, results: dict) -> None:
         atomic.write_json(self.path / RESULTS, {**results, "schema_version": SCHEMA_VERSION})
+
+    def write_budgets(self, rows: list[dict]) -> None:
+        """The per-budget table; columns are the union of the rows' keys, `step` first."""
+        columns = ["step", *sorted({k for row in rows for k in row} - {"step"})]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic.write_text(self.path / BUDGETS_CSV, buffer.getvalue())
 
     def latest_checkpoint(self) -> Path | None:
         """last.ckpt, or the highest-step checkpoint when the run died before writing last.ckpt."""

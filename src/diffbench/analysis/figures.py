@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffbench import atomic  # noqa: E402
-from diffbench.analysis.collect import ARM_PARTS, ARMS, REFERENCE, Run  # noqa: E402
+from diffbench.analysis.collect import ARM_PARTS, REFERENCE, Run  # noqa: E402
 from diffbench.analysis.stats import Interval  # noqa: E402
 from diffbench.rundir import RunDir  # noqa: E402
 
@@ -20,9 +20,11 @@ HEAD_COLORS = {"eps": "tab:blue", "x0": "tab:orange", "score": "tab:green", "v":
 
 
 def style(arm: str) -> dict:
-    """Colour by head, solid for elbo and dashed otherwise, so arms read the same everywhere."""
+    """Colour by head; solid for elbo, dash-dot for elbo_is, dashed for the head's own MSE, dotted
+    for the other weightings, so arms read the same everywhere."""
     head, weighting = ARM_PARTS.get(arm, ("?", "?"))
-    return {"color": HEAD_COLORS.get(head, "black"), "linestyle": "-" if weighting == "elbo" else "--"}
+    linestyle = {"elbo": "-", "elbo_is": "-.", "own": "--"}.get(weighting, ":")
+    return {"color": HEAD_COLORS.get(head, "black"), "linestyle": linestyle}
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
@@ -36,7 +38,7 @@ def implied_weights(log_snr: np.ndarray, weights: dict[str, np.ndarray], path: P
     """Theory: each arm's weight on ‖ε − ε̂‖², normalised to mean one over t, against log-SNR."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     drawn_elbo = False
-    for arm in ARMS:
+    for arm in ARM_PARTS:
         if arm not in weights:
             continue
         if ARM_PARTS[arm][1] == "elbo":
@@ -68,7 +70,7 @@ def per_t_curves(
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for arm in ARMS:
+    for arm in ARM_PARTS:
         seeds = curves.get(arm)
         if not seeds:
             continue
@@ -108,7 +110,8 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labelled: set[str] = set()
     drawn = False
-    for run in sorted(runs, key=lambda r: (ARMS.index(r.arm) if r.arm in ARMS else 99, r.seed)):
+    order = list(ARM_PARTS)
+    for run in sorted(runs, key=lambda r: (order.index(r.arm) if r.arm in order else len(order), r.seed)):
         if run.directory is None:
             continue
         series = metric_columns(RunDir(run.directory).metrics_csv, names)
@@ -132,7 +135,7 @@ def paired_differences(
     table: dict[str, dict[str, Interval | None]], metrics: list[str], path: Path
 ) -> Path | None:
     """Forest plot: each arm's seed-paired difference to eps_simple with its 95% interval."""
-    metrics = [m for m in metrics if any(table.get(arm, {}).get(m) for arm in ARMS)]
+    metrics = [m for m in metrics if any(table.get(arm, {}).get(m) for arm in ARM_PARTS)]
     if not metrics:
         return None
     columns = min(3, len(metrics))
@@ -141,7 +144,7 @@ def paired_differences(
     for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
     for ax, metric in zip(axes.flat, metrics):
-        arms = [arm for arm in ARMS if table.get(arm, {}).get(metric) and arm != REFERENCE]
+        arms = [arm for arm in ARM_PARTS if table.get(arm, {}).get(metric) and arm != REFERENCE]
         for y, arm in enumerate(arms):
             diff = table[arm][metric]
             ax.errorbar(
@@ -166,7 +169,7 @@ def paired_differences(
 
 def image_panels(images: dict[str, list[Path]], titles: list[str], path: Path) -> Path | None:
     """Existing PNG grids side by side: one column per arm, one row per kind of image."""
-    arms = [arm for arm in ARMS if arm in images]
+    arms = [arm for arm in ARM_PARTS if arm in images]
     if not arms:
         return None
     rows = len(titles)

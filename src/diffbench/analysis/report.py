@@ -19,7 +19,15 @@ from diffbench.analysis.claims import (
     present_metrics,
     quality_metric,
 )
-from diffbench.analysis.collect import ARM_PARTS, ARMS, REFERENCE, Incomplete, Run, seed_curves, seed_values
+from diffbench.analysis.collect import (
+    ARM_PARTS,
+    ARMS,
+    REFERENCE,
+    Incomplete,
+    Run,
+    seed_curves,
+    seed_values,
+)
 from diffbench.analysis.render import html_page, markdown
 from diffbench.analysis.stats import Interval
 from diffbench.core.diffusion import NoiseSchedule, snr
@@ -49,18 +57,20 @@ def schedule_of(runs: list[Run]) -> tuple[NoiseSchedule, str]:
     return schedule, diffusion.get("variance", "small")
 
 
-def arm_weights(schedule: NoiseSchedule, variance: str) -> dict[str, np.ndarray]:
+def arm_weights(schedule: NoiseSchedule, variance: str, arms: list[str]) -> dict[str, np.ndarray]:
+    """Each arm's w_ε(t) on t = 2..T, from its weighting object (never from its name)."""
     steps = torch.arange(2, schedule.num_timesteps + 1)
-    return {
-        arm: WEIGHTINGS[weighting].eps_weight(HEADS[head], schedule, steps, variance).numpy()  # type: ignore[arg-type]
-        for arm, (head, weighting) in ARM_PARTS.items()
-    }
+    weights = {}
+    for arm in arms:
+        head, weighting = ARM_PARTS[arm]
+        weights[arm] = WEIGHTINGS[weighting].eps_weight(HEADS[head], schedule, steps, variance).numpy()  # type: ignore[arg-type]
+    return weights
 
 
 def comparison_table(values: dict, metrics: list[str]) -> dict[str, dict[str, dict[str, Interval | None]]]:
     """{arm: {metric: {"value": interval over seeds, "diff": paired difference to eps_simple}}}."""
     table = {}
-    for arm in ARMS:
+    for arm in ARM_PARTS:
         if arm not in values:
             continue
         table[arm] = {
@@ -189,7 +199,7 @@ def build_report(group: str, runs: list[Run], incomplete: list[Incomplete], out:
     values = seed_values(runs)
     metrics = present_metrics(values, TABLE_METRICS)
     schedule, variance = schedule_of(runs)
-    weights = arm_weights(schedule, variance)
+    weights = arm_weights(schedule, variance, sorted({*ARMS, *(r.arm for r in runs)} & set(ARM_PARTS)))
     table = comparison_table(values, metrics)
     eps_curves = seed_curves(runs, EPS_MSE_BY_T)
     claims = all_claims(values, eps_curves, weights)

@@ -13,7 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-from diffbench.core.diffusion import NoiseSchedule, q_sample
+from diffbench.core.diffusion import NoiseSchedule, VarianceType, q_sample, snr
+from diffbench.core.heads import HEADS
+from diffbench.core.weightings import WEIGHTINGS
 from diffbench.data.gmm import DiffusedMixture
 from diffbench.sampling.samplers import EpsFn
 
@@ -64,3 +66,38 @@ def eps_star_distance(
         squared = (eps_hat - eps_star).reshape(len(chunk), batch, dim).pow(2).sum(-1) / dim
         distances.append(squared.mean(1))
     return torch.cat(distances).cpu()
+
+
+def logsnr_timesteps(schedule: NoiseSchedule, count: int) -> tuple[Tensor, Tensor]:
+    """About `count` distinct integer t evenly spread in log SNR (where the weightings differ),
+    and how many of t = 1..T each stands for (its cell between midpoints), so Σ_t f(t) ≈
+    Σ_k width_k f(t_k)."""
+    log_snr = snr(schedule.alphas_cumprod[1:].cpu()).log()
+    grid = torch.linspace(float(log_snr[0]), float(log_snr[-1]), count, dtype=torch.float64)
+    t = torch.unique((log_snr[None, :] - grid[:, None]).abs().argmin(1) + 1)
+    edges = torch.cat([torch.tensor([0.5]), (t[1:] + t[:-1]).double() / 2, torch.tensor([t[-1] + 0.5])])
+    edges[-1] = schedule.num_timesteps + 0.5
+    width = edges[1:].ceil() - edges[:-1].ceil()
+    return t, width
+
+
+def eps_star_summary(
+    eps_fn: EpsFn,
+    mixture: DiffusedMixture,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    generator: torch.Generator,
+    variance: VarianceType = "small",
+    count: int = 20,
+) -> dict[str, float]:
+    """The model's distance to the optimal ε*, plain (mean over log-SNR-spaced t) and weighted by
+    the ELBO (Σ_t w_ε(t)·E‖ε̂ − ε*‖², in bits/dim): the reducible part of the bound's t ≥ 2 terms,
+    which is zero exactly when the model is the optimum."""
+    t, width = logsnr_timesteps(schedule, count)
+    distance = eps_star_distance(eps_fn, mixture, schedule, x0, t.to(x0.device), generator)
+    weight = (
+        WEIGHTINGS["elbo"].eps_weight(HEADS["eps"], schedule, t.to(schedule.betas.device), variance).cpu()
+    )
+    keep = t >= 2
+    elbo_bpd = (width * weight * distance)[keep].sum() / math.log(2)
+    return {"eps_star_mse": float(distance.mean()), "eps_star_elbo_bpd": float(elbo_bpd)}

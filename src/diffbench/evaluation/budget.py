@@ -1,0 +1,70 @@
+"""The cheap metrics a run records at every training budget (250, 500, 1000, … steps and the
+last), so verdicts can be read along the budget without retraining: the importance-sampled
+validation VLB, the validation ε-MSE, a small-sample feature distance and, on gmm, the distance
+to ε*. Every budget uses the same seeded noise, so changes along steps are the model's."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from diffbench.core.diffusion import q_sample
+from diffbench.core.heads import Denoiser
+from diffbench.data.base import ArrayDataModule
+from diffbench.evaluation.distributed import generator_for
+from diffbench.evaluation.fidelity import sample_quality
+from diffbench.evaluation.groundtruth import eps_star_summary
+from diffbench.sampling import samplers
+from diffbench.sampling.nll import importance_vlb_bpd
+
+BUDGET_PURPOSE = 100
+"""Stream number of the budget metrics' generator (distinct from the final evaluation's)."""
+
+
+def budget_steps(max_steps: int, base: int) -> list[int]:
+    """base · 2^k below max_steps, then max_steps: log-spaced, so 'has the curve flattened' reads
+    as the change over the last doubling. base 0 means the final budget only."""
+    steps = []
+    budget = base
+    while 0 < budget < max_steps:
+        steps.append(budget)
+        budget *= 2
+    return [*steps, max_steps]
+
+
+@torch.no_grad()
+def budget_metrics(denoiser: Denoiser, datamodule: ArrayDataModule, cfg: DictConfig) -> dict[str, float]:
+    """The cheap metrics of the denoiser as it is now (rank zero; draws only from its own
+    generators, so training's random stream is untouched)."""
+    start = time.perf_counter()
+    ev, device, schedule = cfg.eval, denoiser.device, denoiser.schedule
+    x0 = datamodule.split("val").to(device)
+    generator = generator_for(cfg.seed, BUDGET_PURPOSE, device)
+    levels, variance = datamodule.num_levels, cfg.diffusion.variance
+    metrics = {
+        "val_vlb_bpd": float(importance_vlb_bpd(denoiser, schedule, x0, levels, generator, variance).mean())
+    }
+    t = torch.randint(1, schedule.num_timesteps + 1, (len(x0),), generator=generator, device=device)
+    eps = torch.randn(x0.shape, generator=generator, device=device)
+    xt = q_sample(x0.double(), eps.double(), schedule.at(schedule.alphas_cumprod, t, x0.ndim)).float()
+    metrics["val_eps_mse"] = float((denoiser(xt, t) - eps).pow(2).mean())
+    if ev.budget_samples:
+        shape = (ev.budget_samples, *datamodule.image_shape)
+        samples = samplers.sample(
+            "ddim", denoiser, schedule, shape, generator, steps=ev.budget_sampler_steps
+        ).samples
+        quality = sample_quality(
+            samples,
+            datamodule.split(ev.reference_split),
+            dataset=cfg.data.name,
+            num_levels=levels,
+            inception_weights=ev.inception_weights,
+            data_root=getattr(datamodule, "root", "data"),
+        )
+        metrics.update({k: float(v) for k, v in quality.items() if k.startswith(("fd", "fid", "kid_"))})
+    if hasattr(datamodule, "mixture"):
+        metrics.update(eps_star_summary(denoiser, datamodule.mixture, schedule, x0, generator, variance))
+    metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
+    return metrics

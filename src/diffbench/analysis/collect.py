@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -41,6 +43,9 @@ class Run:
     directory: Path | None = None
     dropped: list[str] = field(default_factory=list)
     created: float = 0.0
+    budgets: list[dict] = field(default_factory=list)
+    optimisation: dict = field(default_factory=dict)
+    status: str = COMPLETE
 
 
 @dataclass
@@ -54,29 +59,30 @@ class Incomplete:
     group: str | None = None
 
 
-DEFAULT_DIFFUSION = {"schedule": "linear", "num_timesteps": 1000, "variance": "small"}
+ARM_KEYS = ("seed", "experiment", "arm", "run", "wandb", "report")
+"""Config keys that may differ between runs of one group: the arm, the seed, where a run is
+written or logged, and the report's margins. Everything else (learning rate, clipping, EMA,
+batch, model, budget, diffusion, evaluation) splits groups."""
 
 
-def group_name(profile: str, data: str, steps: int, diffusion: dict | None = None) -> str:
-    """Runs are compared only with runs of the same data, profile, training budget and diffusion
-    process; the process is named only when it is not DDPM's linear T = 1000 with σ² = β̃."""
-    name = f"{profile}-{data}-{steps}steps"
-    process = {**DEFAULT_DIFFUSION, **(diffusion or {})}
-    if process != DEFAULT_DIFFUSION:
-        name += f"-{process['schedule']}-T{process['num_timesteps']}-{process['variance']}"
-    return name
+def comparable_settings(config: dict) -> dict:
+    """The config without what may differ within a group (and without the arm's objective)."""
+    settings = {k: v for k, v in config.items() if k not in ARM_KEYS}
+    objective = {
+        k: v for k, v in (settings.get("objective") or {}).items() if k not in ("head", "weighting", "name")
+    }
+    return {**settings, "objective": objective}
 
 
 def config_group(config: dict) -> str | None:
-    """The group a run belongs to according to its resolved config (None if it cannot say)."""
+    """`<profile>-<data>-<steps>steps-<hash>`: runs are pooled only when their configs differ in
+    head, weighting and seed alone (the hash covers every other setting). None if it cannot say."""
     try:
-        return group_name(
-            config["profile"],
-            config["data"]["name"],
-            int(config["trainer"]["max_steps"]),
-            {k: v for k, v in (config.get("diffusion") or {}).items() if k in DEFAULT_DIFFUSION},
-        )
-    except (KeyError, TypeError, ValueError):
+        settings = comparable_settings(config)
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:6]
+        steps = int(config["trainer"]["max_steps"])
+        return f"{config['profile']}-{config['data']['name']}-{steps}steps-{digest}"
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
@@ -140,6 +146,8 @@ def load_run(directory: Path) -> Run | Incomplete:
         directory=directory,
         dropped=dropped,
         created=(directory / RESULTS).stat().st_mtime,
+        budgets=[row for row in results.get("budgets") or [] if isinstance(row, dict) and "step" in row],
+        optimisation=results.get("optimisation") or {},
     )
 
 
@@ -229,6 +237,19 @@ def seed_values(runs: list[Run]) -> dict[str, dict[str, dict[int, float]]]:
         for metric, value in run.metrics.items():
             values[run.arm][metric][run.seed] = value
     return {arm: dict(metrics) for arm, metrics in values.items()}
+
+
+def budget_values(runs: list[Run]) -> dict[int, dict[str, dict[str, dict[int, float]]]]:
+    """{step: {arm: {metric: {seed: value}}}} from the runs' per-budget tables (finite values)."""
+    table: dict[int, dict[str, dict[str, dict[int, float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict))
+    )
+    for run in runs:
+        for row in run.budgets:
+            kept, _ = finite_metrics({k: v for k, v in row.items() if k not in ("step", "wall_time_s")})
+            for metric, value in kept.items():
+                table[int(row["step"])][run.arm][metric][run.seed] = value
+    return {step: {arm: dict(m) for arm, m in arms.items()} for step, arms in sorted(table.items())}
 
 
 def seed_curves(runs: list[Run], curve: Curve) -> dict[str, dict[int, tuple[list[float], list[float]]]]:

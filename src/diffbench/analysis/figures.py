@@ -12,8 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffbench import atomic  # noqa: E402
-from diffbench.analysis.collect import ARM_PARTS, REFERENCE, Run  # noqa: E402
-from diffbench.analysis.stats import Interval  # noqa: E402
+from diffbench.analysis.collect import ARM_PARTS, Run  # noqa: E402
 from diffbench.rundir import RunDir  # noqa: E402
 
 HEAD_COLORS = {"eps": "tab:blue", "x0": "tab:orange", "score": "tab:green", "v": "tab:purple"}
@@ -79,6 +78,8 @@ def per_t_curves(
             continue
         t = np.array([steps for steps, _ in seeds.values()]).mean(0)
         y = np.array([values for _, values in seeds.values()])
+        if not (np.isfinite(y).all() and (y > 0).all()):
+            continue
         ax.plot(t, y.mean(0), label=f"{arm} (n={len(y)})", **style(arm))
         if len(y) > 1:
             ax.fill_between(t, y.min(0), y.max(0), color=style(arm)["color"], alpha=0.12)
@@ -131,39 +132,69 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
     return save(fig, path)
 
 
-def paired_differences(
-    table: dict[str, dict[str, Interval | None]], metrics: list[str], path: Path
-) -> Path | None:
-    """Forest plot: each arm's seed-paired difference to eps_simple with its 95% interval."""
-    metrics = [m for m in metrics if any(table.get(arm, {}).get(m) for arm in ARM_PARTS)]
+def budget_curves(budgets: dict[int, dict], arms: list[str], path: Path) -> Path | None:
+    """Every per-budget metric against training steps: mean over seeds, band from the lowest to
+    the highest seed, so a reader sees whether the arms have settled before reading a verdict."""
+    steps = sorted(budgets)
+    metrics = sorted({m for step in steps for arm in budgets[step].values() for m in arm})
     if not metrics:
         return None
     columns = min(3, len(metrics))
     rows = -(-len(metrics) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
     for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
     for ax, metric in zip(axes.flat, metrics):
-        arms = [arm for arm in ARM_PARTS if table.get(arm, {}).get(metric) and arm != REFERENCE]
-        for y, arm in enumerate(arms):
-            diff = table[arm][metric]
-            ax.errorbar(
-                diff.mean,
-                y,
-                xerr=[[diff.mean - diff.low], [diff.high - diff.mean]],
-                fmt="o",
+        for arm in arms:
+            points = [(s, list(budgets[s].get(arm, {}).get(metric, {}).values())) for s in steps]
+            points = [(s, v) for s, v in points if v and all(np.isfinite(v))]
+            if not points:
+                continue
+            x = [s for s, _ in points]
+            ax.plot(x, [np.mean(v) for _, v in points], marker="o", ms=3, label=arm, **style(arm))
+            ax.fill_between(
+                x,
+                [min(v) for _, v in points],
+                [max(v) for _, v in points],
                 color=style(arm)["color"],
-                mfc="white" if ARM_PARTS[arm][1] == "own" else style(arm)["color"],
-                capsize=3,
+                alpha=0.1,
             )
-        low = min(0.0, *(table[arm][metric].low for arm in arms))
-        high = max(0.0, *(table[arm][metric].high for arm in arms))
-        ax.set_xlim(2 * low if low < 0 else -0.1, 2 * high if high > 0 else 0.1)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks(range(len(arms)), arms)
-        ax.set_xscale("symlog", linthresh=0.1)
-        ax.set(xlabel=f"Δ {metric} vs {REFERENCE} (lower is better)", title=metric)
+        ax.set(xlabel="training steps", ylabel=metric, xscale="log", title=metric)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
+    return save(fig, path)
+
+
+def tradeoff(values: dict, arms: list[str], nll: str, quality: str, path: Path) -> Path | None:
+    """Every arm in the (NLL, sample quality) plane with ±1 sd crosses over seeds: the trade-off
+    front of the weightings (lower-left is better on both)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    drawn = False
+    for arm in arms:
+        seeds = values.get(arm, {}).get(nll, {}).keys() & values.get(arm, {}).get(quality, {}).keys()
+        x = np.array([values[arm][nll][s] for s in sorted(seeds)])
+        y = np.array([values[arm][quality][s] for s in sorted(seeds)])
+        if not len(x) or not (np.isfinite(x).all() and np.isfinite(y).all()):
+            continue
+        xerr = x.std(ddof=1) if len(x) > 1 else 0.0
+        yerr = y.std(ddof=1) if len(y) > 1 else 0.0
+        kw = style(arm)
+        ax.errorbar(
+            x.mean(), y.mean(), xerr=xerr, yerr=yerr, fmt="o", color=kw["color"], capsize=3, label=arm
+        )
+        ax.annotate(arm, (x.mean(), y.mean()), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(
+        xlabel=f"{nll} (lower is better)",
+        ylabel=f"{quality} (lower is better)",
+        title="likelihood vs samples",
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
     return save(fig, path)
 
 

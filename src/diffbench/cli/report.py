@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffbench.analysis.claims import PLUMBING
 from diffbench.analysis.collect import by_group, from_wandb, scan
 from diffbench.analysis.report import REPORT_HTML, build_report
 
@@ -41,11 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     for group, (group_runs, group_incomplete) in sorted(groups.items()):
         payload = build_report(group, group_runs, group_incomplete, out / group)
         print(f"[report] {group}: {len(group_runs)} finished runs, {len(group_incomplete)} incomplete")
+        if payload["plumbing"]:
+            print(f"[report]   {PLUMBING} (smoke profile: every stage ran, no number means anything)")
         for claim in payload["claims"]:
-            print(f"[report]   claim {claim['number']}: {claim['verdict']:<12} {claim['title']}")
+            print(f"[report]   claim {claim['number']}: {claim['verdict']:<20} {claim['title']}")
         print(f"[report]   {out / group / REPORT_HTML} (and report.md, report.json, figures/)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

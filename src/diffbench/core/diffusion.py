@@ -88,6 +88,24 @@ class NoiseSchedule(nn.Module):
         step = t.double().ceil().long().clamp(1, self.num_timesteps)
         return -self.alphas[step].log()
 
+    def log_snr_continuous(self, t: Tensor) -> Tensor:
+        """λ(t) = log(ᾱ/(1 − ᾱ)) of `alpha_bar_continuous`, decreasing in t (+∞ at t = 0): the time
+        in which the probability-flow ODE is smooth. expm1 keeps 1 − ᾱ exact where ᾱ ≈ 1."""
+        log_alpha_bar = self.alpha_bar_continuous(t).log()
+        return log_alpha_bar - torch.log(-torch.expm1(log_alpha_bar))
+
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        """The real t ∈ [0, T] with `log_snr_continuous(t)` = λ, so a network fed its own time units
+        can be asked at any λ: log ᾱ = log sigmoid(λ), then inverted on the same linear segment of
+        the log ᾱ table that `alpha_bar_continuous` interpolates."""
+        log_table = self.alphas_cumprod.log()
+        log_alpha_bar = torch.nn.functional.logsigmoid(log_snr.double())
+        # −log ᾱ increases with t, as searchsorted needs; upper is the segment's right end.
+        upper = torch.searchsorted(-log_table, -log_alpha_bar).clamp(1, self.num_timesteps)
+        lower = upper - 1
+        fraction = (log_alpha_bar - log_table[lower]) / (log_table[upper] - log_table[lower])
+        return (lower + fraction).clamp(0, self.num_timesteps)
+
     def coefficients(self, t: Tensor, ndim: int) -> dict[str, Tensor]:
         """β_t, α_t, ᾱ_t and ᾱ_{t−1} for a batch of timesteps, broadcastable to the data."""
         return {

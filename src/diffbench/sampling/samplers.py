@@ -2,8 +2,9 @@
 
 Discrete samplers (ancestral, DDIM) call `eps_fn` with long timesteps 1..T; the SDE and ODE
 samplers call it with float64 times t ∈ [T_MIN, T] in the same units, where the schedule's
-`alpha_bar_continuous` / `beta_continuous` define the continuous process. Every sampler works
-in float64, draws all randomness from the given generator and returns float32.
+`alpha_bar_continuous` / `beta_continuous` define the continuous process (the ODE steps in its
+log SNR λ and asks the network at t(λ)). Every sampler works in float64, draws all randomness
+from the given generator and returns float32.
 """
 
 from __future__ import annotations
@@ -263,11 +264,26 @@ def reverse_sde(
     return _denoise(eps_fn, schedule, x, T_MIN).float()
 
 
-def probability_flow_drift(schedule: NoiseSchedule, x: Tensor, eps_hat: Tensor, t: Tensor) -> Tensor:
-    """dx/dt = −½β(t)[x + ∇log p_t(x)] of the probability-flow ODE at one real time t (0-dim),
-    with the score −ε̂/√(1 − ᾱ(t)); shared by the sampler and the ODE likelihood."""
-    score = eps_to_score(eps_hat, schedule.alpha_bar_continuous(t))
-    return -0.5 * schedule.beta_continuous(t) * (x + score)
+def probability_flow_drift(x: Tensor, eps_hat: Tensor, log_snr: Tensor) -> Tensor:
+    """dx/dλ = ½σ²x − ½σε̂ of the probability-flow ODE in λ = log SNR time, σ² = sigmoid(−λ).
+
+    With ᾱ = sigmoid(λ), dλ/dt = −β(t)/σ²(t), so dx/dt = −½β(t)[x + ∇log p_t(x)] becomes
+    dx/dλ = ½σ²[x + ∇log p] with the score −ε̂/σ: β(t), piecewise constant in the table's t and
+    the reason adaptive solvers crawl there, cancels. Shared by the sampler and the ODE likelihood.
+    """
+    sigma2 = torch.sigmoid(-log_snr)
+    return 0.5 * sigma2 * x - 0.5 * sigma2.sqrt() * eps_hat
+
+
+def eps_at_log_snr(eps_fn: EpsFn, schedule: NoiseSchedule, x: Tensor, log_snr: Tensor) -> Tensor:
+    """ε̂ at one λ (0-dim), asked of eps_fn at the (fractional) t of its own units with that λ."""
+    return continuous_eps(eps_fn, x, schedule.t_of_log_snr(log_snr))
+
+
+def flow_log_snr_range(schedule: NoiseSchedule) -> Tensor:
+    """[λ(T), λ(T_MIN)]: where the probability-flow ODE runs, noise end first."""
+    ends = torch.tensor([schedule.num_timesteps, T_MIN], dtype=torch.float64, device=schedule.betas.device)
+    return schedule.log_snr_continuous(ends)
 
 
 @torch.no_grad()
@@ -282,33 +298,36 @@ def probability_flow(
     atol: float = 1e-5,
     progress: bool = False,
 ) -> Tensor:
-    """Integrate the probability-flow ODE from x_T ~ N(0, I) at T down to T_MIN, then take x̂0:
-    adaptively with torchdiffeq's dopri5 (rtol/atol), or with `steps` fixed Heun steps (2 network
-    evaluations each). The number of evaluations is what `sample` reports as nfe."""
-    device = schedule.betas.device
-    x = _noise(shape, generator, device)
+    """Integrate the probability-flow ODE from x_T ~ N(0, I) up in λ = log SNR, from λ(T) to
+    λ(T_MIN), then take x̂0: adaptively with torchdiffeq's dopri5 (rtol/atol), or with `steps`
+    Heun steps uniform in λ (2 network evaluations each). λ rather than t because the drift is
+    smooth in λ (`probability_flow_drift`). The evaluations are what `sample` reports as nfe."""
+    x = _noise(shape, generator, schedule.betas.device)
+    log_snrs = flow_log_snr_range(schedule)
+
+    def drift(log_snr: Tensor, x: Tensor) -> Tensor:
+        return probability_flow_drift(x, eps_at_log_snr(eps_fn, schedule, x, log_snr), log_snr)
+
     if method == "dopri5":
         bar = tqdm(desc="ODE evaluations", disable=not progress, leave=False)
 
-        def drift(t: Tensor, x: Tensor) -> Tensor:
+        def counted_drift(log_snr: Tensor, x: Tensor) -> Tensor:
             bar.update()
-            return probability_flow_drift(schedule, x, continuous_eps(eps_fn, x, t), t)
+            return drift(log_snr, x)
 
-        times = torch.tensor([schedule.num_timesteps, T_MIN], dtype=torch.float64, device=device)
-        # Land exactly on T_MIN: a step past it would evaluate the score where it is singular.
-        options = {"step_t": times[1:]}
-        x = torchdiffeq.odeint(drift, x, times, rtol=rtol, atol=atol, method="dopri5", options=options)[-1]
+        # Land exactly on λ(T_MIN): a step past it would ask the network below its smallest t.
+        options = {"step_t": log_snrs[1:]}
+        x = torchdiffeq.odeint(
+            counted_drift, x, log_snrs, rtol=rtol, atol=atol, method="dopri5", options=options
+        )[-1]
         bar.close()
     elif method == "heun":
-        grid = torch.linspace(schedule.num_timesteps, T_MIN, steps + 1, dtype=torch.float64, device=device)
+        grid = torch.linspace(*log_snrs.tolist(), steps + 1, dtype=torch.float64, device=x.device)
         for index in tqdm(range(steps), desc="Heun", disable=not progress, leave=False):
-            t, t_next = grid[index], grid[index + 1]
-            slope = probability_flow_drift(schedule, x, continuous_eps(eps_fn, x, t), t)
-            x_euler = x + (t_next - t) * slope
-            slope_next = probability_flow_drift(
-                schedule, x_euler, continuous_eps(eps_fn, x_euler, t_next), t_next
-            )
-            x = x + (t_next - t) * 0.5 * (slope + slope_next)
+            step = grid[index + 1] - grid[index]
+            slope = drift(grid[index], x)
+            slope_next = drift(grid[index + 1], x + step * slope)
+            x = x + step * 0.5 * (slope + slope_next)
     else:
         raise ValueError(f"unknown ODE method {method!r}; choose 'dopri5' or 'heun'")
     return _denoise(eps_fn, schedule, x, T_MIN).float()

@@ -102,6 +102,7 @@ def write_config(
         "trainer": {"max_steps": 100, "gradient_clip_val": None},
         "diffusion": {"schedule": "linear", "num_timesteps": num_timesteps, "variance": "small"},
         "run": {"root": "anywhere"},
+        "report": {"margins": {"nll_vlb_bpd": 0.05}},
     }
     RunDir(directory).write_config(OmegaConf.create(config))
 

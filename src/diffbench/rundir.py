@@ -47,7 +47,7 @@ SAMPLE_GRID = "samples.png"
 X0_TRAJECTORY = "x0_trajectory.png"
 SAMPLERS = ("ancestral", "ddim", "sde", "ode")
 COMPLETE = "complete"
-IDENTITY_EXCLUDES = ("run", "wandb")
+IDENTITY_EXCLUDES = ("run", "wandb", "report")
 RUN_DIR_ENV = "DIFFBENCH_RUN_DIR"
 
 
@@ -141,7 +141,8 @@ def arm_label(head: str, weighting: str) -> str:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Identity of a trial: the resolved config without where it is written or logged."""
+    """Identity of a trial: the resolved config without where it is written or logged and without
+    the report's margins (they change no number a run computes)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in IDENTITY_EXCLUDES:
         data.pop(key, None)

@@ -438,3 +438,23 @@ def test_wandb_source_keeps_the_newest_finished_run_and_lists_the_rest() -> None
         "wandb:team/diffbench/d": "no final metrics or config",
     }
     assert torch.isfinite(torch.tensor(run.metrics["nll_vlb_bpd"]))
+
+
+def test_learning_rate_check_says_whether_the_ranking_changes(tmp_path: Path) -> None:
+    """Two learning rates, one seed: at 1e-3 eps_elbo has the lower NLL, at 3e-3 the ranking is
+    turned around by lowering eps_simple's NLL below it."""
+    for lr in (1e-3, 3e-3):
+        for arm in ("eps_simple", "eps_elbo"):
+            directory = write_run(tmp_path, arm, 0, lr=lr)
+            if lr == 3e-3 and arm == "eps_simple":
+                results = json.loads((directory / "results.json").read_text())
+                results["metrics"]["nll_vlb_bpd"] = 1.0
+                (directory / "results.json").write_text(json.dumps(results))
+    assert report_cli.main(["--runs", str(tmp_path)]) == 0
+    check = (tmp_path / "report" / "lr_check.md").read_text()
+    section = check.split("## nll_vlb_bpd ranking across optim.lr")[1].split("##")[0]
+    assert (
+        "The ranking changes with optim.lr" in section and "τ between the first and last = -1.00" in section
+    )
+    assert "| eps_elbo | 1 | 2 |" in section and "| eps_simple | 2 | 1 |" in section
+    assert "The ranking does not change" in check.split("## fd_digits ranking across optim.lr")[1]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import kendalltau
 
 from diffbench import atomic
 from diffbench.analysis import figures
@@ -364,28 +365,32 @@ def bands_section(
     )
 
 
+def flatten(value: object, prefix: str = "") -> dict[str, str]:
+    """Nested settings as {dotted key: JSON value}."""
+    if not isinstance(value, dict):
+        return {prefix: json.dumps(value, sort_keys=True)}
+    flat: dict[str, str] = {}
+    for key, inner in value.items():
+        flat.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 def settings_section(runs: list[Run]) -> Section:
-    """Every setting behind the group (they are equal within a group by construction), plus each
+    """Every setting behind the group (equal within a group by construction), plus each
     evaluation's recorded settings."""
-    flat: dict[str, set[str]] = {}
-
-    def walk(prefix: str, value: object) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        else:
-            flat.setdefault(prefix, set()).add(json.dumps(value, sort_keys=True))
-
+    found: dict[str, set[str]] = {}
     for run in runs:
-        walk("", comparable_settings(run.config))
-        for key in ("nll_vlb_settings", "nll_ode_settings", "sample_settings"):
-            record = {
+        recorded = {
+            key: {
                 k: v
                 for k, v in (run.evaluation.get(key) or {}).items()
                 if "wall_time" not in k and k != "nfe"
             }
-            walk(key, record)
-    bullets = [f"`{key}`: " + "; ".join(sorted(values)) for key, values in sorted(flat.items())]
+            for key in ("nll_vlb_settings", "nll_ode_settings", "sample_settings")
+        }
+        for key, value in {**flatten(comparable_settings(run.config)), **flatten(recorded)}.items():
+            found.setdefault(key, set()).add(value)
+    bullets = [f"`{key}`: " + "; ".join(sorted(values)) for key, values in sorted(found.items())]
     return Section("Settings behind the numbers", "settings", bullets=bullets)
 
 
@@ -549,3 +554,76 @@ def build_report(group: str, runs: list[Run], incomplete: list[Incomplete], out:
     atomic.write_text(out / REPORT_MD, markdown(title, sections, made))
     atomic.write_text(out / REPORT_HTML, html_page(title, sections, made, out))
     return payload
+
+
+def axis_families(groups: dict[str, list[Run]], key: str) -> list[dict[str, list[Run]]]:
+    """Sets of groups that differ in `key` alone (e.g. optim.lr or model.base_channels), as
+    {value of key: runs}, for the checks that compare across groups."""
+    families: dict[str, dict[str, list[Run]]] = {}
+    for runs in groups.values():
+        if not runs:
+            continue
+        settings = flatten(comparable_settings(runs[0].config))
+        value = settings.pop(key, None)
+        if value is None:
+            continue
+        families.setdefault(json.dumps(settings, sort_keys=True), {})[value] = runs
+    return [family for family in families.values() if len(family) > 1]
+
+
+def ranking(runs: list[Run], metric: str) -> list[str]:
+    """Arms by their mean over seeds of `metric`, best first."""
+    values = seed_values(runs)
+    means = {arm: float(np.mean(list(m[metric].values()))) for arm, m in values.items() if m.get(metric)}
+    return sorted((a for a in means if math.isfinite(means[a])), key=means.__getitem__)
+
+
+def axis_check(groups: dict[str, list[Run]], key: str, metrics: tuple[str, ...]) -> list[Section]:
+    """Per family of groups differing only in `key`: each arm's rank per value, and whether the
+    ranking of the arms changes (Kendall's τ between the rankings at the extreme values)."""
+    sections = []
+    for family in axis_families(groups, key):
+        values = sorted(family, key=lambda v: json.loads(v))
+        for metric in metrics:
+            ranks = {value: ranking(family[value], metric) for value in values}
+            common = set.intersection(*(set(r) for r in ranks.values()))
+            if len(common) < 2:
+                continue
+            arms = [a for a in ranks[values[0]] if a in common]
+            rows = [[arm, *(str(ranks[v].index(arm) + 1) for v in values)] for arm in arms]
+            first = [ranks[values[0]].index(a) for a in arms]
+            last = [ranks[values[-1]].index(a) for a in arms]
+            tau = float(kendalltau(first, last).statistic)
+            changed = any([ranks[v].index(a) for a in arms] != first for v in values)
+            sections.append(
+                Section(
+                    f"{metric} ranking across {key}",
+                    f"{key}-{metric}",
+                    [
+                        f"Rank of each arm (1 = lowest mean {metric}) at {key} = {', '.join(values)}. "
+                        f"The ranking {'changes' if changed else 'does not change'} with {key} "
+                        f"(Kendall's τ between the first and last = {tau:+.2f}); one seed per value "
+                        "unless the sweep ran more."
+                    ],
+                    [Table(["arm", *(f"{key}={v}" for v in values)], rows)],
+                )
+            )
+    return sections
+
+
+def write_axis_checks(groups: dict[str, list[Run]], out: Path) -> list[Path]:
+    """`<out>/lr_check.md` and `<out>/width_check.md` where the runs hold such families."""
+    written = []
+    checks = {
+        "lr_check": ("optim.lr", ("nll_vlb_bpd", *QUALITY_METRICS)),
+        "width_check": ("model.base_channels", ("eps_star_mse", "nll_vlb_bpd", *QUALITY_METRICS)),
+    }
+    for name, (key, metrics) in checks.items():
+        sections = axis_check(groups, key, metrics)
+        if sections:
+            path = out / f"{name}.md"
+            atomic.write_text(
+                path, markdown(f"diffbench: does the ranking of arms depend on {key}?", sections, [])
+            )
+            written.append(path)
+    return written

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diffbench.analysis.claims import PLUMBING
 from diffbench.analysis.collect import by_group, from_wandb, scan
-from diffbench.analysis.report import REPORT_HTML, build_report
+from diffbench.analysis.report import REPORT_HTML, build_report, write_axis_checks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,4 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         for claim in payload["claims"]:
             print(f"[report]   claim {claim['number']}: {claim['verdict']:<20} {claim['title']}")
         print(f"[report]   {out / group / REPORT_HTML} (and report.md, report.json, figures/)")
+    for path in write_axis_checks({group: pair[0] for group, pair in groups.items()}, out):
+        print(f"[report] {path}")
     return 0

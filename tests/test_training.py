@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
 
 from conftest import TINY
 from diffbench.config import available, compose
 from diffbench.core.diffusion import q_sample
 from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
+from diffbench.train import module as module_code
 from diffbench.train.build import build_datamodule, build_module
+from diffbench.train.module import DiffusionModule
 
 EXPERIMENTS = available("experiment")
 
@@ -100,7 +110,16 @@ def test_cli_end_to_end_from_another_directory(tmp_path: Path) -> None:
     assert (run_dir / "config.yaml").is_file() and (run_dir / "samples.png").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/loss", "val/vlb_bpd", "step"} <= set(header)
+    assert {"train/loss", "train/grad_norm", "train/clipped", "val/vlb_bpd", "step"} <= set(header)
+    optimisation = results["optimisation"]
+    assert optimisation["gradient_clip_val"] is None and optimisation["clipped_fraction"] == 0.0
+    assert optimisation["steps_measured"] == 2
+    assert 0 < optimisation["grad_norm_median"] <= optimisation["grad_norm_max"] < math.inf
+    baselines = results["evaluation"]["baselines"]
+    assert 0 < baselines["histogram_nll_bpd"] < math.log2(17)
+    assert 0 <= baselines["fd_digits_real_vs_real"] < math.inf
+    assert baselines["real_split"] == "train (8 images)"
+    assert not {"histogram_nll_bpd", "fd_digits_real_vs_real"} & set(results["metrics"])
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     (table,) = (offline / "files" / "media" / "table" / "curves").glob("vlb_terms_*.table.json")
     logged = json.loads(table.read_text())
@@ -149,3 +168,93 @@ def test_resume_keeps_only_metrics_rows_before_the_checkpoint(tmp_path: Path) ->
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0].split(",") == ["step", "train/loss", "val/loss"]
     assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 1, 2, 3, 4, 5]
+
+
+def test_logged_grad_norm_is_the_total_norm_clip_grad_norm_returns() -> None:
+    """One step by hand: the hook's norm is clip_grad_norm_'s total norm on the same gradients,
+    and measuring it leaves the gradients untouched."""
+    cfg = compose(["experiment=eps_elbo", *TINY, "trainer.gradient_clip_val=1.0"])
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule.num_levels)
+    optimizer = module.configure_optimizers()["optimizer"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer: nothing to log to
+        module.training_step(next(iter(datamodule.train_dataloader())), 0).backward()
+        grads = [p.grad.clone() for p in module.net.parameters()]
+        module.on_before_optimizer_step(optimizer)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, module.net.parameters()))
+    total = torch.nn.utils.clip_grad_norm_(module.net.parameters(), 1.0)
+    record = module.optimisation_record()
+    assert record["steps_measured"] == 1 and record["grad_norm_max"] == float(total)
+    assert record["clipped_fraction"] == float(total > 1.0) and record["gradient_clip_val"] == 1.0
+
+
+class NormBeforeClipping(Callback):
+    """clip_grad_norm_'s total norm per step, taken in the callback hook, which Lightning runs
+    before the module's hook and before it clips (an infinite threshold scales by exactly 1)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
+        self.norms.append(float(torch.nn.utils.clip_grad_norm_(module.net.parameters(), math.inf)))
+
+
+def fit(
+    module: DiffusionModule, cfg: DictConfig, steps: int, log_dir: Path, ckpt_path: Path | None = None
+) -> list[dict]:
+    """`steps` training steps in a bare Trainer with the config's clipping; metrics.csv's rows."""
+    datamodule = build_datamodule(cfg)
+    reference = NormBeforeClipping()
+    trainer = L.Trainer(
+        max_steps=steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        logger=CSVLogger(save_dir=str(log_dir), name="", version=""),
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[reference],
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(log_dir / "last.ckpt")
+    assert module.grad_norms[-len(reference.norms) :] == reference.norms
+    with (log_dir / "metrics.csv").open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row.get("train/grad_norm")]
+
+
+@pytest.mark.parametrize(("clip", "clipped"), [(None, 0.0), (1e-6, 1.0)])
+def test_every_step_logs_its_grad_norm_before_clipping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clip: float | None, clipped: float
+) -> None:
+    """Off: nothing is clipped. A tiny threshold: every step is, and the norm logged is still the
+    one before clipping (equal to the callback's, which runs first). Norms reach the host both in
+    bulk during training (every 2 steps here) and when the record is read."""
+    monkeypatch.setattr(module_code, "PENDING_STEPS", 2)
+    override = "null" if clip is None else str(clip)
+    cfg = compose(["experiment=eps_elbo", *TINY, f"trainer.gradient_clip_val={override}"])
+    module = build_module(cfg, build_datamodule(cfg).num_levels)
+    rows = fit(module, cfg, 3, tmp_path)
+    assert [int(row["step"]) for row in rows] == [0, 1, 2]
+    assert [float(row["train/clipped"]) for row in rows] == [clipped] * 3
+    logged = [float(row["train/grad_norm"]) for row in rows]
+    assert logged == pytest.approx(module.grad_norms, rel=1e-6) and min(logged) > 1e-3
+    record = module.optimisation_record()
+    assert record["clipped_fraction"] == clipped and record["steps_measured"] == 3
+    assert record["gradient_clip_val"] == clip and record["grad_norm_max"] == max(module.grad_norms)
+    assert record["grad_norm_median"] == sorted(module.grad_norms)[1]
+
+
+def test_optimisation_record_survives_resume(tmp_path: Path) -> None:
+    """Steps measured before a checkpoint come back with it, so the record covers the whole run."""
+    cfg = compose(["experiment=eps_elbo", *TINY, "trainer.gradient_clip_val=1e-6"])
+    levels = build_datamodule(cfg).num_levels
+    first = build_module(cfg, levels)
+    fit(first, cfg, 2, tmp_path / "first")
+    resumed = build_module(cfg, levels)
+    fit(resumed, cfg, 4, tmp_path / "resumed", ckpt_path=tmp_path / "first" / "last.ckpt")
+    assert resumed.grad_norms[:2] == first.grad_norms and len(resumed.grad_norms) == 4
+    assert resumed.optimisation_record()["clipped_fraction"] == 1.0
+    assert resumed.clipped_steps == 4

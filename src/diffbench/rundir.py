@@ -7,10 +7,10 @@ A run directory holds:
     metrics.csv          Lightning's CSV log (train/*, val/* against step)
     checkpoints/         step*.ckpt and last.ckpt
     results.json         written last, atomically; `status` says whether the run is complete
-    budgets.csv          the cheap metrics at each training budget, a row per budget, as they come
                          `optimisation`: gradient_clip_val, clipped_fraction, grad_norm_median/_max
                          (total norm before clipping) over steps_measured steps; `evaluation.baselines`:
                          a per-pixel histogram's NLL and the real-vs-real floor of the FD (train split)
+    budgets.csv          the cheap metrics at each training budget, a row per budget, as they come
     *.csv, *.png         per-t curves and image grids of the evaluation (CURVES, IMAGES)
     sweep.log            a sweep trial's output when trials run in parallel
 """

@@ -132,6 +132,7 @@ def train(cfg: DictConfig) -> dict:
             **(evaluation.metrics if evaluation else {}),
         },
         "evaluation": evaluation.settings if evaluation else {},
+        "optimisation": module.optimisation_record(),
         "samples": grid,
         "run_dir": str(run_dir.path),
     }

@@ -18,6 +18,7 @@ from diffbench.core.diffusion import VarianceType, q_sample
 from diffbench.core.heads import Denoiser
 from diffbench.data.base import ArrayDataModule
 from diffbench.evaluation import groundtruth
+from diffbench.evaluation.baselines import evaluate_baselines
 from diffbench.evaluation.distributed import gather_rows, generator_for, world
 from diffbench.evaluation.fidelity import sample_quality
 from diffbench.evaluation.plots import plot_curve, save_grid
@@ -296,4 +297,5 @@ def evaluate(
             evaluate_trajectory(denoiser, ev, cfg.sample.variance, datamodule.image_shape, cfg.seed, out)
         if hasattr(datamodule, "mixture"):
             result.add(**vars(evaluate_groundtruth(denoiser, datamodule, x0, samples, ev, cfg.seed, out)))
+        result.add({}, {"baselines": evaluate_baselines(datamodule, x0, ev, cfg.data.name)})
     return result, round(time.perf_counter() - start, 2)

@@ -49,6 +49,7 @@ def build_module(cfg: DictConfig, num_levels: int | None) -> DiffusionModule:
         ema_decay=cfg.optim.ema_decay,
         channels_last=cfg.speed.channels_last,
         compile=cfg.speed.compile,
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
     )
 
 

@@ -4,6 +4,7 @@ constructor arguments (objects from `diffbench.core`)."""
 from __future__ import annotations
 
 import copy
+import statistics
 
 import lightning as L
 import torch
@@ -16,6 +17,11 @@ from diffbench.core.heads import Denoiser, get_head
 from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
 from diffbench.core.weightings import LossInputs, get_weighting, importance_timesteps
 from diffbench.sampling.nll import vlb_bpd
+
+PENDING_STEPS = 100
+"""Steps of gradient norms held on the device between copies to the host."""
+OPTIMISATION_KEY = "diffbench_optimisation"
+"""Where a checkpoint keeps the per-step gradient norms."""
 
 
 class DiffusionModule(L.LightningModule):
@@ -36,6 +42,7 @@ class DiffusionModule(L.LightningModule):
         ema_decay: float = 0.999,
         channels_last: bool = False,
         compile: bool = False,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -56,6 +63,11 @@ class DiffusionModule(L.LightningModule):
         self.denoiser = Denoiser(self.ema, self.head, self.schedule, memory_format)
         """The EMA network read through the head: what samplers, likelihoods and metrics use."""
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "eps_mse", "vlb_bpd")})
+        self.grad_norms: list[float] = []
+        """Every optimizer step's gradient norm before clipping, on the host (kept in checkpoints)."""
+        self.clipped_steps = 0
+        self._pending: list[Tensor] = []
+        """(norm, clipped) per step still on the device: copied over in bulk to avoid a sync per step."""
 
     def loss_terms(
         self, x0: Tensor, t: Tensor, eps: Tensor, terms_per_draw: Tensor | int, use_ema: bool = False
@@ -98,6 +110,61 @@ class DiffusionModule(L.LightningModule):
             torch._foreach_lerp_(ema_params, list(self.net.parameters()), 1 - decay)
             for ema_buffer, buffer in zip(self.ema.buffers(), self.net.buffers()):
                 ema_buffer.copy_(buffer)
+
+    @property
+    def clipping(self) -> bool:
+        """Lightning clips by norm only for a positive `gradient_clip_val`."""
+        clip = self.hparams.gradient_clip_val
+        return clip is not None and clip > 0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the total gradient norm before Lightning clips it (right after this hook) and whether
+        the threshold bit: one threshold can clip one weighting every step and never touch another."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).detach()
+        clipped = (norm > self.hparams.gradient_clip_val).float() if self.clipping else torch.zeros_like(norm)
+        self.log("train/grad_norm", norm)
+        self.log("train/clipped", clipped)
+        self._pending.append(torch.stack([norm.float(), clipped]))
+        if len(self._pending) >= PENDING_STEPS:
+            self._collect_grad_norms()
+
+    def _collect_grad_norms(self) -> None:
+        """Move the pending per-step norms and clip flags to host floats (one copy for many steps)."""
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending).tolist()
+        self._pending.clear()
+        self.grad_norms.extend(norm for norm, _ in rows)
+        self.clipped_steps += sum(int(flag) for _, flag in rows)
+
+    def optimisation_record(self) -> dict[str, float | int | None]:
+        """The run's `optimisation` record: how often clipping acted and how large gradients were."""
+        self._collect_grad_norms()
+        norms, steps = self.grad_norms, len(self.grad_norms)
+        clip = self.hparams.gradient_clip_val
+        return {
+            "gradient_clip_val": None if clip is None else float(clip),
+            "clipped_fraction": self.clipped_steps / steps if steps else None,
+            "grad_norm_median": statistics.median(norms) if steps else None,
+            "grad_norm_max": max(norms) if steps else None,
+            "steps_measured": steps,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the per-step norms so a resumed run's record covers the steps before the crash."""
+        self._collect_grad_norms()
+        checkpoint[OPTIMISATION_KEY] = {
+            "grad_norms": torch.tensor(self.grad_norms, dtype=torch.float64),
+            "clipped_steps": self.clipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints written before the record existed start it empty (`steps_measured` says so)."""
+        record = checkpoint.get(OPTIMISATION_KEY, {"grad_norms": torch.zeros(0), "clipped_steps": 0})
+        self._pending.clear()
+        self.grad_norms = record["grad_norms"].tolist()
+        self.clipped_steps = int(record["clipped_steps"])
 
     def vlb_estimate_bpd(self, x0: Tensor, t: Tensor, prob: Tensor, generator: torch.Generator) -> Tensor:
         """L_T + L_0 + L_{t−1}/p(t) per example (bits/dim, EMA weights) for t ≥ 2 drawn with

@@ -63,10 +63,12 @@ def test_eps_star_distance_is_zero_at_the_optimum_and_weighted_by_the_elbo_off_i
 
     exact = eps_star_summary(
         eps_fn(0.0), mixture, schedule, x0, torch.Generator().manual_seed(2), count=dense
-    )
+    ).summary
     assert exact["eps_star_mse"] < 1e-10 and exact["eps_star_elbo_bpd"] < 1e-10
     assert torch.equal(logsnr_timesteps(schedule, dense)[0], torch.arange(1, T + 1))
-    off = eps_star_summary(eps_fn(0.1), mixture, schedule, x0, torch.Generator().manual_seed(2), count=dense)
+    off = eps_star_summary(
+        eps_fn(0.1), mixture, schedule, x0, torch.Generator().manual_seed(2), count=dense
+    ).summary
     weights = WEIGHTINGS["elbo"].eps_weight(HEADS["eps"], schedule, torch.arange(2, T + 1), "small")
     assert off["eps_star_mse"] == pytest.approx(0.01, rel=1e-5)
     assert off["eps_star_elbo_bpd"] == pytest.approx(0.01 * weights.sum().item() / math.log(2), rel=1e-5)

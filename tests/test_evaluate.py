@@ -12,6 +12,8 @@ from conftest import TINY
 from diffbench.cli.evaluate import main as evaluate_main
 from diffbench.cli.run import train
 from diffbench.config import compose
+from diffbench.core.diffusion import NoiseSchedule
+from diffbench.evaluation.groundtruth import logsnr_timesteps
 
 GMM = ["data=gmm", "data.num_train=256", "data.num_val=64", "data.num_test=64", "data.num_components=4"]
 
@@ -22,6 +24,7 @@ def test_gmm_run_records_ground_truth_metrics(tmp_path: Path) -> None:
     for key in (
         "nll_exact_bpd",
         "eps_star_mse",
+        "eps_star_elbo_bpd",
         "sample_true_nll_bpd",
         "nll_vlb_bpd",
         "nll_ode_bpd",
@@ -30,12 +33,15 @@ def test_gmm_run_records_ground_truth_metrics(tmp_path: Path) -> None:
         assert key in metrics and metrics[key] == metrics[key], key
     with (tmp_path / "eps_star_distance.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(float(r["t"])) for r in rows] == list(range(1, 21))
+    expected_t, _ = logsnr_timesteps(NoiseSchedule("linear", 20), 20)
+    assert [int(float(r["t"])) for r in rows] == expected_t.tolist()
     assert metrics["eps_star_mse"] == pytest.approx(
         sum(float(r["mse_to_eps_star"]) for r in rows) / len(rows)
     )
     assert results["evaluation"]["nll_ode_settings"]["dequantization"].startswith("none")
     assert (tmp_path / "eps_star_distance.png").is_file()
+    (last,) = [row for row in results["budgets"] if row["step"] == 2]
+    assert {"eps_star_mse", "eps_star_elbo_bpd", "val_vlb_bpd", "val_eps_mse"} <= set(last)
 
 
 def test_evaluate_cli_reevaluates_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

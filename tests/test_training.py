@@ -23,6 +23,7 @@ from conftest import TINY
 from diffbench.config import available, compose
 from diffbench.core.diffusion import q_sample
 from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
+from diffbench.sampling.nll import one_term_vlb_bpd
 from diffbench.train import module as module_code
 from diffbench.train.build import build_datamodule, build_module
 from diffbench.train.module import DiffusionModule
@@ -77,8 +78,14 @@ def test_validation_vlb_is_unbiased_for_the_whole_bound(name: str) -> None:
     with torch.no_grad():
         expectation = sum(
             probs[t - 2]
-            * module.vlb_estimate_bpd(
-                x0, torch.full((3,), t), probs[t - 2].expand(3), torch.Generator().manual_seed(7)
+            * one_term_vlb_bpd(
+                module.denoiser,
+                schedule,
+                x0,
+                datamodule.num_levels,
+                torch.Generator().manual_seed(7),
+                torch.full((3,), t),
+                probs[t - 2].expand(3),
             )
             for t in range(2, T + 1)
         )
@@ -99,13 +106,16 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_end_to_end_from_another_directory(tmp_path: Path) -> None:
-    proc = run_cli(["experiment=eps_elbo", *TINY, "run.root=out"], cwd=tmp_path)
+    proc = run_cli(["experiment=eps_elbo", *TINY, "run.root=out", "eval.budget_base=1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "out" / "eps_elbo").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "complete" and results["steps"] == 2
     assert results["head"] == "eps" and results["weighting"] == "elbo" and results["arm"] == "eps_elbo"
     assert results["schema_version"] == 2
+    assert [row["step"] for row in results["budgets"]] == [1, 2]
+    assert {"val_vlb_bpd", "val_eps_mse", "fd_digits", "kid_digits"} <= set(results["budgets"][0])
+    assert len((run_dir / "budgets.csv").read_text().splitlines()) == 3
     assert {"val/loss", "val/eps_mse", "val/vlb_bpd"} <= set(results["metrics"])
     assert (run_dir / "config.yaml").is_file() and (run_dir / "samples.png").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -18,7 +18,9 @@ from diffbench.config import ConfigError, compose
 from diffbench.core.heads import HEADS
 from diffbench.core.unet import count_parameters
 from diffbench.core.weightings import WEIGHTINGS
+from diffbench.data.base import ArrayDataModule
 from diffbench.data.vision import DatasetMissingError
+from diffbench.evaluation.budget import budget_metrics, budget_steps
 from diffbench.evaluation.evaluate import evaluate
 from diffbench.evaluation.fidelity import (
     INCEPTION_DATASETS,
@@ -38,6 +40,7 @@ from diffbench.rundir import (
     media_key,
 )
 from diffbench.sampling.samplers import ddpm_ancestral
+from diffbench.train.budgets import BudgetEvaluation
 from diffbench.train.build import build_datamodule, build_module, build_trainer
 from diffbench.train.callbacks import keep_previous_metrics
 from diffbench.train.module import DiffusionModule
@@ -84,7 +87,12 @@ def train(cfg: DictConfig) -> dict:
         return done
     datamodule.train_samples = cfg.trainer.max_steps * cfg.data.batch_size
     module = build_module(cfg, datamodule.num_levels)
-    trainer = build_trainer(cfg, run_dir.path)
+    budgets = BudgetEvaluation(
+        budget_steps(cfg.trainer.max_steps, cfg.eval.budget_base),
+        lambda module: measure_budget(module, datamodule, cfg),
+        run_dir.write_budgets,
+    )
+    trainer = build_trainer(cfg, run_dir.path, [budgets])
     num_params = count_parameters(module.net)
     if trainer.is_global_zero:
         run_dir.write_config(cfg)
@@ -133,6 +141,7 @@ def train(cfg: DictConfig) -> dict:
         },
         "evaluation": evaluation.settings if evaluation else {},
         "optimisation": module.optimisation_record(),
+        "budgets": budgets.rows,
         "samples": grid,
         "run_dir": str(run_dir.path),
     }
@@ -141,6 +150,17 @@ def train(cfg: DictConfig) -> dict:
     trainer.loggers[0].experiment.finish()
     print_summary(results)
     return results
+
+
+def measure_budget(module: DiffusionModule, datamodule: ArrayDataModule, cfg: DictConfig) -> dict[str, float]:
+    """The cheap metrics of the EMA network in eval mode, with torch's random state set aside
+    and restored, so a budget measurement cannot change the training that follows it."""
+    with torch.random.fork_rng(devices=[]):
+        mode = module.ema.training
+        module.ema.eval()
+        metrics = budget_metrics(module.denoiser, datamodule, cfg)
+        module.ema.train(mode)
+    return metrics
 
 
 def log_to_wandb(logger: WandbLogger, results: dict, run_dir: RunDir, step: int) -> None:

@@ -16,6 +16,7 @@ from diffbench.data.base import ArrayDataModule
 from diffbench.evaluation.distributed import generator_for
 from diffbench.evaluation.fidelity import sample_quality
 from diffbench.evaluation.groundtruth import eps_star_summary
+from diffbench.rundir import METRIC_INFO
 from diffbench.sampling import samplers
 from diffbench.sampling.nll import importance_vlb_bpd
 
@@ -53,7 +54,12 @@ def budget_metrics(denoiser: Denoiser, datamodule: ArrayDataModule, cfg: DictCon
     if ev.budget_samples:
         shape = (ev.budget_samples, *datamodule.image_shape)
         samples = samplers.sample(
-            "ddim", denoiser, schedule, shape, generator, steps=ev.budget_sampler_steps
+            "ddim",
+            denoiser,
+            schedule,
+            shape,
+            generator,
+            steps=min(ev.budget_sampler_steps, schedule.num_timesteps),
         ).samples
         quality = sample_quality(
             samples,
@@ -63,8 +69,10 @@ def budget_metrics(denoiser: Denoiser, datamodule: ArrayDataModule, cfg: DictCon
             inception_weights=ev.inception_weights,
             data_root=getattr(datamodule, "root", "data"),
         )
-        metrics.update({k: float(v) for k, v in quality.items() if k.startswith(("fd", "fid", "kid_"))})
+        metrics.update({k: float(v) for k, v in quality.items() if k in METRIC_INFO})
     if hasattr(datamodule, "mixture"):
-        metrics.update(eps_star_summary(denoiser, datamodule.mixture, schedule, x0, generator, variance))
+        metrics.update(
+            eps_star_summary(denoiser, datamodule.mixture, schedule, x0, generator, variance).summary
+        )
     metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
     return metrics

@@ -249,24 +249,28 @@ def evaluate_groundtruth(
     seed: int,
     out: RunDir,
 ) -> Evaluation:
-    """gmm only: exact NLL, distance of the implied ε̂ to the optimal ε* per t, and how likely
-    the samples are under the true density."""
+    """gmm only: exact NLL, the distance of the implied ε̂ to the optimal ε* at log-SNR-spaced t
+    (plain and ELBO-weighted), and how likely the samples are under the true density."""
     mixture = datamodule.mixture
     device = denoiser.device
-    num_timesteps = denoiser.schedule.num_timesteps
-    timesteps = torch.linspace(1, num_timesteps, cfg.gmm_timesteps).round().long().to(device)
-    distance = groundtruth.eps_star_distance(
-        denoiser, mixture, denoiser.schedule, x0.to(device), timesteps, generator_for(seed, 5, device)
+    profile = groundtruth.eps_star_summary(
+        denoiser,
+        mixture,
+        denoiser.schedule,
+        x0.to(device),
+        generator_for(seed, 5, device),
+        cfg.diffusion.variance,
+        count=cfg.eval.gmm_timesteps,
     )
-    out.write_curve(EPS_STAR_DISTANCE, timesteps.cpu().tolist(), distance.cpu().tolist())
-    plot_curve(timesteps, distance, out / EPS_STAR_DISTANCE.png, EPS_STAR_DISTANCE, logy=True)
+    out.write_curve(EPS_STAR_DISTANCE, profile.timesteps.tolist(), profile.distance.tolist())
+    plot_curve(profile.timesteps, profile.distance, out / EPS_STAR_DISTANCE.png, EPS_STAR_DISTANCE, logy=True)
     exact = groundtruth.exact_nll_bpd(mixture, x0)
     mean, stderr = nll.mean_and_stderr(exact)
     return Evaluation(
         {
             "nll_exact_bpd": mean,
             "nll_exact_bpd_stderr": stderr,
-            "eps_star_mse": float(distance.mean()),
+            **profile.summary,
             "sample_true_nll_bpd": groundtruth.sample_log_density_bpd(mixture, samples),
         }
     )
@@ -296,6 +300,6 @@ def evaluate(
         if ev.trajectory_images:
             evaluate_trajectory(denoiser, ev, cfg.sample.variance, datamodule.image_shape, cfg.seed, out)
         if hasattr(datamodule, "mixture"):
-            result.add(**vars(evaluate_groundtruth(denoiser, datamodule, x0, samples, ev, cfg.seed, out)))
+            result.add(**vars(evaluate_groundtruth(denoiser, datamodule, x0, samples, cfg, cfg.seed, out)))
         result.add({}, {"baselines": evaluate_baselines(datamodule, x0, ev, cfg.data.name)})
     return result, round(time.perf_counter() - start, 2)

@@ -119,7 +119,8 @@ def accuracy(model: SmallClassifier, images: Tensor, labels: Tensor, batch_size:
 def train_classifier(
     spec: ClassifierSpec, data: dict[str, tuple[Tensor, Tensor]], device: torch.device
 ) -> tuple[SmallClassifier, float]:
-    """Adam on cross-entropy for a fixed number of epochs, seeded; returns the model and its test accuracy."""
+    """Adam on cross-entropy for a fixed number of epochs, seeded; returns the model and its test
+    accuracy. Gradients are on whatever the caller's mode (an evaluation may run under no_grad)."""
     images, labels = (t.to(device) for t in data["train"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -127,13 +128,14 @@ def train_classifier(
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
     generator = torch.Generator().manual_seed(spec.seed)
     model.train()
-    for _ in range(spec.epochs):
-        for batch in torch.randperm(len(images), generator=generator).split(spec.batch_size):
-            batch = batch.to(device)
-            loss = F.cross_entropy(model(images[batch])[1], labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with torch.enable_grad():
+        for _ in range(spec.epochs):
+            for batch in torch.randperm(len(images), generator=generator).split(spec.batch_size):
+                batch = batch.to(device)
+                loss = F.cross_entropy(model(images[batch])[1], labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     return model, accuracy(model, *data["test"])
 
 

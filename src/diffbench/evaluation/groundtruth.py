@@ -9,6 +9,7 @@ arguments; densities are continuous on the data's [−1, 1] scale, so bits/dim c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -81,6 +82,15 @@ def logsnr_timesteps(schedule: NoiseSchedule, count: int) -> tuple[Tensor, Tenso
     return t, width
 
 
+@dataclass(frozen=True)
+class EpsStarProfile:
+    """E‖ε̂ − ε*‖²/D at log-SNR-spaced t, and its two summaries."""
+
+    timesteps: Tensor
+    distance: Tensor
+    summary: dict[str, float]
+
+
 def eps_star_summary(
     eps_fn: EpsFn,
     mixture: DiffusedMixture,
@@ -89,7 +99,7 @@ def eps_star_summary(
     generator: torch.Generator,
     variance: VarianceType = "small",
     count: int = 20,
-) -> dict[str, float]:
+) -> EpsStarProfile:
     """The model's distance to the optimal ε*, plain (mean over log-SNR-spaced t) and weighted by
     the ELBO (Σ_t w_ε(t)·E‖ε̂ − ε*‖², in bits/dim): the reducible part of the bound's t ≥ 2 terms,
     which is zero exactly when the model is the optimum."""
@@ -100,4 +110,5 @@ def eps_star_summary(
     )
     keep = t >= 2
     elbo_bpd = (width * weight * distance)[keep].sum() / math.log(2)
-    return {"eps_star_mse": float(distance.mean()), "eps_star_elbo_bpd": float(elbo_bpd)}
+    summary = {"eps_star_mse": float(distance.mean()), "eps_star_elbo_bpd": float(elbo_bpd)}
+    return EpsStarProfile(t, distance, summary)

@@ -132,21 +132,18 @@ def vlb_bpd(
     )
 
 
-def importance_vlb_bpd(
+def one_term_vlb_bpd(
     eps_fn: EpsFn,
     schedule: NoiseSchedule,
     x0: Tensor,
     num_levels: int | None,
     generator: torch.Generator,
+    t: Tensor,
+    prob: Tensor,
     variance: VarianceType = "small",
 ) -> Tensor:
-    """L_T + L_0 + L_{t−1}/p(t) per example (bits/dim) for one t ≥ 2 per image drawn with p(t) ∝
-    the ELBO's ε-weight, where its terms are large: unbiased for the whole bound and about 40×
-    less spread than a uniform t, whose rare small-t draws dominate; the decoder L_0 is evaluated
-    for every image rather than drawn."""
-    steps = torch.arange(2, schedule.num_timesteps + 1, device=x0.device)
-    proposal = WEIGHTINGS["elbo"].eps_weight(HEADS["eps"], schedule, steps, variance)
-    t, prob = importance_timesteps(proposal / proposal.sum(), len(x0), generator)
+    """L_T + L_0 + L_{t−1}/p(t) per example (bits/dim) for one t ≥ 2 per image drawn with
+    probability p(t): unbiased for the whole bound, the decoder L_0 evaluated for every image."""
     first = torch.ones_like(t)
     return vlb_bpd(
         eps_fn,
@@ -159,6 +156,22 @@ def importance_vlb_bpd(
         weights=torch.stack([torch.ones_like(prob), 1 / prob], dim=1),
         batch_timesteps=2,
     ).total_bpd
+
+
+def importance_vlb_bpd(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    num_levels: int | None,
+    generator: torch.Generator,
+    variance: VarianceType = "small",
+) -> Tensor:
+    """`one_term_vlb_bpd` with p(t) ∝ the ELBO's ε-weight, where its terms are large: about 40×
+    less spread than a uniform t, whose rare small-t draws dominate the estimate."""
+    steps = torch.arange(2, schedule.num_timesteps + 1, device=x0.device)
+    proposal = WEIGHTINGS["elbo"].eps_weight(HEADS["eps"], schedule, steps, variance)
+    t, prob = importance_timesteps(proposal / proposal.sum(), len(x0), generator)
+    return one_term_vlb_bpd(eps_fn, schedule, x0, num_levels, generator, t, prob, variance)
 
 
 @dataclass(frozen=True)

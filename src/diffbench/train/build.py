@@ -4,10 +4,11 @@ keys become constructor arguments."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,9 +54,9 @@ def build_module(cfg: DictConfig, num_levels: int | None) -> DiffusionModule:
     )
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    """Lightning's Trainer with the W&B and CSV loggers and step checkpoints; `cfg.trainer` is
-    passed through unchanged."""
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> L.Trainer:
+    """Lightning's Trainer with the W&B and CSV loggers, step checkpoints and the given callbacks;
+    `cfg.trainer` is passed through unchanged."""
     quiet_wandb_environment()
     head, weighting = cfg.objective.head, cfg.objective.weighting
     wandb_logger = WandbLogger(
@@ -84,5 +85,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         check_val_every_n_epoch=None,
         default_root_dir=str(run_dir),
         logger=[wandb_logger, csv_logger],
-        callbacks=[FlushCSVOnCheckpoint(), checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[
+            FlushCSVOnCheckpoint(),
+            *callbacks,
+            checkpoint,
+            LearningRateMonitor(logging_interval="step"),
+        ],
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,8 +16,8 @@ from diffbench.core import diffusion
 from diffbench.core.diffusion import NoiseSchedule, VarianceType
 from diffbench.core.heads import Denoiser, get_head
 from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
-from diffbench.core.weightings import LossInputs, get_weighting, importance_timesteps
-from diffbench.sampling.nll import vlb_bpd
+from diffbench.core.weightings import LossInputs, get_weighting
+from diffbench.sampling.nll import importance_vlb_bpd
 
 PENDING_STEPS = 100
 """Steps of gradient norms held on the device between copies to the host."""
@@ -70,10 +71,17 @@ class DiffusionModule(L.LightningModule):
         """(norm, clipped) per step still on the device: copied over in bulk to avoid a sync per step."""
 
     def loss_terms(
-        self, x0: Tensor, t: Tensor, eps: Tensor, terms_per_draw: Tensor | int, use_ema: bool = False
+        self,
+        x0: Tensor,
+        t: Tensor,
+        eps: Tensor,
+        terms_per_draw: Tensor | int,
+        use_ema: bool = False,
+        diagnostics: bool = True,
     ) -> dict[str, Tensor]:
-        """Per-example loss of the arm's weighting, ε-space squared error and one-sample VLB
-        estimate (bits/dim)."""
+        """Per-example loss of the arm's weighting and ε-space squared error; with `diagnostics`,
+        also the one-sample VLB estimate (bits/dim), unbiased for any t-distribution since each
+        term counts for the terms its draw stands for."""
         alpha_bar = self.schedule.at(self.schedule.alphas_cumprod, t, x0.ndim)
         xt = diffusion.q_sample(x0.double(), eps.double(), alpha_bar).float()
         output = (self.denoiser if use_ema else self.online).output(xt, t)
@@ -82,28 +90,39 @@ class DiffusionModule(L.LightningModule):
         eps_hat = self.head.to_eps(output.double(), xt.double(), alpha_bar)
         levels = self.hparams.num_levels
         variance = self.hparams.variance
-        vlb_nats = self.num_timesteps * vlb_term(self.schedule, x0, xt, t, eps_hat, levels, variance)
-        vlb_bpd = nats_to_bpd(vlb_nats + prior_kl(self.schedule, x0), num_dims)
         batch = LossInputs(x0, xt, t, output, target, terms_per_draw, levels, variance)
-        loss = self.weighting.loss(self.head, self.schedule, batch)
-        eps_mse = (eps_hat - eps.double()).pow(2).flatten(1).mean(1)
-        return {"loss": loss, "eps_mse": eps_mse, "vlb_bpd": vlb_bpd}
+        terms = {
+            "loss": self.weighting.loss(self.head, self.schedule, batch),
+            "eps_mse": (eps_hat - eps.double()).pow(2).flatten(1).mean(1),
+        }
+        if diagnostics:
+            vlb_nats = terms_per_draw * vlb_term(self.schedule, x0, xt, t, eps_hat, levels, variance)
+            terms["vlb_bpd"] = nats_to_bpd(vlb_nats + prior_kl(self.schedule, x0), num_dims)
+        return terms
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x0 = batch[0]
         t, terms_per_draw = self.weighting.sample_timesteps(
             self.schedule, len(x0), self.device, self.hparams.variance
         )
-        terms = self.loss_terms(x0, t, torch.randn_like(x0), terms_per_draw)
+        logging = self.trainer._logger_connector.should_update_logs if self._trainer else True
+        terms = self.loss_terms(x0, t, torch.randn_like(x0), terms_per_draw, diagnostics=logging)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/eps_mse", terms["eps_mse"].mean())
-        self.log("train/vlb_bpd", terms["vlb_bpd"].mean())
+        if logging:
+            self.log("train/vlb_bpd", terms["vlb_bpd"].mean())
         return loss.float()
 
-    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
-        """EMA with a short warm-up so brief runs are not dominated by the initial weights."""
-        step = self.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The EMA follows each optimizer step inside it, so checkpoints and per-budget measurements
+        taken at the end of a batch see the EMA of that very step."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema(self.global_step + 1)
+
+    def update_ema(self, step: int) -> None:
+        """EMA with a short warm-up so brief runs are not dominated by the initial weights; `step`
+        counts optimizer steps including this one."""
         decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             ema_params = list(self.ema.parameters())
@@ -166,22 +185,6 @@ class DiffusionModule(L.LightningModule):
         self.grad_norms = record["grad_norms"].tolist()
         self.clipped_steps = int(record["clipped_steps"])
 
-    def vlb_estimate_bpd(self, x0: Tensor, t: Tensor, prob: Tensor, generator: torch.Generator) -> Tensor:
-        """L_T + L_0 + L_{t−1}/p(t) per example (bits/dim, EMA weights) for t ≥ 2 drawn with
-        probability p(t): unbiased for the whole bound, the decoder L_0 evaluated for every image."""
-        first = torch.ones_like(t)
-        return vlb_bpd(
-            self.denoiser,
-            self.schedule,
-            x0,
-            self.hparams.num_levels,
-            generator,
-            variance=self.hparams.variance,
-            timesteps=torch.stack([first, t], dim=1),
-            weights=torch.stack([torch.ones_like(prob), 1 / prob], dim=1),
-            batch_timesteps=2,
-        ).total_bpd
-
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         """Same timesteps and noise for every arm and every validation pass (seeded by batch). The
         VLB is importance-sampled with p(t) ∝ the ELBO's ε-weight, where its terms are large: a
@@ -191,10 +194,8 @@ class DiffusionModule(L.LightningModule):
         t = torch.randint(1, self.num_timesteps + 1, (len(x0),), device=self.device, generator=generator)
         eps = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         terms = self.loss_terms(x0, t, eps, self.num_timesteps, use_ema=True)
-        steps = torch.arange(2, self.num_timesteps + 1, device=self.device)
-        proposal = get_weighting("elbo").eps_weight(self.head, self.schedule, steps, self.hparams.variance)
-        t_vlb, prob = importance_timesteps(proposal / proposal.sum(), len(x0), generator)
-        terms["vlb_bpd"] = self.vlb_estimate_bpd(x0, t_vlb, prob, generator)
+        levels, variance = self.hparams.num_levels, self.hparams.variance
+        terms["vlb_bpd"] = importance_vlb_bpd(self.denoiser, self.schedule, x0, levels, generator, variance)
         if self.weighting.is_bound:
             terms["loss"] = terms["vlb_bpd"]
         for name, metric in self.val_metrics.items():

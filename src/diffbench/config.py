@@ -55,7 +55,12 @@ def load_choice(group: str, name: str) -> DictConfig:
             f"Pick one of them (e.g. {group}={available(group)[0] if available(group) else '…'}) "
             f"or add {name}.yaml to {folders}."
         )
-    return OmegaConf.load(path)
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"{path} is not valid YAML ({error}); fix the file or pick another {group}."
+        ) from error
 
 
 def parse_value(raw: str) -> object:

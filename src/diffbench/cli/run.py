@@ -14,18 +14,15 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
+from diffbench.cli.checks import check_settings
 from diffbench.config import ConfigError, compose
-from diffbench.core.heads import HEADS
 from diffbench.core.unet import count_parameters
-from diffbench.core.weightings import WEIGHTINGS
 from diffbench.data.base import ArrayDataModule
 from diffbench.data.vision import DatasetMissingError
 from diffbench.evaluation.budget import budget_metrics, budget_steps
 from diffbench.evaluation.evaluate import evaluate
 from diffbench.evaluation.fidelity import (
-    INCEPTION_DATASETS,
     InceptionWeightsMissingError,
-    resolve_inception_weights,
 )
 from diffbench.evaluation.plots import save_grid
 from diffbench.rundir import (
@@ -41,7 +38,7 @@ from diffbench.rundir import (
 )
 from diffbench.sampling.samplers import ddpm_ancestral
 from diffbench.train.budgets import BudgetEvaluation
-from diffbench.train.build import build_datamodule, build_module, build_trainer
+from diffbench.train.build import build_datamodule, build_module, build_trainer, set_threads
 from diffbench.train.callbacks import keep_previous_metrics
 from diffbench.train.module import DiffusionModule
 
@@ -191,36 +188,14 @@ def print_summary(results: dict) -> None:
     )
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """Catch settings that would only fail after training."""
-    T, K = cfg.diffusion.num_timesteps, cfg.eval.vlb_timesteps
-    if K and (2 * K > T or T % K):
-        raise ConfigError(
-            f"eval.vlb_timesteps={K} must divide diffusion.num_timesteps={T} into strata of at least "
-            "two steps (or be 0 for all T terms)."
-        )
-    head, weighting = cfg.objective.head, cfg.objective.weighting
-    if head not in HEADS:
-        raise ConfigError(f"head={head!r} is not a head; choose one of {', '.join(HEADS)} (e.g. head=eps).")
-    if weighting == "simple":
-        raise ConfigError(
-            "weighting=simple is now called weighting=own (the head's own unweighted MSE); "
-            "the eps_simple, x0_simple and score_simple presets keep their names."
-        )
-    if weighting not in WEIGHTINGS:
-        raise ConfigError(
-            f"weighting={weighting!r} is not a weighting; choose one of {', '.join(WEIGHTINGS)} "
-            "(docs/math.md lists what each one weighs)."
-        )
-    if cfg.eval.enabled and cfg.data.name in INCEPTION_DATASETS:
-        resolve_inception_weights(cfg.eval.inception_weights)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         cfg = compose(args)
         check_settings(cfg)
+        print(
+            f"[diffbench] {set_threads(cfg)} torch thread(s) (speed.threads or $DIFFBENCH_THREADS to change)"
+        )
         train(cfg)
     except (ConfigError, DatasetMissingError, InceptionWeightsMissingError) as error:
         print(f"diffbench.run: {error}", file=sys.stderr)

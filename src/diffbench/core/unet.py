@@ -88,7 +88,8 @@ class AttentionBlock(nn.Module):
         """`emb` is unused; it is accepted so every block of a stage has one signature."""
         b, c, height, width = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, -1)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)
+        # Contiguous q, k, v let scaled_dot_product_attention take its fused kernel.
+        q, k, v = (part.contiguous() for part in qkv.transpose(-1, -2).unbind(dim=1))
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, height, width))
 

@@ -3,11 +3,13 @@ keys become constructor arguments."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +25,18 @@ from diffbench.train.module import DiffusionModule
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+
+
+THREADS_ENV = "DIFFBENCH_THREADS"
+
+
+def set_threads(cfg: DictConfig) -> int:
+    """torch's intra-op threads for this process: `speed.threads`, else $DIFFBENCH_THREADS (the
+    sweep sets it to cores / parallel trials), else every core. Chosen, never torch's guess: two
+    processes each using every core slow each other down many times over."""
+    threads = cfg.speed.threads or int(os.environ.get(THREADS_ENV, 0)) or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
 
 
 def build_datamodule(cfg: DictConfig) -> ArrayDataModule:
@@ -51,6 +65,7 @@ def build_module(cfg: DictConfig, num_levels: int | None) -> DiffusionModule:
         channels_last=cfg.speed.channels_last,
         compile=cfg.speed.compile,
         gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        fused=cfg.speed.fused_adamw,
     )
 
 
@@ -80,6 +95,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
         save_top_k=-1,
     )
     trainer_args = {k: v for k, v in cfg.trainer.items() if k != "name"}
+    # A run shorter than the validation interval validates at its end rather than failing.
+    trainer_args["val_check_interval"] = min(cfg.trainer.val_check_interval, cfg.trainer.max_steps)
     return L.Trainer(
         **OmegaConf.to_container(OmegaConf.create(trainer_args)),
         check_val_every_n_epoch=None,

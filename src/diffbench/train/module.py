@@ -25,6 +25,14 @@ OPTIMISATION_KEY = "diffbench_optimisation"
 """Where a checkpoint keeps the per-step gradient norms."""
 
 
+def optimizer_implementation(fused: bool, device: torch.device) -> dict[str, bool]:
+    """AdamW's fused kernel where the device has one (about 1.1x per step on CPU), else foreach:
+    the same update to float tolerance, so the choice is speed, not science."""
+    if fused and device.type in ("cpu", "cuda"):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 class DiffusionModule(L.LightningModule):
     """One arm: a head (how the output becomes ε̂) trained with a weighting (how much each t counts)."""
 
@@ -44,6 +52,7 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         gradient_clip_val: float | None = None,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -208,7 +217,10 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.net.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            **optimizer_implementation(self.hparams.fused, self.device),
         )
         warmup = max(1, self.hparams.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))

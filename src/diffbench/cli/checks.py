@@ -96,7 +96,7 @@ def check_sizes(cfg: DictConfig) -> None:
     interval = cfg.trainer.val_check_interval
     need(
         positive_int(interval),
-        f"trainer.val_check_interval={interval!r} must be a positive integer (validate every that many steps).",
+        f"trainer.val_check_interval={interval!r} must be a positive integer (steps between validations).",
     )
     K = cfg.eval.vlb_timesteps
     need(

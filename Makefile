@@ -16,19 +16,21 @@ JOBS ?= 0
 .PHONY: help install test run sweep report lint format clean
 
 help:
-	@echo "make install           create .venv and install diffbench with its dev tools"
+	@echo "make install           create .venv and install diffbench with its dev and bench tools"
 	@echo "make test              run the test suite (what CI runs)"
 	@echo "make run EXP=eps_simple [ARGS='trainer.max_steps=500 seed=3']   train and evaluate one arm"
 	@echo "make sweep OBJ=all [PROFILE=smoke|default|full] [DATA=digits] [SEEDS=3] [GPUS=0] [ARGS='…']"
 	@echo "                       train + evaluate every selected arm x seed, then print the summary"
+	@echo "                       OBJ=grid: every head x {elbo, elbo_is, eps, own}; OBJ=weightings: eps head x every weighting"
+	@echo "make sweep OBJ=lr [LR_OF=all|grid|…]  the arms of sweep LR_OF at optim.lr 3e-4, 1e-3, 3e-3 on seed 0"
 	@echo "make report [WANDB=entity/project]  verdicts, tables and figures from every finished run under runs/ -> runs/report/"
 	@echo "make lint / format     ruff check / ruff format"
 	@echo "make clean             remove caches (keeps runs/ and .venv)"
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,7 +43,8 @@ run: $(STAMP)
 
 sweep: $(STAMP)
 	$(PY) -m diffbench.sweep --obj "$(OBJ)" --profile "$(PROFILE)" --gpus "$(GPUS)" --jobs "$(JOBS)" \
-		$(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") --args "$(ARGS)"
+		$(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(LR_OF),--lr-of "$(LR_OF)") \
+		--args "$(ARGS)"
 
 report: $(STAMP)
 	$(PY) -m diffbench.report --runs runs $(if $(WANDB),--wandb "$(WANDB)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
+from torch.utils.data import DistributedSampler
 
 from diffbench.core.diffusion import NoiseSchedule
 from diffbench.data import gmm
@@ -184,6 +186,60 @@ def test_datamodule_splits_are_float_images_fixed_by_the_seed() -> None:
     assert not torch.equal(datamodule.split("val")[:50], datamodule.split("test")[:50])
     (batch,) = next(iter(datamodule.train_dataloader()))
     assert batch.shape == (datamodule.batch_size, 1, 8, 8)
+
+
+def train_batches(datamodule: GMMDataModule, steps: int) -> list[Tensor]:
+    """The training loader's batches for a run of `steps` steps, as the run command sets it up."""
+    datamodule.train_samples = steps * datamodule.batch_size
+    return [batch for (batch,) in datamodule.train_dataloader()]
+
+
+def test_fresh_batches_are_new_draws_and_a_rerun_repeats_them() -> None:
+    sizes = {"num_train": 64, "num_val": 16, "num_test": 16, "batch_size": 32}
+    batches = train_batches(GMMDataModule(**sizes, seed=5), steps=7)
+    assert len(batches) == 7
+    assert all(b.shape == (32, 1, 8, 8) and b.dtype == torch.float32 for b in batches)
+    rerun = train_batches(GMMDataModule(**sizes, seed=5), steps=7)
+    assert all(torch.equal(a, b) for a, b in zip(batches, rerun, strict=True))
+    rows = torch.cat(batches).flatten(1)
+    assert len(rows.unique(dim=0)) == len(rows), "no sample is drawn twice"
+    train_split = GMMDataModule(**sizes, seed=5).split("train").flatten(1)
+    assert not (rows[:, None] == train_split[None]).all(-1).any(), "fresh batches do not reuse the split"
+    other_seed = train_batches(GMMDataModule(**sizes, seed=6), steps=7)
+    assert not any(torch.equal(a, b) for a, b in zip(batches, other_seed, strict=True))
+
+
+def test_fixed_samples_cycle_over_the_train_split() -> None:
+    datamodule = GMMDataModule(num_train=64, num_val=16, num_test=16, batch_size=32, fresh_samples=False)
+    rows = torch.cat(train_batches(datamodule, steps=6)).flatten(1)
+    assert rows.shape == (6 * 32, 64)
+    train_split = datamodule.split("train").flatten(1)
+    assert (rows[:, None] == train_split[None]).all(-1).any(1).all(), "every row comes from the split"
+    assert len(rows.unique(dim=0)) == 64, "three passes over the 64 training samples"
+
+
+def test_ddp_processes_get_their_own_fresh_batches() -> None:
+    """Lightning deals a map-style dataset out with DistributedSampler(shuffle=False): each of two
+    processes must get all its steps' batches, none shared with the other process."""
+    datamodule = GMMDataModule(num_train=64, num_val=16, num_test=16, batch_size=16, seed=1)
+    datamodule.train_samples = 5 * datamodule.batch_size
+    datamodule.trainer = SimpleNamespace(world_size=2)
+    dataset = datamodule.train_dataloader().dataset
+    dealt = [list(DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=False)) for r in range(2)]
+    assert [len(indices) for indices in dealt] == [5, 5]
+    assert not set(dealt[0]) & set(dealt[1])
+
+
+def test_fresh_samples_match_the_mixture_moments() -> None:
+    datamodule = GMMDataModule(num_train=64, num_val=16, num_test=16, batch_size=1000, seed=2)
+    samples = torch.cat(train_batches(datamodule, steps=40)).flatten(1).double()
+    n = len(samples)
+    mixture = datamodule.mixture
+    variances = mixture.covariance().diagonal()
+    assert ((samples.mean(0) - mixture.mean()).abs() < 5 * (variances / n).sqrt()).all()
+    # A Gaussian's covariance entries have sampling error ≤ √(2 Var_i Var_j / n); allow for heavier tails.
+    bound = 6 * (2 * variances[:, None] * variances[None, :] / n).sqrt()
+    assert ((samples.T.cov() - mixture.covariance()).abs() < bound).all()
 
 
 def exact_eps_fn(mixture: DiffusedMixture, schedule: NoiseSchedule) -> EpsFn:

@@ -4,29 +4,43 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import sweeps as wandb_sweeps
+import torch
 import yaml
 
 from conftest import TINY
-from diffbench.cli.run import check_settings
+from diffbench.analysis.collect import config_group
+from diffbench.analysis.summary import summarize_trials
+from diffbench.cli.checks import check_settings
 from diffbench.cli.sweep import (
+    LEARNING_RATES,
+    apply_options,
     expand_grid,
     load_sweep,
     main,
     parse_seeds,
+    summary_sets,
+    summary_stem,
     sweeps_dir,
     trial_command,
+    trial_dirs,
     trial_overrides,
 )
 from diffbench.config import ConfigError, compose
+from diffbench.core.heads import HEADS
+from diffbench.core.weightings import WEIGHTINGS
+from diffbench.rundir import RunDir, arm_label
+from diffbench.train.build import build_datamodule, build_module
 
 SWEEP_FILES = sorted(sweeps_dir().glob("*.yaml"))
 
@@ -37,15 +51,120 @@ def test_sweep_yaml_is_valid_for_wandb_and_every_point_composes(path: Path) -> N
     assert wandb_sweeps.schema_violations_from_proposed_config(sweep) == []
     assert sweep["method"] == "grid" and "${args_no_hyphens}" in sweep["command"]
     points = expand_grid(sweep)
-    assert len(points) == len(sweep["parameters"]["experiment"]["values"]) * len(
-        sweep["parameters"]["seed"]["values"]
-    )
+    sizes = [len(spec["values"]) if "values" in spec else 1 for spec in sweep["parameters"].values()]
+    assert len(points) == math.prod(sizes) and len({tuple(p.items()) for p in points}) == len(points)
     for point in points:
         command = trial_command(sweep, point)
         assert command[:3] == [sys.executable, "-m", "diffbench.run"]
         cfg = compose(trial_overrides(command))
         check_settings(cfg)
-        assert cfg.experiment == point["experiment"] and cfg.seed == point["seed"]
+        assert cfg.seed == point["seed"]
+        assert cfg.experiment == point.get("experiment", "custom")
+        assert cfg.objective.head == point.get("head", cfg.objective.head)
+        assert cfg.objective.weighting == point.get("weighting", cfg.objective.weighting)
+
+
+def composed_arms(sweep: dict) -> Counter[tuple[str, str]]:
+    """How many trials of each (head, weighting) a sweep runs, read from the composed configs."""
+    configs = (compose(trial_overrides(trial_command(sweep, point))) for point in expand_grid(sweep))
+    return Counter((cfg.objective.head, cfg.objective.weighting) for cfg in configs)
+
+
+GRID_WEIGHTINGS = ("elbo", "elbo_is", "eps", "own")
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        ("grid", {(head, weighting) for head in HEADS for weighting in GRID_WEIGHTINGS}),
+        ("weightings", {("eps", weighting) for weighting in WEIGHTINGS}),
+    ],
+)
+def test_grid_sweeps_run_exactly_their_head_weighting_pairs(obj: str, expected: set[tuple[str, str]]) -> None:
+    sweep = load_sweep(obj)
+    assert "experiment" not in sweep["parameters"]
+    arms = composed_arms(sweep)
+    assert set(arms) == expected and set(arms.values()) == {3}, "each pair once per seed 0, 1, 2"
+    points = expand_grid(sweep)
+    dirs = trial_dirs(sweep, points)
+    assert len(set(dirs)) == len(points)
+    for point, directory in zip(points, dirs, strict=True):
+        assert directory.parent.name == arm_label(point["head"], point["weighting"])
+        assert directory.parents[1].name == "default-digits" and directory.name.startswith(
+            f"s{point['seed']}-"
+        )
+    assert len({d.parent.name for d in dirs}) == len(expected), "one arm folder per pair"
+
+
+def pairs_of_grid_sweeps() -> list[tuple[str, str]]:
+    return sorted(set(composed_arms(load_sweep("grid"))) | set(composed_arms(load_sweep("weightings"))))
+
+
+def test_every_grid_pair_trains_one_step() -> None:
+    """Every head × weighting the grid sweeps name composes, builds and takes a finite step, so
+    no trial of a long sweep is the first to find a pair that cannot train."""
+    pairs = pairs_of_grid_sweeps()
+    assert len(pairs) == len(HEADS) * len(GRID_WEIGHTINGS) + len(set(WEIGHTINGS) - set(GRID_WEIGHTINGS))
+    torch.manual_seed(0)
+    small = [*TINY, "model.base_channels=8", "data.batch_size=4"]
+    datamodule = build_datamodule(compose(small))
+    batch = next(iter(datamodule.train_dataloader()))
+    for head, weighting in pairs:
+        cfg = compose([*small, f"head={head}", f"weighting={weighting}"])
+        module = build_module(cfg, datamodule.num_levels)
+        assert (module.head.name, module.weighting.name) == (head, weighting)
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        assert torch.isfinite(loss), (head, weighting)
+        grads = [p.grad for p in module.net.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), (head, weighting)
+
+
+@pytest.mark.parametrize(("lr_of", "arms"), [("all", 6), ("grid", 16)])
+def test_lr_check_runs_each_arm_at_three_learning_rates_on_seed_zero(lr_of: str, arms: int) -> None:
+    sweep = apply_options(load_sweep("lr", lr_of), "smoke", None, None, ["run.reuse=true"])
+    assert wandb_sweeps.schema_violations_from_proposed_config(sweep) == []
+    assert sweep["name"] == f"diffbench-{lr_of}-lr"
+    points = expand_grid(sweep)
+    assert len(points) == arms * len(LEARNING_RATES)
+    configs = [compose(trial_overrides(trial_command(sweep, point))) for point in points]
+    assert {cfg.seed for cfg in configs} == {0}
+    by_arm: dict[str, list[float]] = {}
+    for cfg in configs:
+        by_arm.setdefault(arm_label(cfg.objective.head, cfg.objective.weighting), []).append(cfg.optim.lr)
+    assert len(by_arm) == arms
+    assert all(sorted(rates) == sorted(LEARNING_RATES) for rates in by_arm.values())
+    assert len(set(trial_dirs(sweep, points))) == len(points), "each learning rate has its own trial"
+
+
+def test_lr_check_summarises_each_learning_rate_apart(tmp_path: Path) -> None:
+    sweep = load_sweep("lr")
+    points = expand_grid(sweep)
+    dirs = [tmp_path / f"trial{i}" for i in range(len(points))]
+    sets = summary_sets(points, dirs)
+    assert [rate for rate, _ in sets] == list(LEARNING_RATES)
+    for rate, subset in sets:
+        assert subset == [d for p, d in zip(points, dirs, strict=True) if p["optim.lr"] == rate]
+        assert len(subset) == 6
+    stems = [summary_stem(sweep, rate) for rate, _ in sets]
+    assert stems == [
+        "summary-diffbench-all-lr-lr3e-04",
+        "summary-diffbench-all-lr-lr1e-03",
+        "summary-diffbench-all-lr-lr3e-03",
+    ]
+    for stem, (_, subset) in zip(stems, sets, strict=True):
+        summarize_trials(subset, tmp_path / stem)
+    assert len(list(tmp_path.glob("*.md"))) == 3, "one table file per learning rate"
+    assert summary_sets(expand_grid(load_sweep("all")), dirs[:18]) == [(None, dirs[:18])]
+    assert summary_stem(load_sweep("all"), None) == "summary-diffbench-all"
+
+
+def test_lr_of_needs_obj_lr_and_another_sweep(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--obj", "all", "--lr-of", "grid"]) == 2
+    assert "only applies to OBJ=lr" in capsys.readouterr().err
+    assert main(["--obj", "lr", "--lr-of", "lr"]) == 2
+    assert main(["--obj", "lr", "--lr-of", "epsilon"]) == 2
+    assert "unknown OBJ 'epsilon'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -71,7 +190,8 @@ def test_seeds_count_or_list() -> None:
 def test_unknown_obj_lists_valid_values(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["--obj", "epsilon"]) == 2
     err = capsys.readouterr().err
-    assert all(name in err for name in ("all", "eps", "simple", "elbo", "x0_elbo"))
+    listed = set(err.split("Valid values: ")[1].split(" (")[0].split(", "))
+    assert {"all", "grid", "weightings", "lr", "eps", "simple", "elbo", "x0_elbo"} <= listed
 
 
 def test_too_many_gpus_fails_before_training(
@@ -105,9 +225,9 @@ def test_offline_runner_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
     )
     assert summary["complete"] == 2 and summary["table"]["eps_simple"]["nll_vlb_bpd"]["n"] == 2
     assert "eps_simple" in first.stdout and "nll_vlb_bpd" in first.stdout
-    report = tmp_path / "runs" / "report" / "smoke-digits-2steps-linear-T20-small"
+    report = tmp_path / "runs" / "report" / config_group(RunDir(trials[0]).read_config())
     table = json.loads((report / "report.json").read_text())["table"]
-    assert table["eps_simple"]["nll_vlb_bpd"]["value"]["n"] == 2 and (report / "report.html").is_file()
+    assert len(table["eps_simple"]["nll_vlb_bpd"]["seeds"]) == 2 and (report / "report.html").is_file()
     assert "[report]" in first.stdout
     written = {t: (t / "results.json").stat().st_mtime_ns for t in trials}
     second = sweep_cli(tmp_path, *args)

@@ -1,5 +1,6 @@
 """`make sweep OBJ=…`: every arm × seed from a YAML in `sweeps/`, through W&B sweeps when
-logged in and through the local runner otherwise — the same grid and the same command."""
+logged in and through the local runner otherwise — the same grid and the same command.
+`OBJ=lr` is no YAML: it reruns another sweep's arms at several learning rates (`learning_rate_sweep`)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ from diffbench.analysis.summary import summarize_trials
 from diffbench.cli.report import main as report_main
 from diffbench.config import ConfigError, available, compose, find_choice
 from diffbench.rundir import RESULTS, SWEEP_LOG, runs_root, trial_dir, trials_root
-from diffbench.tracking import has_wandb_credentials
+from diffbench.tracking import wandb_online
 
 SUMMARY_NAME = "summary"
+LR_OBJ = "lr"
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)
+"""optim.lr of the learning-rate check: the default 1e-3 and a factor of about 3 either side."""
+LR_SEED = 0
 
 
 def sweeps_dir() -> Path:
@@ -35,11 +40,28 @@ def sweeps_dir() -> Path:
 
 
 def valid_objs() -> list[str]:
-    return sorted(p.stem for p in sweeps_dir().glob("*.yaml")) + available("experiment")
+    return sorted([*(p.stem for p in sweeps_dir().glob("*.yaml")), LR_OBJ]) + available("experiment")
 
 
-def load_sweep(obj: str) -> dict:
-    """sweeps/<obj>.yaml, or all.yaml narrowed to one experiment when obj names one."""
+def learning_rate_sweep(sweep: dict) -> dict:
+    """The same arms at each of LEARNING_RATES on seed LR_SEED alone: does an arm's rank hold up
+    when the learning rate moves? optim.lr enters every trial's config, so each rate gets its
+    own trial directory (config hash) and the rate is recorded in config.yaml."""
+    parameters = {name: spec for name, spec in sweep["parameters"].items() if name != "seed"}
+    parameters["optim.lr"] = {"values": list(LEARNING_RATES)}
+    parameters["seed"] = {"value": LR_SEED}
+    return {**sweep, "name": f"{sweep['name']}-{LR_OBJ}", "parameters": parameters}
+
+
+def load_sweep(obj: str, lr_of: str = "all") -> dict:
+    """sweeps/<obj>.yaml, all.yaml narrowed to one experiment when obj names one, or for
+    obj=lr the sweep `lr_of` (any other OBJ) at several learning rates."""
+    if obj == LR_OBJ:
+        if lr_of == LR_OBJ:
+            raise ConfigError(
+                "LR_OF=lr would check the learning rates of itself; pick a sweep, e.g. LR_OF=grid."
+            )
+        return learning_rate_sweep(load_sweep(lr_of))
     path = sweeps_dir() / f"{obj}.yaml"
     if path.is_file():
         return yaml.safe_load(path.read_text())
@@ -50,17 +72,25 @@ def load_sweep(obj: str) -> dict:
         return sweep
     raise ConfigError(
         f"unknown OBJ {obj!r}. Valid values: {', '.join(valid_objs())} "
-        "(all, a head, a weighting, or one experiment name), e.g. make sweep OBJ=eps."
+        "(all, grid for every head × weighting, weightings for the eps head under each weighting, "
+        "lr for the learning-rate check, a head, a weighting, or one experiment name), "
+        "e.g. make sweep OBJ=eps."
     )
 
 
 def parse_seeds(seeds: str) -> list[int]:
-    """`3` means seeds 0, 1, 2; `0,5,7` lists them."""
+    """`3` means seeds 0, 1, 2; `0,5,7` lists them; anything selecting no seed is refused."""
     try:
         values = [int(s) for s in seeds.replace(" ", "").split(",") if s]
-    except ValueError as error:
-        raise ConfigError(f"SEEDS={seeds!r} is not a count (3) or a comma-separated list (0,1,2).") from error
-    return list(range(values[0])) if len(values) == 1 and "," not in seeds else values
+    except ValueError:
+        values = []
+    chosen = list(range(values[0])) if len(values) == 1 and "," not in seeds else values
+    if not chosen or min(chosen) < 0:
+        raise ConfigError(
+            f"SEEDS={seeds!r} selects no seeds: give a positive count (SEEDS=3 runs seeds 0, 1, 2) "
+            "or a comma-separated list of non-negative seeds (SEEDS=0,5,7); nothing was started."
+        )
+    return chosen
 
 
 def apply_options(
@@ -146,7 +176,8 @@ def run_local(
     """Run every trial's command, `jobs` at a time (each with cores/jobs threads; their output
     then goes to <trial dir>/sweep.log); finished trials return at once (run.reuse)."""
     if jobs > 1:
-        env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env = {**env, "OMP_NUM_THREADS": threads, "DIFFBENCH_THREADS": threads}
     lock = threading.Lock()
     done: list[dict] = []
 
@@ -203,10 +234,33 @@ def trial_dirs(sweep: dict, points: list[dict[str, object]]) -> list[Path]:
     return [trial_dir(compose(trial_overrides(trial_command(sweep, point)))) for point in points]
 
 
+def summary_sets(points: list[dict[str, object]], dirs: list[Path]) -> list[tuple[float | None, list[Path]]]:
+    """The trials of each summary table: all of them (rate None), or one table per learning rate
+    when the grid varies optim.lr, since a table pools an arm's trials as if they were seeds."""
+    rates = list(dict.fromkeys(point["optim.lr"] for point in points if "optim.lr" in point))
+    if len(rates) < 2:
+        return [(None, dirs)]
+    return [
+        (rate, [d for point, d in zip(points, dirs, strict=True) if point["optim.lr"] == rate])
+        for rate in rates
+    ]
+
+
+def summary_stem(sweep: dict, rate: float | None) -> str:
+    """`summary-<sweep name>[-lr<rate>]`, the rate written without a dot (3e-04) so that it is not
+    taken for the file's extension."""
+    return f"{SUMMARY_NAME}-{sweep['name']}" + ("" if rate is None else f"-lr{rate:.0e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffbench.sweep", description=__doc__)
     parser.add_argument(
-        "--obj", default="all", help="all | eps | x0 | score | simple | elbo | an experiment name"
+        "--obj",
+        default="all",
+        help="all | grid | weightings | lr | eps | x0 | score | simple | elbo | an experiment name",
+    )
+    parser.add_argument(
+        "--lr-of", default=None, help=f"with --obj {LR_OBJ}: the sweep whose arms are checked (default all)"
     )
     parser.add_argument("--profile", default=None, help="smoke | default | full (budget of each trial)")
     parser.add_argument("--data", default=None, help="dataset config name, e.g. digits or gmm")
@@ -222,17 +276,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     options = parser.parse_args(argv)
     try:
+        if options.lr_of is not None and options.obj != LR_OBJ:
+            raise ConfigError(
+                f"LR_OF={options.lr_of} only applies to OBJ={LR_OBJ}; drop it or set OBJ={LR_OBJ}."
+            )
         extra = shlex.split(options.args) + hardware_args(options.gpus) + ["run.reuse=true"]
-        sweep = apply_options(load_sweep(options.obj), options.profile, options.data, options.seeds, extra)
+        sweep = load_sweep(options.obj, options.lr_of or "all")
+        sweep = apply_options(sweep, options.profile, options.data, options.seeds, extra)
         points = expand_grid(sweep)
         dirs = trial_dirs(sweep, points)
         check_gpus(options.gpus)
     except ConfigError as error:
         print(f"diffbench.sweep: {error}", file=sys.stderr)
         return 2
-    online = (
-        not options.local and has_wandb_credentials() and os.environ.get("WANDB_MODE", "online") == "online"
-    )
+    online = not options.local and os.environ.get("WANDB_MODE", "online") == "online" and wandb_online()
     env = dict(os.environ)
     print(
         f"[sweep] {sweep['name']}: {len(points)} trials, "
@@ -240,13 +297,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     if online:
-        run_wandb(sweep, options.agents, options.gpus, env)
-    else:
-        env.setdefault("WANDB_MODE", "offline")
+        try:
+            run_wandb(sweep, options.agents, options.gpus, env)
+        except Exception as error:  # any W&B failure (auth, network, server) must not end the sweep
+            print(
+                f"[sweep] W&B sweep could not start ({type(error).__name__}: {error}); "
+                "running the same trials with the local runner, W&B offline.",
+                file=sys.stderr,
+            )
+            online = False
+    if not online:
+        if env.get("WANDB_MODE", "online") == "online":
+            env["WANDB_MODE"] = "offline"
         jobs = options.jobs or (1 if options.gpus else min(2, os.cpu_count() or 1))
         run_local(sweep, points, dirs, env, jobs)
-    table = summarize_trials(dirs, trials_root(dirs[0]) / f"{SUMMARY_NAME}-{sweep['name']}")
-    print(table)
+    for rate, subset in summary_sets(points, dirs):
+        if rate is not None:
+            print(f"[sweep] optim.lr={rate:g}")
+        print(summarize_trials(subset, trials_root(dirs[0]) / summary_stem(sweep, rate)))
     print(f"[sweep] wall time {time.perf_counter() - start:.0f} s")
     report_main(["--runs", str(trials_root(dirs[0])), "--out", str(runs_root(dirs[0]) / "report")])
     incomplete = [d for d in dirs if not (d / RESULTS).is_file()]

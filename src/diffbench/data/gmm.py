@@ -20,6 +20,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from diffbench import atomic
 from diffbench.data.base import ArrayDataModule
@@ -206,11 +207,38 @@ def full_covariances(model: GaussianMixture) -> np.ndarray:
     return np.stack([np.diag(v) for v in variances])
 
 
+class FreshBatches(Dataset):
+    """Item i is training batch i, drawn anew from the mixture by a generator seeded with (seed, i):
+    the model never sees a sample twice, so it fits the mixture itself rather than a finite
+    sample of it, and a rerun (or a resume, or any worker) draws the very same batches."""
+
+    def __init__(self, mixture: DiffusedMixture, num_batches: int, batch_size: int, seed: int) -> None:
+        self.mixture = mixture
+        self.num_batches = num_batches
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, index: int) -> tuple[Tensor]:
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} of {self.num_batches}")
+        # SeedSequence mixes (seed, index) into one 64-bit seed: nearby pairs give unrelated streams.
+        state = np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        x = self.mixture.sample(self.batch_size, generator).float()
+        return (x.reshape(self.batch_size, *GMMDataModule.image_shape),)
+
+
 class GMMDataModule(ArrayDataModule):
     """Samples from the fitted mixture as (N, 1, 8, 8) float32 images; `mixture` is the exact truth.
 
     The mixture itself is fixed by `fit_seed` (the same truth for every run); the samples drawn
-    from it for each split follow the run's `seed`, like the digits split does.
+    from it follow the run's `seed`, like the digits split does. With `fresh_samples` (the
+    default) every training batch is a new draw (FreshBatches): data without limit, so no arm is
+    judged by how it overfits; otherwise training cycles over the fixed `num_train` split.
+    Validation and test are fixed splits either way.
     """
 
     num_levels = None
@@ -226,10 +254,12 @@ class GMMDataModule(ArrayDataModule):
         num_val: int = 1000,
         num_test: int = 1000,
         fit_seed: int = 0,
+        fresh_samples: bool = True,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        self.fresh_samples = fresh_samples
         self.mixture = fit_digits_mixture(num_components, covariance_type, fit_seed, reg_covar)
 
     def load_splits(self) -> dict[str, Tensor]:
@@ -240,3 +270,19 @@ class GMMDataModule(ArrayDataModule):
             )
             splits[name] = self.mixture.sample(size, generator).float().reshape(size, *self.image_shape)
         return splits
+
+    def train_dataloader(self) -> DataLoader:
+        """`train_samples / batch_size` fresh batches per process (`num_train`'s worth when unset).
+        Under DDP, Lightning deals the batches out to the processes in turn, so there are
+        world-size times as many and no two processes, nor two steps, share one."""
+        if not self.fresh_samples:
+            return super().train_dataloader()
+        num_batches = math.ceil((self.train_samples or self.sizes["train"]) / self.batch_size)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        batches = FreshBatches(self.mixture, num_batches * world_size, self.batch_size, self.seed)
+        return DataLoader(
+            batches,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

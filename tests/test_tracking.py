@@ -1,0 +1,86 @@
+"""W&B never blocks: the reachability probe is bounded, auto mode goes offline without a server,
+and a sweep whose W&B side fails runs its trials locally."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from diffbench.cli import sweep as sweep_cli
+from diffbench.tracking import wandb_mode, wandb_server_answers
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening: connections are refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_probe_sees_a_listening_server_and_not_a_closed_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert wandb_server_answers(timeout=2.0)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    assert not wandb_server_answers(timeout=2.0)
+
+
+def test_probe_gives_up_in_bounded_time_when_the_connect_hangs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def hang(*args: object, **kwargs: object) -> socket.socket:
+        time.sleep(5)
+        raise OSError("no route")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    start = time.perf_counter()
+    assert not wandb_server_answers(timeout=0.3)
+    assert time.perf_counter() - start < 1.5
+
+
+def test_auto_mode_is_offline_with_credentials_but_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    assert wandb_mode("auto") == "offline"
+    assert wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert wandb_mode("auto") == "online", "an explicit WANDB_MODE is respected"
+
+
+def test_sweep_falls_back_to_the_local_runner_when_wandb_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    ran: list[dict] = []
+
+    def broken_wandb(*args: object) -> None:
+        raise RuntimeError("wandb.errors.AuthenticationError: API key not valid")
+
+    def local(sweep: dict, points: list, dirs: list, env: dict, jobs: int) -> list:
+        ran.append({"points": len(points), "mode": env["WANDB_MODE"]})
+        return []
+
+    monkeypatch.setattr(sweep_cli, "wandb_online", lambda: True)
+    monkeypatch.setattr(sweep_cli, "run_wandb", broken_wandb)
+    monkeypatch.setattr(sweep_cli, "run_local", local)
+    monkeypatch.setattr(sweep_cli, "summarize_trials", lambda dirs, stem: "")
+    monkeypatch.setattr(sweep_cli, "report_main", lambda argv: 0)
+    assert sweep_cli.main(["--obj", "eps_simple", "--profile", "smoke", "--seeds", "2"]) == 1
+    assert ran == [{"points": 2, "mode": "offline"}]
+    assert "local runner" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeds", ["0", "2,-1", "three", ","])
+def test_seeds_selecting_nothing_exit_2_before_anything_runs(
+    seeds: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sweep_cli.main(["--obj", "eps_simple", "--seeds", seeds]) == 2
+    err = capsys.readouterr().err
+    assert "SEEDS=" in err and "nothing was started" in err
+    assert not (tmp_path / "runs").exists()

@@ -23,6 +23,7 @@ LAYERS = {
     "config": 0,
     "tracking": 0,
     "atomic": 0,
+    "seeding": 0,
 }
 SHIMS = {"run", "evaluate", "sweep", "report", "dashboard", "bench"}
 

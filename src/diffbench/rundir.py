@@ -18,18 +18,24 @@ A run directory holds:
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from diffbench import atomic
+from diffbench.config import ConfigError
 
 SCHEMA_VERSION = 2
 """2: `arm` is a field, the head's unweighted MSE is the weighting "own", and `eval_wall_time_s`
@@ -47,6 +53,10 @@ SAMPLE_GRID = "samples.png"
 X0_TRAJECTORY = "x0_trajectory.png"
 SAMPLERS = ("ancestral", "ddim", "sde", "ode")
 COMPLETE = "complete"
+DIVERGED = "diverged"
+FINAL = (COMPLETE, DIVERGED)
+"""Statuses a rerun of the same config leaves alone: a diverged run diverges again."""
+LOCK = ".lock"
 IDENTITY_EXCLUDES = ("run", "wandb", "report")
 RUN_DIR_ENV = "DIFFBENCH_RUN_DIR"
 
@@ -143,13 +153,57 @@ def arm_label(head: str, weighting: str) -> str:
     return f"{head}_{'simple' if weighting == 'own' else weighting}"
 
 
+def identity(config: DictConfig | dict) -> dict:
+    """The settings that make a run what it is: the resolved config without where it is written or
+    logged and without the report's margins (they change no number a run computes)."""
+    data = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    return {k: v for k, v in data.items() if k not in IDENTITY_EXCLUDES}
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Identity of a trial: the resolved config without where it is written or logged and without
-    the report's margins (they change no number a run computes)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in IDENTITY_EXCLUDES:
-        data.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    """Identity of a trial, as a short hash: equal configs share a trial directory."""
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flat(data: object, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} → {"a.b": 1}: dotted keys, as on the command line."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(stored: dict, cfg: DictConfig) -> list[str]:
+    """`key (there → here)` for every identity setting in which `cfg` differs from a stored config."""
+    there, here = flat(identity(stored)), flat(identity(cfg))
+    return [
+        f"{key} ({there.get(key, 'unset')!r} there, {here.get(key, 'unset')!r} here)"
+        for key in sorted(there.keys() | here.keys())
+        if there.get(key, "unset") != here.get(key, "unset")
+    ]
+
+
+def finite_or_none(value: object) -> object:
+    """The value with every NaN or infinity replaced by None, so results.json is strict JSON and no
+    diverged number passes for a finite one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step stored in a checkpoint, loaded with weights_only=True; None when the file
+    cannot be read (truncated, corrupt, or not a checkpoint)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:  # a damaged file raises anything from EOFError to pickle or zip errors
+        return None
 
 
 def trial_dir(cfg: DictConfig) -> Path:
@@ -172,8 +226,10 @@ def runs_root(trial: Path) -> Path:
 
 def make_run_dir(cfg: DictConfig) -> Path:
     """A fresh `<root>/<experiment>/<timestamp>_s<seed>` (suffixed when the second is taken), `run.dir`,
-    or the trial directory (`run.reuse`); DDP workers inherit the launcher's through the environment."""
-    if os.environ.get(RUN_DIR_ENV):
+    or the trial directory (`run.reuse`). DDP workers that Lightning starts (LOCAL_RANK > 0) inherit
+    the launcher's through the environment; a launcher never does, so a second run in one process
+    cannot fall into the first one's directory."""
+    if os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
         return Path(os.environ[RUN_DIR_ENV])
     if cfg.run.dir or cfg.run.reuse:
         run_dir = Path(cfg.run.dir) if cfg.run.dir else trial_dir(cfg)
@@ -249,8 +305,16 @@ class RunDir:
         results = self.read_results()
         return results if results is not None and results.get("status") == COMPLETE else None
 
+    def final_results(self) -> dict | None:
+        """results.json of a run that is over: complete, or stopped because it diverged."""
+        results = self.read_results()
+        return results if results is not None and results.get("status") in FINAL else None
+
     def write_results(self, results: dict) -> None:
-        atomic.write_json(self.path / RESULTS, {**results, "schema_version": SCHEMA_VERSION})
+        payload = finite_or_none({**results, "schema_version": SCHEMA_VERSION})
+        atomic.write_text(
+            self.path / RESULTS, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        )
 
     def write_budgets(self, rows: list[dict]) -> None:
         """The per-budget table; columns are the union of the rows' keys, `step` first."""
@@ -261,12 +325,41 @@ class RunDir:
         writer.writerows(rows)
         atomic.write_text(self.path / BUDGETS_CSV, buffer.getvalue())
 
-    def latest_checkpoint(self) -> Path | None:
-        """last.ckpt, or the highest-step checkpoint when the run died before writing last.ckpt."""
-        if (self.checkpoints / LAST_CHECKPOINT).is_file():
-            return self.checkpoints / LAST_CHECKPOINT
-        steps = sorted(self.checkpoints.glob("step*.ckpt"))
-        return steps[-1] if steps else None
+    def latest_checkpoint(self) -> tuple[Path | None, int, list[Path]]:
+        """The checkpoint with the most training steps that loads, its step, and the damaged
+        checkpoints passed over (newest first). last.ckpt can lag a step file when a crash came
+        between the two writes, so steps decide, not names."""
+        candidates = sorted(self.checkpoints.glob("step*.ckpt"), reverse=True)
+        last = self.checkpoints / LAST_CHECKPOINT
+        damaged: list[Path] = []
+        best: tuple[Path | None, int] = (None, 0)
+        for path in ([last] if last.is_file() else []) + candidates:
+            step = checkpoint_step(path)
+            if step is None:
+                damaged.append(path)
+            elif best[0] is None or step > best[1]:
+                best = (path, step)
+            if best[0] is not None and path != last:
+                break
+        return best[0], best[1], damaged
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the directory's lock while writing it. A second writer (two identical sweeps, a
+        run started twice) is refused at once rather than interleaving its files with ours."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / LOCK).open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"{self.path} is being written by another diffbench process (it holds {LOCK}). "
+                    "Wait for that run to finish, or give this one another run.dir; nothing was written."
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def write_curve(self, curve: Curve, x: list[float], y: list[float]) -> None:
         buffer = io.StringIO()

@@ -12,7 +12,17 @@ from pathlib import Path
 
 from diffbench.core.heads import HEADS as HEAD_REGISTRY
 from diffbench.core.weightings import WEIGHTINGS
-from diffbench.rundir import CHECKPOINTS, COMPLETE, CONFIG, RESULTS, Curve, RunDir, arm_label, upgrade
+from diffbench.rundir import (
+    CHECKPOINTS,
+    COMPLETE,
+    CONFIG,
+    DIVERGED,
+    RESULTS,
+    Curve,
+    RunDir,
+    arm_label,
+    upgrade,
+)
 
 HEADS = ("eps", "x0", "score")
 """The heads of the six original arms, which the claims compare."""
@@ -120,6 +130,11 @@ def load_run(directory: Path) -> Run | Incomplete:
     results = run_dir.read_results()
     if results is None:
         return Incomplete(directory, f"{RESULTS} unreadable", arm, seed, group)
+    if results.get("status") == DIVERGED:
+        reason = (
+            f"diverged at step {results.get('diverged_at_step', '?')} (non-finite training loss): no metrics"
+        )
+        return Incomplete(directory, reason, results.get("arm", arm), seed, group)
     if results.get("status") != COMPLETE:
         return Incomplete(directory, f"{RESULTS} not marked complete", arm, seed, group)
     arm = results.get("arm", arm)

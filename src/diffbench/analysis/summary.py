@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from diffbench import atomic
-from diffbench.rundir import HEADLINE_METRICS, RunDir
+from diffbench.rundir import DIVERGED, HEADLINE_METRICS, RunDir
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:
@@ -57,11 +57,24 @@ def format_table(table: dict[str, dict[str, dict[str, float]]], profile: str) ->
 def summarize_trials(run_dirs: list[Path], out_stem: Path) -> str:
     """Aggregate the finished trials, write `<stem>.md` and `<stem>.json`, return the table."""
     results = [r for r in (RunDir(d).complete_results() for d in run_dirs) if r is not None]
+    diverged = [r for r in (RunDir(d).final_results() for d in run_dirs) if r and r["status"] == DIVERGED]
     profiles = sorted({r.get("profile", "?") for r in results}) or ["?"]
     table = aggregate(results)
     text = format_table(table, "/".join(profiles))
+    if diverged:
+        text += "\ndiverged (no metrics): " + ", ".join(
+            f"{r['arm']} seed {r['seed']} at step {r.get('diverged_at_step', '?')}" for r in diverged
+        )
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out_stem.with_suffix(".md"), text + "\n")
-    payload = {"profiles": profiles, "trials": len(run_dirs), "complete": len(results), "table": table}
+    payload = {
+        "profiles": profiles,
+        "trials": len(run_dirs),
+        "complete": len(results),
+        "diverged": [
+            {"arm": r["arm"], "seed": r["seed"], "step": r.get("diverged_at_step")} for r in diverged
+        ],
+        "table": table,
+    }
     atomic.write_text(out_stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
     return text

@@ -18,6 +18,7 @@ from diffbench.core.heads import HEADS
 from diffbench.core.weightings import WEIGHTINGS
 from diffbench.data import DATAMODULES
 from diffbench.evaluation.fidelity import INCEPTION_DATASETS, resolve_inception_weights
+from diffbench.rundir import CONFIG, RunDir, config_differences, trial_dir
 from diffbench.sampling.samplers import SAMPLERS
 
 VARIANCES = ("small", "large")
@@ -153,10 +154,11 @@ def check_shapes(cfg: DictConfig) -> None:
 
 
 def check_run_dir(cfg: DictConfig) -> None:
-    """An explicit run directory must be a directory this user can write."""
-    if not cfg.run.dir:
+    """An explicit run directory must be a directory this user can write, and if it holds a run,
+    a run of this very config: resuming another run's directory would overwrite its results."""
+    if not cfg.run.dir and not cfg.run.reuse:
         return
-    path = Path(cfg.run.dir)
+    path = Path(cfg.run.dir) if cfg.run.dir else trial_dir(cfg)
     need(
         not path.exists() or path.is_dir(), f"run.dir={path} is a file, not a directory; choose another path."
     )
@@ -164,6 +166,16 @@ def check_run_dir(cfg: DictConfig) -> None:
     need(
         os.access(parent, os.W_OK),
         f"run.dir={path}: {parent} is not writable; choose a folder you can write.",
+    )
+    stored = RunDir(path).read_config()
+    differences = config_differences(stored, cfg) if stored is not None else []
+    more = len(differences) - 6
+    shown = "; ".join(differences[:6]) + (f"; and {more} more" if more > 0 else "")
+    need(
+        not differences,
+        f"run.dir={path} holds a run with other settings ({shown}). Continuing it would overwrite "
+        f"that run's results with this one's. Choose a new run.dir, or repeat that run's settings "
+        f"(its {CONFIG}) to resume it; nothing was written.",
     )
 
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from diffbench.config import ConfigError, apply_value, parse_overrides
 from diffbench.evaluation.evaluate import evaluate
-from diffbench.rundir import COMPLETE, CONFIG, LAST_CHECKPOINT, RunDir
+from diffbench.rundir import CHECKPOINTS, COMPLETE, CONFIG, DIVERGED, RunDir
 from diffbench.train.build import build_datamodule, build_module
 
 EVAL_SHORTCUTS = {
@@ -31,13 +31,28 @@ def main(argv: list[str] | None = None) -> int:
                 "usage: python -m diffbench.evaluate run_dir=PATH [sampler=ddim steps=100 eval.KEY=VALUE …]"
             )
         run_dir = RunDir(run_dirs[0])
-        checkpoint = run_dir.checkpoints / LAST_CHECKPOINT
-        if not (run_dir / CONFIG).is_file() or not checkpoint.is_file():
+        checkpoint, step, damaged = run_dir.latest_checkpoint()
+        for path in damaged:
+            print(f"[diffbench] checkpoint {path} cannot be loaded (damaged or cut short); passing over it")
+        if not (run_dir / CONFIG).is_file() or checkpoint is None:
             raise ConfigError(
-                f"{run_dir.path} is not a trained run directory: it needs {CONFIG} and "
-                f"checkpoints/{LAST_CHECKPOINT}."
+                f"{run_dir.path} is not a trained run directory: it needs {CONFIG} and a checkpoint "
+                f"that loads in {CHECKPOINTS}/."
             )
         cfg = OmegaConf.load(run_dir / CONFIG)
+        results = run_dir.read_results()
+        if results is not None and results.get("status") == DIVERGED:
+            raise ConfigError(
+                f"{run_dir.path} diverged at step {results.get('diverged_at_step')}: its network is not "
+                "finite, so there is nothing to evaluate. Train it again with a smaller optim.lr."
+            )
+        if step < cfg.trainer.max_steps:
+            raise ConfigError(
+                f"{run_dir.path} stopped at step {step} of trainer.max_steps={cfg.trainer.max_steps}: "
+                "evaluating it would record a partly trained network as the finished run. Finish it "
+                f"first with `python -m diffbench.run` and the same settings plus run.dir={run_dir.path} "
+                "(it resumes from its newest checkpoint)."
+            )
         _, values = parse_overrides([a for a in args if not a.startswith("run_dir=")])
         for key, value in values:
             apply_value(cfg, EVAL_SHORTCUTS.get(key, key), value)
@@ -46,13 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.num_levels)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    evaluation, seconds = evaluate(module.denoiser, datamodule, cfg, run_dir)
-    results = run_dir.read_results() or {"status": COMPLETE, "run_dir": str(run_dir.path)}
-    results.setdefault("metrics", {}).update(evaluation.metrics)
-    results.setdefault("evaluation", {}).update(evaluation.settings)
-    results["eval_wall_time_s"] = seconds
-    run_dir.write_results(results)
+    try:
+        with run_dir.exclusive():
+            evaluation, seconds = evaluate(module.denoiser, datamodule, cfg, run_dir)
+            results = results or {"status": COMPLETE, "run_dir": str(run_dir.path)}
+            results.setdefault("metrics", {}).update(evaluation.metrics)
+            results.setdefault("evaluation", {}).update(evaluation.settings)
+            results["eval_wall_time_s"] = seconds
+            run_dir.write_results(results)
+    except ConfigError as error:
+        print(f"diffbench.evaluate: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(results["metrics"], indent=2))
     return 0

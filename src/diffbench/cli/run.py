@@ -3,6 +3,7 @@ grid, and leave a run directory with config, checkpoints, metrics CSV and result
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -28,6 +29,7 @@ from diffbench.evaluation.plots import save_grid
 from diffbench.rundir import (
     COMPLETE,
     CURVES,
+    DIVERGED,
     IMAGES,
     SAMPLE_GRID,
     RunDir,
@@ -39,14 +41,21 @@ from diffbench.rundir import (
 from diffbench.sampling.samplers import ddpm_ancestral
 from diffbench.train.budgets import BudgetEvaluation
 from diffbench.train.build import build_datamodule, build_module, build_trainer, set_threads
-from diffbench.train.callbacks import keep_previous_metrics
+from diffbench.train.callbacks import StopOnDivergence, keep_previous_metrics
 from diffbench.train.module import DiffusionModule
 
 
 def completed_results(run_dir: RunDir, cfg: DictConfig) -> dict | None:
-    """The results of a finished run of this very config in `run_dir`, if there are any."""
-    results = run_dir.complete_results()
+    """The results of a finished (or diverged) run of this very config in `run_dir`, if any."""
+    results = run_dir.final_results()
     return results if results is not None and results.get("config_hash") == config_hash(cfg) else None
+
+
+def watched_steps(cfg: DictConfig, budget: list[int]) -> set[int]:
+    """Steps at which something is measured or saved: a diverged network must not reach them."""
+    steps = cfg.trainer.max_steps
+    every = (cfg.run.checkpoint_every, cfg.trainer.val_check_interval)
+    return set(budget) | {s for interval in every for s in range(interval, steps + 1, interval)}
 
 
 def draw_samples(cfg: DictConfig, module: DiffusionModule, path: Path, shape: tuple[int, ...]) -> dict:
@@ -80,45 +89,55 @@ def train(cfg: DictConfig) -> dict:
     run_dir = RunDir(make_run_dir(cfg))
     done = completed_results(run_dir, cfg)
     if done:
-        print(f"[diffbench] {cfg.experiment} seed {cfg.seed}: already complete in {run_dir.path}; skipping")
+        print(
+            f"[diffbench] {cfg.experiment} seed {cfg.seed}: already {done['status']} "
+            f"in {run_dir.path}; skipping"
+        )
         return done
     datamodule.train_samples = cfg.trainer.max_steps * cfg.data.batch_size
     module = build_module(cfg, datamodule.num_levels)
+    steps = budget_steps(cfg.trainer.max_steps, cfg.eval.budget_base)
     budgets = BudgetEvaluation(
-        budget_steps(cfg.trainer.max_steps, cfg.eval.budget_base),
-        lambda module: measure_budget(module, datamodule, cfg),
-        run_dir.write_budgets,
+        steps, lambda module: measure_budget(module, datamodule, cfg), run_dir.write_budgets
     )
-    trainer = build_trainer(cfg, run_dir.path, [budgets])
+    divergence = StopOnDivergence(cfg.trainer.log_every_n_steps, watched_steps(cfg, steps))
+    trainer = build_trainer(cfg, run_dir.path, [divergence, budgets])
+    with run_dir.exclusive() if trainer.is_global_zero else contextlib.nullcontext():
+        return fit_and_evaluate(cfg, run_dir, datamodule, module, trainer, budgets, divergence)
+
+
+def fit_and_evaluate(
+    cfg: DictConfig,
+    run_dir: RunDir,
+    datamodule: ArrayDataModule,
+    module: DiffusionModule,
+    trainer: L.Trainer,
+    budgets: BudgetEvaluation,
+    divergence: StopOnDivergence,
+) -> dict:
+    """Train from the newest loadable checkpoint (or from scratch), then evaluate; rank zero
+    writes results.json last. The caller holds the directory's lock."""
     num_params = count_parameters(module.net)
+    last, resume_step, damaged = run_dir.latest_checkpoint()
     if trainer.is_global_zero:
         run_dir.write_config(cfg)
         print(
             f"[diffbench] {cfg.experiment}: U-Net with {num_params:,} parameters; "
             f"run directory {run_dir.path}"
         )
-    last = run_dir.latest_checkpoint()
+        for path in damaged:
+            print(f"[diffbench] checkpoint {path} cannot be loaded (damaged or cut short); passing over it")
     if last and trainer.is_global_zero:
-        print(f"[diffbench] resuming the interrupted run from {last}")
-        resume_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+        print(f"[diffbench] resuming the interrupted run from {last} (step {resume_step})")
         keep_previous_metrics(trainer.loggers[1], run_dir.metrics_csv, resume_step)
+    datamodule.resume_step = resume_step
     for logger in trainer.loggers:
         logger.log_hyperparams({"num_params": num_params})
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=True)
     train_seconds = time.perf_counter() - start
-    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    module.to(trainer.strategy.root_device)
-    evaluation, eval_seconds = (
-        evaluate(module.denoiser, datamodule, cfg, run_dir) if cfg.eval.enabled else (None, 0.0)
-    )
-    if not trainer.is_global_zero:
-        return {}
-    shape = datamodule.image_shape
-    grid = draw_samples(cfg, module, run_dir / SAMPLE_GRID, shape) if cfg.sample.num_images else None
     head, weighting = cfg.objective.head, cfg.objective.weighting
-    results = {
-        "status": COMPLETE,
+    identity = {
         "experiment": cfg.experiment,
         "arm": arm_label(head, weighting),
         "head": head,
@@ -129,6 +148,22 @@ def train(cfg: DictConfig) -> dict:
         "data": cfg.data.name,
         "model": cfg.model.name,
         "num_params": num_params,
+        "run_dir": str(run_dir.path),
+    }
+    if divergence.step is not None:
+        return record_divergence(cfg, run_dir, trainer, module, budgets, identity, divergence.step)
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    module.to(trainer.strategy.root_device)
+    evaluation, eval_seconds = (
+        evaluate(module.denoiser, datamodule, cfg, run_dir) if cfg.eval.enabled else (None, 0.0)
+    )
+    if not trainer.is_global_zero:
+        return {}
+    shape = datamodule.image_shape
+    grid = draw_samples(cfg, module, run_dir / SAMPLE_GRID, shape) if cfg.sample.num_images else None
+    results = {
+        "status": COMPLETE,
+        **identity,
         "steps": trainer.global_step,
         "train_wall_time_s": round(train_seconds, 2),
         "eval_wall_time_s": eval_seconds,
@@ -140,12 +175,48 @@ def train(cfg: DictConfig) -> dict:
         "optimisation": module.optimisation_record(),
         "budgets": budgets.rows,
         "samples": grid,
-        "run_dir": str(run_dir.path),
     }
     log_to_wandb(trainer.loggers[0], results, run_dir, trainer.global_step)
     run_dir.write_results(results)
     trainer.loggers[0].experiment.finish()
     print_summary(results)
+    return results
+
+
+def record_divergence(
+    cfg: DictConfig,
+    run_dir: RunDir,
+    trainer: L.Trainer,
+    module: DiffusionModule,
+    budgets: BudgetEvaluation,
+    identity: dict,
+    step: int,
+) -> dict:
+    """A run whose loss went non-finite: results.json with status `diverged`, the step, the budget
+    rows measured before it and no metrics (nothing is evaluated on a broken network)."""
+    reason = (
+        f"the training loss was not finite (NaN or infinite) at step {step} of {cfg.trainer.max_steps}; "
+        f"training stopped there and nothing was evaluated. Try a smaller optim.lr "
+        f"(now {cfg.optim.lr:g}) or set trainer.gradient_clip_val."
+    )
+    print(f"[diffbench] {identity['arm']} seed {cfg.seed} diverged: {reason}", file=sys.stderr)
+    if not trainer.is_global_zero:
+        return {}
+    results = {
+        "status": DIVERGED,
+        **identity,
+        "steps": step,
+        "diverged_at_step": step,
+        "reason": reason,
+        "metrics": {},
+        "evaluation": {},
+        "optimisation": module.optimisation_record(),
+        "budgets": budgets.rows,
+        "samples": None,
+    }
+    run_dir.write_results(results)
+    trainer.loggers[0].experiment.summary.update({"status": DIVERGED, "diverged_at_step": step})
+    trainer.loggers[0].experiment.finish()
     return results
 
 

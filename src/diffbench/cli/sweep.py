@@ -20,7 +20,7 @@ import yaml
 from diffbench.analysis.summary import summarize_trials
 from diffbench.cli.report import main as report_main
 from diffbench.config import ConfigError, available, compose, find_choice
-from diffbench.rundir import RESULTS, SWEEP_LOG, runs_root, trial_dir, trials_root
+from diffbench.rundir import DIVERGED, RESULTS, SWEEP_LOG, RunDir, runs_root, trial_dir, trials_root
 from diffbench.tracking import wandb_online
 
 SUMMARY_NAME = "summary"
@@ -194,6 +194,8 @@ def run_local(
         with lock:
             done.append(outcome)
             status = "done" if code == 0 else f"FAILED (exit code {code})"
+            if (RunDir(dirs[index]).read_results() or {}).get("status") == DIVERGED:
+                status = f"DIVERGED (no metrics; {dirs[index] / RESULTS} says where)"
             print(
                 f"[sweep] trial {index + 1}/{len(points)} {status} in {outcome['seconds']:.0f} s: {label} "
                 f"[{len(done)}/{len(points)} finished]",

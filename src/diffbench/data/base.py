@@ -1,11 +1,17 @@
-"""A datamodule over in-memory image tensors in [−1, 1] with a seeded train/val/test split."""
+"""A datamodule over in-memory image tensors in [−1, 1] with a seeded train/val/test split, and
+training batches that are a function of (seed, step) alone, so a resumed run sees exactly the
+batches the uninterrupted run would have."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from diffbench.seeding import stream
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Tensor]:
@@ -18,6 +24,48 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
 def levels_to_unit_range(values: Tensor, num_levels: int) -> Tensor:
     """Integers 0..L−1 → evenly spaced floats in [−1, 1]."""
     return values.float() / (num_levels - 1) * 2 - 1
+
+
+class StepBatches(Dataset):
+    """Item i is the batch of global step index `first + i`, made by `make(index)` from nothing but
+    that index. Under DDP Lightning deals the items out in turn (process r of W takes r, r + W, …),
+    so global index step·W + r is process r's batch at `step`; a run resumed at step s starts at
+    first = s·W. The length stays the full run's so Lightning's epoch arithmetic is unchanged:
+    training stops at max_steps before the surplus items at the end are reached."""
+
+    def __init__(self, make: Callable[[int], Tensor], num_batches: int, first: int = 0) -> None:
+        self.make = make
+        self.num_batches = num_batches
+        self.first = first
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, index: int) -> tuple[Tensor]:
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} of {self.num_batches}")
+        return (self.make(self.first + index),)
+
+
+class ShuffledEpochs:
+    """Batch k of back-to-back shuffles of `data`: epoch e = k // M (M = full batches per epoch)
+    is a permutation seeded by (seed, e), and batch k is its (k mod M)-th slice."""
+
+    def __init__(self, data: Tensor, batch_size: int, seed: int) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.per_epoch = max(1, len(data) // batch_size)
+        self._epoch: tuple[int, Tensor] | None = None
+
+    def permutation(self, epoch: int) -> Tensor:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, torch.randperm(len(self.data), generator=stream(self.seed, epoch)))
+        return self._epoch[1]
+
+    def __call__(self, index: int) -> Tensor:
+        epoch, slot = divmod(index, self.per_epoch)
+        return self.data[self.permutation(epoch)[slot * self.batch_size : (slot + 1) * self.batch_size]]
 
 
 class ArrayDataModule(L.LightningDataModule):
@@ -36,6 +84,8 @@ class ArrayDataModule(L.LightningDataModule):
         self.seed = seed
         self.splits: dict[str, Tensor] = {}
         self.train_samples: int | None = None
+        self.resume_step = 0
+        """The step a resumed run continues from: its first batch is that step's."""
 
     def load_splits(self) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -56,19 +106,22 @@ class ArrayDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def batch_maker(self) -> Callable[[int], Tensor]:
+        """Global batch index → that batch: back-to-back seeded shuffles of the train split."""
+        return ShuffledEpochs(self.split("train"), self.batch_size, self.seed)
+
     def train_dataloader(self) -> DataLoader:
-        """One long epoch of `train_samples` draws (back-to-back shuffles), so step-based
+        """One long epoch of `train_samples / batch_size` steps (StepBatches), so step-based
         training shows one progress bar and validation falls on exact step counts."""
-        data = TensorDataset(self.split("train"))
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(data, num_samples=self.train_samples or len(data), generator=generator)
+        num_steps = -(-(self.train_samples or len(self.split("train"))) // self.batch_size)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        batches = StepBatches(self.batch_maker(), num_steps * world_size, self.resume_step * world_size)
         return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=len(data) >= self.batch_size,
+            batches,
+            batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )
 
     def val_dataloader(self) -> DataLoader:

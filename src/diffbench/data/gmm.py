@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,11 @@ import torch
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from diffbench import atomic
 from diffbench.data.base import ArrayDataModule
 from diffbench.data.digits import digits_images
+from diffbench.seeding import stream
 
 # Rows evaluated together: bounds the (rows, K, D) float64 intermediates (≈ 20 MB each at K = 20, D = 64).
 ROWS_PER_CHUNK = 2048
@@ -207,28 +208,19 @@ def full_covariances(model: GaussianMixture) -> np.ndarray:
     return np.stack([np.diag(v) for v in variances])
 
 
-class FreshBatches(Dataset):
-    """Item i is training batch i, drawn anew from the mixture by a generator seeded with (seed, i):
-    the model never sees a sample twice, so it fits the mixture itself rather than a finite
-    sample of it, and a rerun (or a resume, or any worker) draws the very same batches."""
+class FreshDraws:
+    """Batch k drawn anew from the mixture by a generator seeded with (seed, k): the model never
+    sees a sample twice, so it fits the mixture itself rather than a finite sample of it, and a
+    rerun (or a resume, or any worker) draws the very same batches."""
 
-    def __init__(self, mixture: DiffusedMixture, num_batches: int, batch_size: int, seed: int) -> None:
+    def __init__(self, mixture: DiffusedMixture, batch_size: int, seed: int) -> None:
         self.mixture = mixture
-        self.num_batches = num_batches
         self.batch_size = batch_size
         self.seed = seed
 
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __getitem__(self, index: int) -> tuple[Tensor]:
-        if not 0 <= index < self.num_batches:
-            raise IndexError(f"batch {index} of {self.num_batches}")
-        # SeedSequence mixes (seed, index) into one 64-bit seed: nearby pairs give unrelated streams.
-        state = np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state))
-        x = self.mixture.sample(self.batch_size, generator).float()
-        return (x.reshape(self.batch_size, *GMMDataModule.image_shape),)
+    def __call__(self, index: int) -> Tensor:
+        x = self.mixture.sample(self.batch_size, stream(self.seed, index)).float()
+        return x.reshape(self.batch_size, *GMMDataModule.image_shape)
 
 
 class GMMDataModule(ArrayDataModule):
@@ -271,18 +263,9 @@ class GMMDataModule(ArrayDataModule):
             splits[name] = self.mixture.sample(size, generator).float().reshape(size, *self.image_shape)
         return splits
 
-    def train_dataloader(self) -> DataLoader:
-        """`train_samples / batch_size` fresh batches per process (`num_train`'s worth when unset).
-        Under DDP, Lightning deals the batches out to the processes in turn, so there are
-        world-size times as many and no two processes, nor two steps, share one."""
+    def batch_maker(self) -> Callable[[int], Tensor]:
+        """With `fresh_samples`, every step's batch is a new draw from the mixture (FreshDraws);
+        otherwise shuffles of the fixed `num_train` split, like every other dataset."""
         if not self.fresh_samples:
-            return super().train_dataloader()
-        num_batches = math.ceil((self.train_samples or self.sizes["train"]) / self.batch_size)
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        batches = FreshBatches(self.mixture, num_batches * world_size, self.batch_size, self.seed)
-        return DataLoader(
-            batches,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+            return super().batch_maker()
+        return FreshDraws(self.mixture, self.batch_size, self.seed)

@@ -30,6 +30,7 @@ class BudgetEvaluation(Callback):
             step not in self.steps
             or any(row["step"] == step for row in self.rows)
             or not trainer.is_global_zero
+            or trainer.should_stop  # a diverged run (StopOnDivergence runs first) is not measured
         ):
             return
         self.rows.append({"step": step, **self.measure(module)})

@@ -25,6 +25,9 @@ from diffbench.train.module import DiffusionModule
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+# Training batches are a function of the step (data.base.StepBatches) and a resumed run starts at
+# its checkpoint's step, so Lightning's warning that the loader holds no state does not apply.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 THREADS_ENV = "DIFFBENCH_THREADS"
@@ -66,6 +69,7 @@ def build_module(cfg: DictConfig, num_levels: int | None) -> DiffusionModule:
         compile=cfg.speed.compile,
         gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         fused=cfg.speed.fused_adamw,
+        seed=cfg.seed,
     )
 
 

@@ -1,16 +1,44 @@
-"""Lightning callbacks and logger repairs that keep a resumed run's metrics.csv whole."""
+"""Lightning callbacks: stop a diverged run, and logger repairs that keep a resumed run's
+metrics.csv whole."""
 
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from diffbench import atomic
+
+
+class StopOnDivergence(Callback):
+    """Stop training at a non-finite loss. Checked every `every` steps, at each step in `watch`
+    (where something is measured or saved) and at the last step: one host sync each, not one
+    per step. Every process takes the same decision, so DDP stops together."""
+
+    def __init__(self, every: int, watch: Iterable[int] = ()) -> None:
+        self.every = max(1, every)
+        self.watch = set(watch)
+        self.step: int | None = None
+        """The step at which the loss was found non-finite; None while training is healthy."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every and step not in self.watch and step < (trainer.max_steps or 0):
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        bad = loss is not None and not bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            self.step = step
+            trainer.should_stop = True
 
 
 class FlushCSVOnCheckpoint(Callback):

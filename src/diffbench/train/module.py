@@ -18,6 +18,7 @@ from diffbench.core.heads import Denoiser, get_head
 from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
 from diffbench.core.weightings import LossInputs, get_weighting
 from diffbench.sampling.nll import importance_vlb_bpd
+from diffbench.seeding import stream_seed
 
 PENDING_STEPS = 100
 """Steps of gradient norms held on the device between copies to the host."""
@@ -53,6 +54,7 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         gradient_clip_val: float | None = None,
         fused: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -110,6 +112,10 @@ class DiffusionModule(L.LightningModule):
         return terms
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        """Torch's generator is reseeded from (seed, step, process) first, so the step's t, ε (and
+        any dropout) depend on nothing else: a run resumed from a checkpoint draws exactly what the
+        uninterrupted run drew, with no RNG state to carry in the checkpoint."""
+        torch.manual_seed(stream_seed(self.hparams.seed, self.global_step, self.global_rank))
         x0 = batch[0]
         t, terms_per_draw = self.weighting.sample_timesteps(
             self.schedule, len(x0), self.device, self.hparams.variance

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
+from diffbench.analysis.collect import Incomplete, load_run
 from diffbench.cli import evaluate as evaluate_cli
 from diffbench.cli import run as run_cli
 from diffbench.config import ConfigError
@@ -159,17 +160,8 @@ def test_partial_run_is_not_evaluated(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_diverged_arm_stops_cleanly_and_is_listed_not_averaged(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run(
-        [
-            "experiment=eps_elbo",
-            *TINY,
-            "trainer.max_steps=6",
-            "optim.lr=1e8",
-            "optim.warmup_steps=1",
-            f"run.dir={run_dir}",
-        ],
-        tmp_path,
-    )
+    diverging = ["experiment=eps_elbo", *TINY, "trainer.max_steps=6", "optim.lr=1e8", "optim.warmup_steps=1"]
+    proc = run([*diverging, f"run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "diverged" in proc.stderr and "optim.lr" in proc.stderr
     text = (run_dir / "results.json").read_text()
@@ -181,19 +173,7 @@ def test_diverged_arm_stops_cleanly_and_is_listed_not_averaged(tmp_path: Path) -
     assert results["status"] == "diverged" and results["metrics"] == {}
     assert 1 <= results["diverged_at_step"] <= 6
     assert not list(run_dir.glob("samples_*.png")), "nothing evaluated"
-    from diffbench.analysis.collect import load_run
-
     listed = load_run(run_dir)
-    assert "diverged at step" in listed.reason
-    again = run(
-        [
-            "experiment=eps_elbo",
-            *TINY,
-            "trainer.max_steps=6",
-            "optim.lr=1e8",
-            "optim.warmup_steps=1",
-            f"run.dir={run_dir}",
-        ],
-        tmp_path,
-    )
+    assert isinstance(listed, Incomplete) and "diverged at step" in listed.reason
+    again = run([*diverging, f"run.dir={run_dir}"], tmp_path)
     assert again.returncode == 0 and "already diverged" in again.stdout

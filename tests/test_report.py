@@ -127,7 +127,12 @@ def write_run(root: Path, arm: str, seed: int, profile: str = "default", lr: flo
         "optimisation": {"gradient_clip_val": None, "clipped_fraction": 0.0, "grad_norm_median": 1.5},
         "evaluation": {
             "nll_vlb_settings": {"timesteps": "stratified-2", "num_images": 359, "wall_time_s": 1.0},
-            "sample_settings": {"sampler": "ddim", "steps": 50, "num_samples": 1000},
+            "sample_settings": {
+                "sampler": "ddim",
+                "steps": 50,
+                "num_samples": 1000,
+                "evaluation_noise": {"half_size": 500, "fd_digits": [10.0 + seed, 10.5 + 2 * seed]},
+            },
             "baselines": {"histogram_nll_bpd": 2.4 + 0.01 * seed, "fd_digits_real_vs_real": 1.0},
         },
     }
@@ -270,6 +275,8 @@ def test_baselines_optimisation_and_bands_are_shown(built: tuple[Path, dict, str
     # Non-ELBO arms' term at t = 300 (log SNR ≈ −0.3) is larger by 0.001 (1 + k), standing for 499 terms.
     bands = page.split("## Where the likelihood is lost")[1]
     assert "| eps_elbo | Δ 0 [0, 0]" in bands and "Δ -0.998 [" in bands.split("| x0_elbo |")[1]
+    noise = page.split("## Evaluation noise")[1].split("\n## ")[0]
+    assert "| eps_simple | fd_digits | 500 | 1.5 |" in noise  # |a − b| = 0.5, 1.5, 2.5 over the seeds
 
 
 def test_incomplete_runs_are_listed_not_fatal(built: tuple[Path, dict, str]) -> None:

@@ -125,6 +125,12 @@ def test_cli_end_to_end_from_another_directory(tmp_path: Path) -> None:
     assert optimisation["gradient_clip_val"] is None and optimisation["clipped_fraction"] == 0.0
     assert optimisation["steps_measured"] == 2
     assert 0 < optimisation["grad_norm_median"] <= optimisation["grad_norm_max"] < math.inf
+    noise = results["evaluation"]["sample_settings"]["evaluation_noise"]
+    assert (
+        noise["half_size"] == 4
+        and len(noise["fd_digits"]) == 2
+        and noise["fd_digits"][0] != noise["fd_digits"][1]
+    )
     baselines = results["evaluation"]["baselines"]
     assert 0 < baselines["histogram_nll_bpd"] < math.log2(17)
     assert 0 <= baselines["fd_digits_real_vs_real"] < math.inf
@@ -268,3 +274,28 @@ def test_optimisation_record_survives_resume(tmp_path: Path) -> None:
     assert resumed.grad_norms[:2] == first.grad_norms and len(resumed.grad_norms) == 4
     assert resumed.optimisation_record()["clipped_fraction"] == 1.0
     assert resumed.clipped_steps == 4
+
+
+def test_fused_and_foreach_adamw_agree_to_float_tolerance() -> None:
+    """speed.fused_adamw changes how fast, not what: five identical steps end at the same weights."""
+    cfg = compose(["experiment=eps_simple", *TINY])
+    modules = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        module = build_module(cfg, 17)
+        module.hparams.fused = fused
+        modules.append(module)
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.randint(1, 20, (8,), generator=torch.Generator().manual_seed(2))
+    start = [p.detach().clone() for p in modules[0].net.parameters()]
+    for module in modules:
+        optimizer = module.configure_optimizers()["optimizer"]
+        assert optimizer.defaults.get("fused") is (True if module.hparams.fused else None)
+        for _ in range(5):
+            optimizer.zero_grad()
+            (module.net(x, t) - x).pow(2).mean().backward()  # the output layer starts at zero
+            optimizer.step()
+    fused, foreach = (list(m.net.parameters()) for m in modules)
+    for a, b in zip(fused, foreach, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, s) for a, s in zip(fused, start)), "the steps moved the weights"

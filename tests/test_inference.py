@@ -280,3 +280,14 @@ def test_minimum_detectable_effect_shrinks_with_n_and_scales_with_sd() -> None:
     assert c.mde == pytest.approx(
         minimum_detectable_effect(float(np.std([0.1, -0.3, 0.4, 0.0, 0.2], ddof=1)), 5)
     )
+
+
+@pytest.mark.parametrize(("n", "expected"), [(3, NOT_SHOWN), (5, HOLDS)])
+def test_constant_differences_need_the_sign_flip_test_not_a_zero_spread_t_test(n: int, expected: str) -> None:
+    """Seeds that agree exactly (a discrete statistic such as Kendall's τ of three arms) carry the
+    evidence of n signs, p = 2^−n, not the infinite t of zero spread."""
+    taus = dict.fromkeys(range(n), -0.8165)
+    trend = compare("τ", "fd", taus, dict.fromkeys(taus, 0.0), permutation_from=1)
+    assert trend.perm_p_less == pytest.approx(2.0**-n) and trend.perm_p_greater == 1.0
+    assert directional_claim([trend], "negative").verdict == expected
+    assert compare("τ", "fd", taus, dict.fromkeys(taus, 0.0)).p_less < 1e-10, "what the t-test would say"

@@ -251,11 +251,15 @@ def test_snr_trend_within_a_head(built: tuple[Path, dict, str]) -> None:
         test for test in claim["tests"] if test["title"].startswith("x0") and test["metric"] == "fd_digits"
     )
     assert fd["parts"][0]["mean"] == pytest.approx(tau)
-    assert fd["verdict"] == (CONTRADICTED if tau > 0 else HOLDS)
+    # τ is the same every seed; the exact sign-flip test's smallest p at n = 3 is 1/8, not 0.
+    assert fd["parts"][0]["permutation_p_less" if tau < 0 else "permutation_p_greater"] == pytest.approx(
+        1 / 8
+    )
+    assert fd["verdict"] == NOT_SHOWN
     nll = next(
         test for test in claim["tests"] if test["title"].startswith("x0") and test["metric"] == "nll_vlb_bpd"
     )
-    assert nll["verdict"] == HOLDS
+    assert nll["verdict"] == NOT_SHOWN
 
 
 def test_verdicts_along_the_budget_flag_a_change(built: tuple[Path, dict, str]) -> None:

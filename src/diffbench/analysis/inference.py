@@ -196,9 +196,16 @@ class Comparison:
 
 
 def compare(
-    label: str, metric: str, a: dict[int, float], b: dict[int, float], alpha: float = 0.05
+    label: str,
+    metric: str,
+    a: dict[int, float],
+    b: dict[int, float],
+    alpha: float = 0.05,
+    permutation_from: int = PERMUTATION_MIN_N,
 ) -> Comparison:
-    """Compare a against b over their common seeds."""
+    """Compare a against b over their common seeds. `permutation_from=1` makes the exact sign-flip
+    test decide at any n: for a statistic with a few discrete values (Kendall's τ of three arms)
+    the seeds can agree exactly, and a t-test would read zero spread as infinite evidence."""
     differences = paired_differences(a, b)
     d = np.array(list(differences.values()), dtype=np.float64)
     n = len(d)
@@ -212,7 +219,7 @@ def compare(
         interval = (float(low[0]), float(high[0]))
         less, greater = t_pvalues(d)
         p_less, p_greater = float(less[0]), float(greater[0])
-    if n >= PERMUTATION_MIN_N:
+    if n >= max(1, permutation_from):
         less, greater = sign_flip_pvalues(d)
         perm_less, perm_greater = float(less[0]), float(greater[0])
     if n >= BOOTSTRAP_MIN_N:

@@ -323,7 +323,9 @@ def noise_section(runs: list[Run], arms: list[str]) -> Section | None:
         records = [
             (r, r.evaluation.get("sample_settings", {}).get("evaluation_noise") or {}) for r in arm_runs
         ]
-        names = sorted({k for _, rec in records for k, v in rec.items() if isinstance(v, list)})
+        names = sorted(
+            {k for _, rec in records for k, v in rec.items() if isinstance(v, list) and "_std" not in k}
+        )
         for name in names:
             gaps = [abs(rec[name][0] - rec[name][1]) for _, rec in records if len(rec.get(name, [])) == 2]
             full = [r.metrics[name] for r, _ in records if name in r.metrics]
@@ -340,10 +342,15 @@ def noise_section(runs: list[Run], arms: list[str]) -> Section | None:
         [
             "The same model's samples split in two independent halves, each scored against the same "
             "reference: |a − b| is what the sample metric moves with the samples alone (for the whole "
-            "sample set, about 0.6 · |a − b|, since a score's variance halves with twice the samples). When it is near the seed-to-seed sd, more samples, not more "
-            "seeds, would sharpen the comparison."
+            "sample set, about 0.6 · |a − b|, since a score's variance halves with twice the samples). "
+            "When it is near the seed-to-seed sd, more samples, not more seeds, would sharpen the "
+            "comparison."
         ],
-        [Table(["arm", "metric", "half size", "mean |a − b| over seeds", "seed sd (full set)", "n"], rows)],
+        [
+            Table(
+                ["arm", "metric", "half size", "mean abs(a − b) over seeds", "seed sd (full set)", "n"], rows
+            )
+        ],
     )
 
 

@@ -3,12 +3,16 @@ and a sweep whose W&B side fails runs its trials locally."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import TINY
 from diffbench.cli import sweep as sweep_cli
 from diffbench.tracking import wandb_mode, wandb_server_answers
 
@@ -84,3 +88,26 @@ def test_seeds_selecting_nothing_exit_2_before_anything_runs(
     err = capsys.readouterr().err
     assert "SEEDS=" in err and "nothing was started" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_with_a_rejected_key_logs_offline_instead(tmp_path: Path) -> None:
+    """Credentials and a server that answers, but a key W&B rejects: the run says so and finishes
+    with an offline W&B run instead of a traceback."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+        env.update(WANDB_API_KEY="abc", WANDB_BASE_URL=f"http://127.0.0.1:{server.getsockname()[1]}")
+        command = [
+            sys.executable,
+            "-m",
+            "diffbench.run",
+            "experiment=eps_simple",
+            *TINY,
+            "eval.enabled=false",
+        ]
+        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B could not start a run" in proc.stderr and "logging offline instead" in proc.stderr
+    (run_dir,) = (tmp_path / "runs" / "eps_simple").iterdir()
+    assert list((run_dir / "wandb").glob("offline-run-*"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,21 @@ def completed_results(run_dir: RunDir, cfg: DictConfig) -> dict | None:
     """The results of a finished (or diverged) run of this very config in `run_dir`, if any."""
     results = run_dir.final_results()
     return results if results is not None and results.get("config_hash") == config_hash(cfg) else None
+
+
+def wandb_started(trainer: L.Trainer) -> bool:
+    """Start the W&B run now, before any training, so that a W&B failure (a malformed or rejected
+    key, a server that refuses) costs a line and an offline run rather than the run itself."""
+    try:
+        run = trainer.loggers[0].experiment
+    except Exception as error:  # wandb raises its own error types, and OSError/ValueError besides
+        print(
+            f"[diffbench] W&B could not start a run ({type(error).__name__}: {error}); "
+            "logging offline instead (wandb sync uploads it later).",
+            file=sys.stderr,
+        )
+        return False
+    return run is not None
 
 
 def watched_steps(cfg: DictConfig, budget: list[int]) -> set[int]:
@@ -102,6 +118,9 @@ def train(cfg: DictConfig) -> dict:
     )
     divergence = StopOnDivergence(cfg.trainer.log_every_n_steps, watched_steps(cfg, steps))
     trainer = build_trainer(cfg, run_dir.path, [divergence, budgets])
+    if trainer.is_global_zero and not wandb_started(trainer):
+        os.environ["WANDB_MODE"] = "offline"
+        trainer = build_trainer(cfg, run_dir.path, [divergence, budgets])
     with run_dir.exclusive() if trainer.is_global_zero else contextlib.nullcontext():
         return fit_and_evaluate(cfg, run_dir, datamodule, module, trainer, budgets, divergence)
 

@@ -48,6 +48,7 @@ from diffbench.rundir import (
     TABLE_METRICS,
     VLB_TERMS,
     X0_TRAJECTORY,
+    flat,
     sample_grid,
 )
 from diffbench.sampling.nll import stratified_weights
@@ -405,14 +406,9 @@ def bands_section(
     )
 
 
-def flatten(value: object, prefix: str = "") -> dict[str, str]:
-    """Nested settings as {dotted key: JSON value}."""
-    if not isinstance(value, dict):
-        return {prefix: json.dumps(value, sort_keys=True)}
-    flat: dict[str, str] = {}
-    for key, inner in value.items():
-        flat.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
+def flatten(value: object) -> dict[str, str]:
+    """Nested settings as {dotted key: JSON value}, comparable as strings."""
+    return {key: json.dumps(inner, sort_keys=True) for key, inner in flat(value).items()}
 
 
 def settings_section(runs: list[Run]) -> Section:

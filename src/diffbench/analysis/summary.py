@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from diffbench import atomic
-from diffbench.rundir import DIVERGED, HEADLINE_METRICS, RunDir
+from diffbench.rundir import COMPLETE, DIVERGED, HEADLINE_METRICS, RunDir
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:
@@ -56,8 +56,9 @@ def format_table(table: dict[str, dict[str, dict[str, float]]], profile: str) ->
 
 def summarize_trials(run_dirs: list[Path], out_stem: Path) -> str:
     """Aggregate the finished trials, write `<stem>.md` and `<stem>.json`, return the table."""
-    results = [r for r in (RunDir(d).complete_results() for d in run_dirs) if r is not None]
-    diverged = [r for r in (RunDir(d).final_results() for d in run_dirs) if r and r["status"] == DIVERGED]
+    finished = [r for r in (RunDir(d).final_results() for d in run_dirs) if r is not None]
+    results = [r for r in finished if r["status"] == COMPLETE]
+    diverged = [r for r in finished if r["status"] == DIVERGED]
     profiles = sorted({r.get("profile", "?") for r in results}) or ["?"]
     table = aggregate(results)
     text = format_table(table, "/".join(profiles))

@@ -228,7 +228,7 @@ class GMMDataModule(ArrayDataModule):
 
     The mixture itself is fixed by `fit_seed` (the same truth for every run); the samples drawn
     from it follow the run's `seed`, like the digits split does. With `fresh_samples` (the
-    default) every training batch is a new draw (FreshBatches): data without limit, so no arm is
+    default) every training batch is a new draw (FreshDraws): data without limit, so no arm is
     judged by how it overfits; otherwise training cycles over the fixed `num_train` split.
     Validation and test are fixed splits either way.
     """

@@ -7,7 +7,9 @@ settings (sampler, steps, sample count, timesteps) that produced it."""
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -204,40 +206,29 @@ def evaluate_samples(
         return Evaluation(), samples
     save_grid(samples[:64], out / sample_grid(cfg.sampler), nrow=8)
     reference = datamodule.split(cfg.reference_split)
-    quality = sample_quality(
-        samples,
-        reference,
+    score = functools.partial(
+        sample_quality,
+        reference=reference,
         dataset=data_name,
         num_levels=datamodule.num_levels,
         inception_weights=cfg.inception_weights,
         data_root=getattr(datamodule, "root", "data"),
     )
+    quality = score(samples)
     metrics = {k: v for k, v in quality.items() if isinstance(v, float) and k not in EXTRACTOR_FIELDS}
     record.update({k: v for k, v in quality.items() if k not in metrics})
     record["reference"] = f"{cfg.reference_split} split ({len(reference)} images)"
-    record["evaluation_noise"] = split_half_scores(samples, reference, data_name, datamodule, cfg)
+    record["evaluation_noise"] = split_half_scores(samples, score)
     return Evaluation(metrics, {"sample_settings": record}), samples
 
 
-def split_half_scores(
-    samples: Tensor, reference: Tensor, data_name: str, datamodule: ArrayDataModule, cfg: DictConfig
-) -> dict[str, object]:
+def split_half_scores(samples: Tensor, score: Callable[[Tensor], dict]) -> dict[str, object]:
     """The same model scored on two independent halves of its samples (even and odd draws): how
     much a sample metric moves with the samples alone, to set beside the seed-to-seed spread.
     A half scores a little worse than the whole (FD is biased upward at small n)."""
     if len(samples) < 8:
         return {}
-    halves = [
-        sample_quality(
-            samples[start::2],
-            reference,
-            dataset=data_name,
-            num_levels=datamodule.num_levels,
-            inception_weights=cfg.inception_weights,
-            data_root=getattr(datamodule, "root", "data"),
-        )
-        for start in (0, 1)
-    ]
+    halves = [score(samples[start::2]) for start in (0, 1)]
     names = [k for k, v in halves[0].items() if isinstance(v, float) and k not in EXTRACTOR_FIELDS]
     return {"half_size": len(samples) // 2, **{name: [half[name] for half in halves] for name in names}}
 

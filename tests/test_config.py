@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diffbench.config import ConfigError, available, compose
-from diffbench.rundir import arm_label
+from diffbench.core.arms import Arm
 
 EXPERIMENTS = available("experiment")
 SIX_ARMS = {"eps_simple": ("eps", "own"), "eps_elbo": ("eps", "elbo"), "x0_simple": ("x0", "own")}
@@ -19,7 +19,7 @@ def test_six_arms_are_presets_with_their_exact_meaning() -> None:
     for name, (head, weighting) in SIX_ARMS.items():
         cfg = compose([f"experiment={name}"])
         assert (cfg.objective.head, cfg.objective.weighting) == (head, weighting)
-        assert arm_label(head, weighting) == name
+        assert Arm(head, weighting).label == name
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -44,6 +44,20 @@ def test_gmm_run_records_ground_truth_metrics(tmp_path: Path) -> None:
     assert {"eps_star_mse", "eps_star_elbo_bpd", "val_vlb_bpd", "val_eps_mse"} <= set(last)
 
 
+def test_also_samplers_score_the_samples_again_from_the_same_noise(tmp_path: Path) -> None:
+    """DDIM with η = 0 is deterministic given its starting noise, and every sampler of a run starts
+    from the same seeded stream: the main sampler again as an extra gives the same numbers exactly."""
+    overrides = ["eval.sampler_steps=10", "eval.also_samplers=[ddim-10,ancestral-4]"]
+    results = train(compose(["experiment=eps_simple", *TINY, *overrides, f"run.dir={tmp_path}"]))
+    metrics = results["metrics"]
+    assert metrics["fd_digits@ddim-10"] == metrics["fd_digits"]
+    assert metrics["kid_digits@ddim-10"] == metrics["kid_digits"]
+    assert metrics["fd_digits@ancestral-4"] != metrics["fd_digits"]
+    settings = results["evaluation"]["sample_settings@ancestral-4"]
+    assert (settings["sampler"], settings["steps"], settings["nfe_per_batch"]) == ("ancestral", 4, 4)
+    assert results["evaluation"]["sample_settings@ddim-10"]["eta"] == 0.0
+
+
 def test_evaluate_cli_reevaluates_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train(compose(["experiment=x0_elbo", *TINY, f"run.dir={tmp_path}"]))
     before = json.loads((tmp_path / "results.json").read_text())

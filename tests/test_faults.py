@@ -54,6 +54,9 @@ BAD_INPUTS = [
     (["eval.budget_samples=2"], "eval.budget_samples=2"),
     (["eval.sampler_steps=0"], "eval.sampler_steps=0"),
     (["eval.sampler_steps=5000"], "eval.sampler_steps=5000"),
+    (["eval.also_samplers=[ddim-0]"], "'ddim-0', which is not a sampler setting"),
+    (["eval.also_samplers=[heun-10]"], "'heun-10', which is not a sampler setting"),
+    (["eval.also_samplers=[ddim]"], "<sampler>-<steps>"),
     (["model.in_channels=3"], "channel"),
     (["model.image_size=16"], "8x8"),
     (["model.channel_mult=[1,2,2,2,2]"], "halves the image 4 time(s)"),
@@ -125,7 +128,8 @@ def test_another_configs_run_directory_is_refused_naming_the_differences(
     assert run_cli.main(["experiment=x0_elbo", *TINY, f"run.dir={finished}"]) == 2
     err = capsys.readouterr().err
     assert "holds a run with other settings" in err
-    assert "objective.head ('eps' there, 'x0' here)" in err and "experiment" in err
+    assert "objective.head ('eps' there, 'x0' here)" in err
+    assert "objective.weighting ('own' there, 'elbo' here)" in err and "experiment" not in err
     assert snapshot(finished) == before
 
 

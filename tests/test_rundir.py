@@ -11,12 +11,12 @@ from omegaconf import OmegaConf
 
 from diffbench import atomic
 from diffbench.config import compose
+from diffbench.core.arms import Arm, try_parse
 from diffbench.rundir import (
     EPS_MSE_BY_T,
     RESULTS,
     SCHEMA_VERSION,
     RunDir,
-    arm_label,
     config_hash,
     trial_dir,
     trials_root,
@@ -25,8 +25,28 @@ from diffbench.rundir import (
 
 
 def test_arm_labels_keep_the_six_names_and_name_the_grid() -> None:
-    assert arm_label("eps", "own") == "eps_simple" and arm_label("x0", "elbo") == "x0_elbo"
-    assert arm_label("v", "minsnr") == "v_minsnr" and arm_label("score", "elbo_is") == "score_elbo_is"
+    assert Arm("eps", "own").label == "eps_simple" and Arm("x0", "elbo").label == "x0_elbo"
+    assert Arm("v", "minsnr").label == "v_minsnr" and Arm("score", "elbo_is").label == "score_elbo_is"
+
+
+def test_an_arm_is_a_value_that_parses_its_own_label() -> None:
+    for head in ("eps", "x0", "score", "v"):
+        for weighting in ("elbo", "elbo_is", "eps", "minsnr", "own"):
+            arm = Arm(head, weighting)
+            assert Arm.parse(arm.label) == arm and hash(Arm.parse(arm.label)) == hash(arm)
+    # The schema-1 spelling of the head's own MSE is normalised; the head-named weighting is the
+    # same objective but another arm (OBJ=grid trains both as a sanity check).
+    assert Arm("x0", "simple") == Arm("x0", "own") == Arm.parse("x0_simple")
+    assert Arm("eps", "eps") != Arm("eps", "own") and Arm("eps", "eps").objective == Arm("eps", "own")
+    assert Arm("x0", "eps").objective == Arm("x0", "eps")
+    assert sorted([Arm("score", "elbo"), Arm("eps", "own"), Arm("eps", "elbo")], key=lambda a: a.order) == [
+        Arm("eps", "elbo"),
+        Arm("eps", "own"),
+        Arm("score", "elbo"),
+    ]
+    assert try_parse("unet_elbo") is None and try_parse("eps_nonsense") is None
+    with pytest.raises(ValueError, match="unknown weighting"):
+        Arm("eps", "vlb")
 
 
 def test_results_round_trip_with_the_schema_version(tmp_path: Path) -> None:
@@ -93,3 +113,14 @@ def test_trial_dir_is_named_by_arm_seed_and_config(tmp_path: Path) -> None:
     moved = OmegaConf.merge(cfg, {"run": {"root": "elsewhere"}, "wandb": {"project": "p"}})
     assert config_hash(moved) == config_hash(cfg)
     assert config_hash(OmegaConf.merge(cfg, {"optim": {"lr": 0.1}})) != config_hash(cfg)
+
+
+def test_a_preset_and_its_head_weighting_pair_are_one_trial(tmp_path: Path) -> None:
+    """OBJ=all names its arms by preset, OBJ=grid by head and weighting: the same training, so one
+    trial directory, and a grid sweep after the default one trains only the arms it adds."""
+    for preset, head, weighting in (("x0_simple", "x0", "own"), ("score_elbo", "score", "elbo")):
+        by_preset = compose([f"experiment={preset}", f"run.root={tmp_path}"])
+        by_pair = compose([f"head={head}", f"weighting={weighting}", f"run.root={tmp_path}"])
+        assert by_preset.experiment != by_pair.experiment
+        assert by_preset.objective.name != by_pair.objective.name
+        assert trial_dir(by_preset) == trial_dir(by_pair)

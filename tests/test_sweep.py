@@ -37,9 +37,10 @@ from diffbench.cli.sweep import (
     trial_overrides,
 )
 from diffbench.config import ConfigError, compose
+from diffbench.core.arms import Arm
 from diffbench.core.heads import HEADS
 from diffbench.core.weightings import WEIGHTINGS
-from diffbench.rundir import RunDir, arm_label
+from diffbench.rundir import RunDir
 from diffbench.train.build import build_datamodule, build_module
 
 SWEEP_FILES = sorted(sweeps_dir().glob("*.yaml"))
@@ -89,7 +90,7 @@ def test_grid_sweeps_run_exactly_their_head_weighting_pairs(obj: str, expected: 
     dirs = trial_dirs(sweep, points)
     assert len(set(dirs)) == len(points)
     for point, directory in zip(points, dirs, strict=True):
-        assert directory.parent.name == arm_label(point["head"], point["weighting"])
+        assert directory.parent.name == Arm(point["head"], point["weighting"]).label
         assert directory.parents[1].name == "default-digits" and directory.name.startswith(
             f"s{point['seed']}-"
         )
@@ -131,7 +132,7 @@ def test_lr_check_runs_each_arm_at_three_learning_rates_on_seed_zero(lr_of: str,
     assert {cfg.seed for cfg in configs} == {0}
     by_arm: dict[str, list[float]] = {}
     for cfg in configs:
-        by_arm.setdefault(arm_label(cfg.objective.head, cfg.objective.weighting), []).append(cfg.optim.lr)
+        by_arm.setdefault(Arm(cfg.objective.head, cfg.objective.weighting).label, []).append(cfg.optim.lr)
     assert len(by_arm) == arms
     assert all(sorted(rates) == sorted(LEARNING_RATES) for rates in by_arm.values())
     assert len(set(trial_dirs(sweep, points))) == len(points), "each learning rate has its own trial"

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffbench import atomic
 from diffbench.config import ConfigError
+from diffbench.core.arms import Arm
 
 SCHEMA_VERSION = 2
 """2: `arm` is a field, the head's unweighted MSE is the weighting "own", and `eval_wall_time_s`
@@ -57,7 +58,7 @@ DIVERGED = "diverged"
 FINAL = (COMPLETE, DIVERGED)
 """Statuses a rerun of the same config leaves alone: a diverged run diverges again."""
 LOCK = ".lock"
-IDENTITY_EXCLUDES = ("run", "wandb", "report")
+IDENTITY_EXCLUDES = ("run", "wandb", "report", "experiment")
 RUN_DIR_ENV = "DIFFBENCH_RUN_DIR"
 
 
@@ -134,6 +135,31 @@ METRICS = (
     Metric("val/eps_mse", "Validation ε MSE", "validation"),
 )
 METRIC_INFO = {m.name: m for m in METRICS}
+AT = "@"
+"""`fd_digits@ddim-10`: a sample metric measured again with another sampler (eval.also_samplers)."""
+
+
+def sampler_tag(sampler: str, steps: int | None) -> str:
+    """`ddim-10`, `ancestral-50`; a sampler over every step of the schedule is its name alone."""
+    return f"{sampler}-{steps}" if steps else sampler
+
+
+def metric_at(metric: str, tag: str) -> str:
+    return f"{metric}{AT}{tag}"
+
+
+def base_metric(name: str) -> str:
+    """`fd_digits@ddim-10` → `fd_digits`; a name without a sampler tag is its own base."""
+    return name.partition(AT)[0]
+
+
+def metric_info(name: str) -> Metric | None:
+    """The registry's entry for a metric, a sampler-tagged one labelled with its sampler."""
+    base, _, tag = name.partition(AT)
+    info = METRIC_INFO.get(base)
+    if info is None or not tag:
+        return info
+    return Metric(name, f"{info.label}, {tag} samples", info.kind, info.ranked)
 
 
 def metrics_of_kind(*kinds: str) -> tuple[str, ...]:
@@ -142,22 +168,22 @@ def metrics_of_kind(*kinds: str) -> tuple[str, ...]:
 
 NLL_METRICS = metrics_of_kind("nll")
 QUALITY_METRICS = metrics_of_kind("quality")
+KID_METRICS = metrics_of_kind("kid")
 TABLE_METRICS = tuple(m.name for m in METRICS)
 NOT_RANKED = tuple(m.name for m in METRICS if not m.ranked)
 HEADLINE_METRICS = (*NLL_METRICS, *QUALITY_METRICS, "eps_star_mse", "val/vlb_bpd")
 
 
-def arm_label(head: str, weighting: str) -> str:
-    """The one place an arm's name is made: `<head>_<weighting>`, with the head's own unweighted
-    MSE called `simple` so the six original arms keep their names (eps_simple, x0_elbo, …)."""
-    return f"{head}_{'simple' if weighting == 'own' else weighting}"
-
-
 def identity(config: DictConfig | dict) -> dict:
     """The settings that make a run what it is: the resolved config without where it is written or
-    logged and without the report's margins (they change no number a run computes)."""
+    logged, the report's margins and the names of the preset and objective group that set it (they
+    change no number a run computes), so `experiment=x0_simple` and `head=x0 weighting=own` are one
+    trial and any sweep reuses another's finished trials."""
     data = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
-    return {k: v for k, v in data.items() if k not in IDENTITY_EXCLUDES}
+    kept = {k: v for k, v in data.items() if k not in IDENTITY_EXCLUDES}
+    if isinstance(kept.get("objective"), dict):
+        kept["objective"] = {k: v for k, v in kept["objective"].items() if k != "name"}
+    return kept
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -210,7 +236,7 @@ def trial_dir(cfg: DictConfig) -> Path:
     """`<root>/trials/<profile>-<data>/<arm>/s<seed>-<hash>`: one directory per resolved config,
     so a sweep finds its finished and interrupted trials whatever ran them."""
     name = f"s{cfg.seed}-{config_hash(cfg)}"
-    arm = arm_label(cfg.objective.head, cfg.objective.weighting)
+    arm = Arm(cfg.objective.head, cfg.objective.weighting).label
     return Path(cfg.run.root) / "trials" / f"{cfg.profile}-{cfg.data.name}" / arm / name
 
 
@@ -256,7 +282,7 @@ def upgrade(results: dict) -> dict:
         if results.get("weighting") == "simple":
             results["weighting"] = "own"
         if "head" in results and "weighting" in results:
-            results["arm"] = arm_label(results["head"], results["weighting"])
+            results["arm"] = Arm(results["head"], results["weighting"]).label
         if isinstance(results.get("metrics"), dict) and "eval_wall_time_s" in results["metrics"]:
             metrics = dict(results["metrics"])
             results["eval_wall_time_s"] = metrics.pop("eval_wall_time_s")

@@ -32,12 +32,13 @@ from diffbench.analysis.inference import (
     Direction,
     compare,
     directional_claim,
-    tost,
+    equivalence_test,
 )
 from diffbench.core.diffusion import NoiseSchedule, q_sample
 from diffbench.core.heads import HEADS
 from diffbench.core.weightings import WEIGHTINGS, LossInputs
-from diffbench.rundir import NLL_METRICS, QUALITY_METRICS, arm_label
+from diffbench.core.arms import Arm
+from diffbench.rundir import NLL_METRICS, QUALITY_METRICS
 
 Values = dict[str, dict[str, dict[int, float]]]
 """{arm: {metric: {seed: value}}}"""
@@ -85,11 +86,11 @@ class Claim:
 def arm_for(values: Values, head: str, weighting: str) -> str:
     """The arm of (head, weighting) in these runs. A head's own MSE and the weighting named after
     the head are one objective, so either arm stands for the other."""
-    names = [arm_label(head, weighting)]
+    names = [Arm(head, weighting).label]
     if weighting == head:
-        names.append(arm_label(head, "own"))
+        names.append(Arm(head, "own").label)
     if weighting == "own":
-        names.append(arm_label(head, head))
+        names.append(Arm(head, head).label)
     return next((name for name in names if name in values), names[0])
 
 
@@ -210,7 +211,7 @@ def claim_equivalence(
             if not pairs:
                 continue
             comparisons = [comparison(values, a, b, metric) for a, b in pairs]
-            verdicts = [tost(c, margin) for c in comparisons]
+            verdicts = equivalence_test(comparisons, margin)
             combined = (
                 EQUIVALENT
                 if all(v == EQUIVALENT for v in verdicts)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from diffbench.core.arms import Arm
 from diffbench.core.heads import HEADS as HEAD_REGISTRY
 from diffbench.core.weightings import WEIGHTINGS
 from diffbench.rundir import (
@@ -20,19 +21,18 @@ from diffbench.rundir import (
     RESULTS,
     Curve,
     RunDir,
-    arm_label,
     upgrade,
 )
 
 HEADS = ("eps", "x0", "score")
 """The heads of the six original arms, which the claims compare."""
-ARMS = tuple(arm_label(head, weighting) for head in HEADS for weighting in ("own", "elbo"))
+ARMS = tuple(Arm(head, weighting).label for head in HEADS for weighting in ("own", "elbo"))
 """The six original arms, in table order."""
 ARM_PARTS = {
-    arm_label(head, weighting): (head, weighting) for head in HEAD_REGISTRY for weighting in WEIGHTINGS
+    Arm(head, weighting).label: (head, weighting) for head in HEAD_REGISTRY for weighting in WEIGHTINGS
 }
 """Every arm the grid can make, in display order (by head, then weighting), with its parts."""
-REFERENCE = arm_label("eps", "own")
+REFERENCE = Arm("eps", "own").label
 
 
 @dataclass

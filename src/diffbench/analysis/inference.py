@@ -9,7 +9,9 @@ functions call it with one row, and the calibration tests simulate it with thous
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +34,8 @@ BOOTSTRAP_MIN_N = 10
 BOOTSTRAP_RESAMPLES = 10_000
 #: Up to this many seeds every sign flip is enumerated; beyond it 2^16 random flips bound the memory.
 EXACT_FLIP_MAX_N = 16
+#: Paired differences whose sd is below this fraction of their mean size have "no spread".
+NO_SPREAD = 1e-6
 #: Rows per block when enumerating flips, so that rows × patterns stays around 4 million floats.
 _FLIP_BLOCK = 1 << 22
 
@@ -94,11 +98,27 @@ def sign_flip_pvalues(diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p_less, p_greater
 
 
-def directional_pvalues(diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The p-values (for Δ < 0, for Δ > 0) the verdicts use: exact sign-flip test from 6 seeds on
-    (no normality assumption), the t-test below that (at most 32 flips: too coarse to detect much)."""
+def no_spread(diffs: np.ndarray) -> np.ndarray:
+    """Rows whose differences agree to within NO_SPREAD of their size: values equal up to rounding,
+    where a t statistic would divide by (almost) zero and read agreement as certainty."""
     d = _rows(diffs)
-    return sign_flip_pvalues(d) if d.shape[1] >= PERMUTATION_MIN_N else t_pvalues(d)
+    if d.shape[1] < 2:
+        return np.zeros(len(d), dtype=bool)
+    return d.std(axis=1, ddof=1) <= NO_SPREAD * np.abs(d).mean(axis=1)
+
+
+def directional_pvalues(diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The p-values (for Δ < 0, for Δ > 0) the verdicts use: the exact sign-flip test from 6 seeds
+    on (no normality assumption) and wherever the differences have no spread; the t-test otherwise
+    (below 6 seeds, at most 32 flips: too coarse to detect much)."""
+    d = _rows(diffs)
+    if d.shape[1] >= PERMUTATION_MIN_N:
+        return sign_flip_pvalues(d)
+    less, greater = t_pvalues(d)
+    flat = no_spread(d)
+    if flat.any():
+        less[flat], greater[flat] = sign_flip_pvalues(d[flat])
+    return less, greater
 
 
 def holm_rejections(pvalues: np.ndarray, alpha: float = 0.05) -> np.ndarray:
@@ -133,20 +153,45 @@ def claim_decisions(
     return verdict, supports, contradicts
 
 
-def tost_verdicts(diffs: np.ndarray, margin: float, alpha: float = 0.05) -> np.ndarray:
-    """TOST per row of a (rows, n ≥ 2) array: equivalent when the (1 − 2α) t-interval lies within
-    (−margin, margin), different when it lies entirely beyond ±margin, else undetermined."""
-    low, high = t_intervals(diffs, 1 - 2 * alpha)
-    equivalent = (low > -margin) & (high < margin)
-    different = (low > margin) | (high < -margin)
+def tost_pvalues(diffs: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a (rows, n ≥ 2) array: the p-value that |Δ| < margin (the larger of the two
+    one-sided tests: below alpha exactly when the (1 − 2·alpha) interval lies inside ±margin) and the
+    p-value that |Δ| > margin (twice the smaller one-sided test: below alpha exactly when the
+    (1 − alpha) interval lies wholly outside, alpha/2 per side). Each is one call at the stated
+    level; the tests are those of the directional rules on the shifted differences."""
+    d = _rows(diffs)
+    below_upper, above_upper = directional_pvalues(d - margin)
+    below_lower, above_lower = directional_pvalues(d + margin)
+    equivalent = np.maximum(below_upper, above_lower)
+    different = np.minimum(1.0, 2 * np.minimum(above_upper, below_lower))
+    return equivalent, different
+
+
+def tost_decisions(p_equivalent: np.ndarray, p_different: np.ndarray, alpha: float = 0.05) -> np.ndarray:
+    """Per part of (rows, parts) TOST p-values: equivalent or different after Holm across the parts
+    of one test (each direction its own family), else undetermined."""
+    equivalent = holm_rejections(p_equivalent, alpha)
+    different = holm_rejections(p_different, alpha)
     return np.where(equivalent, EQUIVALENT, np.where(different, DIFFERENT, UNDETERMINED))
 
 
-def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
-    """Smallest true Δ that a one-sided paired t-test at this n detects with the given power if the
-    seeds' sd is `sd`: tells "no effect" apart from "too few seeds to see one"."""
-    if n < 2:
-        return None
+def tost_verdicts(diffs: np.ndarray, margin: float, alpha: float = 0.05) -> np.ndarray:
+    """The TOST verdict of a single pair per row of a (rows, n ≥ 2) array."""
+    equivalent, different = tost_pvalues(diffs, margin)
+    return tost_decisions(equivalent[:, None], different[:, None], alpha)[:, 0]
+
+
+def combined_equivalence(verdicts: list[str]) -> str:
+    """A test over several pairs: equivalent when every pair is, different when any pair is."""
+    if verdicts and all(v == EQUIVALENT for v in verdicts):
+        return EQUIVALENT
+    return DIFFERENT if DIFFERENT in verdicts else UNDETERMINED
+
+
+@functools.cache
+def mde_multiplier(n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The noncentrality that a one-sided paired t-test at this n detects with the given power,
+    divided by √n: the MDE in units of the paired sd."""
     df = n - 1
     critical = stats.t.ppf(1 - alpha, df)
 
@@ -156,8 +201,43 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: flo
     upper = 1.0
     while shortfall(upper) < 0:
         upper *= 2
-    noncentrality = optimize.brentq(shortfall, 0.0, upper, xtol=1e-10)
-    return float(noncentrality * sd / np.sqrt(n))
+    return float(optimize.brentq(shortfall, 0.0, upper, xtol=1e-10) / np.sqrt(n))
+
+
+def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """Smallest true Δ that a one-sided paired t-test at this n detects with the given power if the
+    seeds' sd is `sd`: tells "no effect" apart from "too few seeds to see one"."""
+    return None if n < 2 else mde_multiplier(n, alpha, power) * sd
+
+
+CLAIM_POWER_DRAWS = 4000
+"""Simulated replicates behind a claim-level detectable effect (its Monte-Carlo error is about
+±0.02 sd at 80% power)."""
+
+
+@functools.cache
+def claim_mde_multiplier(n: int, parts: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The effect, in paired-sd units on every part, at which a claim of `parts` directional tests
+    holds (every part after Holm, with the verdicts' own p-values) with the given power at n seeds,
+    for Gaussian differences. Found by bisection on common random numbers, along which the
+    probability of "holds" can only grow with the effect."""
+    noise = np.random.default_rng(n * 1000 + parts).standard_normal((CLAIM_POWER_DRAWS * parts, n))
+
+    def power_at(effect: float) -> float:
+        less, greater = directional_pvalues(noise - effect)
+        shape = (CLAIM_POWER_DRAWS, parts)
+        verdict = claim_decisions(less.reshape(shape), greater.reshape(shape), alpha)[0]
+        return float(np.mean(verdict == HOLDS))
+
+    low, high = 0.0, 1.0
+    while power_at(high) < power:
+        low, high = high, 2 * high
+        if high > 1e3:
+            return math.inf
+    while high - low > 0.01:
+        middle = (low + high) / 2
+        low, high = (middle, high) if power_at(middle) < power else (low, middle)
+    return high
 
 
 def bootstrap_interval(values: np.ndarray, level: float) -> tuple[float, float]:
@@ -187,9 +267,11 @@ class Comparison:
     perm_p_greater: float | None
     bootstrap: tuple[float, float] | None
     mde: float | None
+    no_spread: bool = False
 
     def p_value(self, direction: Direction) -> float | None:
-        """p-value for Δ in `direction`: the permutation test's when it exists, else the t-test's."""
+        """p-value for Δ in `direction`: the permutation test's when it exists (from 6 seeds, or
+        where the differences have no spread), else the t-test's."""
         if direction == "negative":
             return self.perm_p_less if self.perm_p_less is not None else self.p_less
         return self.perm_p_greater if self.perm_p_greater is not None else self.p_greater
@@ -205,7 +287,8 @@ def compare(
 ) -> Comparison:
     """Compare a against b over their common seeds. `permutation_from=1` makes the exact sign-flip
     test decide at any n: for a statistic with a few discrete values (Kendall's τ of three arms)
-    the seeds can agree exactly, and a t-test would read zero spread as infinite evidence."""
+    the seeds can agree exactly, and a t-test would read zero spread as infinite evidence; that
+    happens at any n for differences without spread."""
     differences = paired_differences(a, b)
     d = np.array(list(differences.values()), dtype=np.float64)
     n = len(d)
@@ -213,13 +296,14 @@ def compare(
     scale = float(np.mean([abs(b[seed]) for seed in differences])) if n else 0.0
     relative = mean / scale if mean is not None and scale != 0 else None
     sd = interval = p_less = p_greater = perm_less = perm_greater = boot = None
+    flat = bool(no_spread(d)[0]) if n >= 2 else False
     if n >= 2:
         sd = float(d.std(ddof=1))
         low, high = t_intervals(d, 1 - alpha)
         interval = (float(low[0]), float(high[0]))
         less, greater = t_pvalues(d)
         p_less, p_greater = float(less[0]), float(greater[0])
-    if n >= max(1, permutation_from):
+    if n >= max(1, permutation_from) or flat:
         less, greater = sign_flip_pvalues(d)
         perm_less, perm_greater = float(less[0]), float(greater[0])
     if n >= BOOTSTRAP_MIN_N:
@@ -241,6 +325,7 @@ def compare(
         perm_p_greater=perm_greater,
         bootstrap=boot,
         mde=mde,
+        no_spread=flat,
     )
 
 
@@ -262,19 +347,25 @@ class ClaimVerdict:
     parts: tuple[PartVerdict, ...]
 
 
-def directional_claim(comparisons: list[Comparison], expect: Direction, alpha: float = 0.05) -> ClaimVerdict:
-    """A claim that Δ is `expect` on every part: holds only if every part's Holm-corrected test
-    rejects towards `expect`, contradicted if any part's (separately Holm-corrected) test rejects
-    the other way. A part with n < 2 enters with p = 1: the claim cannot hold, though the other
-    parts may still contradict it."""
-    opposite: Direction = "positive" if expect == "negative" else "negative"
+def opposite(direction: Direction) -> Direction:
+    return "positive" if direction == "negative" else "negative"
+
+
+def directional_claim(
+    comparisons: list[Comparison], expect: Direction | list[Direction], alpha: float = 0.05
+) -> ClaimVerdict:
+    """A claim that each part's Δ goes its expected way (one direction for all, or one per part):
+    holds only if every part's Holm-corrected test rejects towards its expectation, contradicted if
+    any part's (separately Holm-corrected) test rejects the other way. A part with n < 2 enters with
+    p = 1: the claim cannot hold, though the other parts may still contradict it."""
+    directions = expect if isinstance(expect, list) else [expect] * len(comparisons)
 
     def p_or_one(c: Comparison, direction: Direction) -> float:
         p = c.p_value(direction)
         return 1.0 if p is None else p
 
-    p_expected = np.array([[p_or_one(c, expect) for c in comparisons]])
-    p_opposite = np.array([[p_or_one(c, opposite) for c in comparisons]])
+    p_expected = np.array([[p_or_one(c, d) for c, d in zip(comparisons, directions, strict=True)]])
+    p_opposite = np.array([[p_or_one(c, opposite(d)) for c, d in zip(comparisons, directions)]])
     verdict, supports, contradicts = claim_decisions(p_expected, p_opposite, alpha)
     parts = tuple(
         PartVerdict(
@@ -290,8 +381,16 @@ def directional_claim(comparisons: list[Comparison], expect: Direction, alpha: f
     return ClaimVerdict(str(verdict[0]), parts)
 
 
-def tost(comparison: Comparison, margin: float, alpha: float = 0.05) -> str:
-    """Equivalence within ±margin by two one-sided tests (the (1 − 2α) t-interval)."""
-    if comparison.n < 2:
-        return UNDETERMINED
-    return str(tost_verdicts(np.array(list(comparison.differences.values())), margin, alpha)[0])
+def equivalence_test(comparisons: list[Comparison], margin: float, alpha: float = 0.05) -> list[str]:
+    """TOST per pair, Holm across the pairs; a pair with fewer than two seeds is undetermined."""
+    usable = [i for i, c in enumerate(comparisons) if c.n >= 2]
+    verdicts = [UNDETERMINED] * len(comparisons)
+    if not usable:
+        return verdicts
+    p = [tost_pvalues(np.array(list(comparisons[i].differences.values())), margin) for i in usable]
+    decided = tost_decisions(
+        np.array([[float(eq[0]) for eq, _ in p]]), np.array([[float(diff[0]) for _, diff in p]]), alpha
+    )[0]
+    for index, verdict in zip(usable, decided):
+        verdicts[index] = str(verdict)
+    return verdicts

@@ -127,6 +127,23 @@ def check_sizes(cfg: DictConfig) -> None:
             f"eval.sampler_steps={sampler_steps!r} must be between 1 and diffusion.num_timesteps={T}"
             f"{' (or 0 for all T steps)' if allowed_zero else ''}.",
         )
+        for spec in cfg.eval.also_samplers:
+            check_sampler_spec(spec, T)
+
+
+def check_sampler_spec(spec: object, T: int) -> None:
+    """One entry of eval.also_samplers: `<sampler>-<steps>` with steps in 1..T, or `ancestral` for
+    every step."""
+    name, _, steps = str(spec).partition("-")
+    valid = name in SAMPLERS and (
+        (steps.isdigit() and 1 <= int(steps) <= T) or (not steps and name == "ancestral")
+    )
+    need(
+        valid,
+        f"eval.also_samplers has {spec!r}, which is not a sampler setting: write <sampler>-<steps> with "
+        f"a sampler among {', '.join(SAMPLERS)} and steps between 1 and diffusion.num_timesteps={T} "
+        "(e.g. eval.also_samplers=[ddim-10,ancestral-50]), or `ancestral` for all T steps.",
+    )
 
 
 def check_shapes(cfg: DictConfig) -> None:

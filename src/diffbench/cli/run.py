@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from diffbench.cli.checks import check_settings
 from diffbench.config import ConfigError, compose
+from diffbench.core.arms import Arm
 from diffbench.core.unet import count_parameters
 from diffbench.data.base import ArrayDataModule
 from diffbench.data.vision import DatasetMissingError
@@ -34,7 +35,6 @@ from diffbench.rundir import (
     IMAGES,
     SAMPLE_GRID,
     RunDir,
-    arm_label,
     config_hash,
     make_run_dir,
     media_key,
@@ -158,7 +158,7 @@ def fit_and_evaluate(
     head, weighting = cfg.objective.head, cfg.objective.weighting
     identity = {
         "experiment": cfg.experiment,
-        "arm": arm_label(head, weighting),
+        "arm": Arm(head, weighting).label,
         "head": head,
         "weighting": weighting,
         "profile": cfg.profile,

@@ -24,7 +24,17 @@ from diffbench.evaluation.baselines import evaluate_baselines
 from diffbench.evaluation.distributed import gather_rows, generator_for, world
 from diffbench.evaluation.fidelity import sample_quality
 from diffbench.evaluation.plots import plot_curve, save_grid
-from diffbench.rundir import EPS_MSE_BY_T, EPS_STAR_DISTANCE, VLB_TERMS, X0_TRAJECTORY, RunDir, sample_grid
+from diffbench.rundir import (
+    AT,
+    EPS_MSE_BY_T,
+    EPS_STAR_DISTANCE,
+    VLB_TERMS,
+    X0_TRAJECTORY,
+    RunDir,
+    metric_at,
+    sample_grid,
+    sampler_tag,
+)
 from diffbench.sampling import nll, samplers
 
 EXTRACTOR_FIELDS = {"classifier_test_accuracy"}
@@ -145,30 +155,37 @@ def evaluate_ode(
     return Evaluation({"nll_ode_bpd": mean, "nll_ode_bpd_stderr": stderr}, {"nll_ode_settings": settings})
 
 
-def sampler_settings(cfg: DictConfig, ancestral_variance: VarianceType) -> dict:
-    """Keyword settings of the configured sampler, as recorded beside its metrics."""
-    if cfg.sampler == "ancestral":
-        return {"steps": cfg.sampler_steps or None, "variance": ancestral_variance}
-    if cfg.sampler == "ddim":
-        return {"steps": cfg.sampler_steps, "eta": cfg.ddim_eta}
-    if cfg.sampler == "sde":
-        return {"steps": cfg.sampler_steps}
-    return {"method": cfg.ode_method, "steps": cfg.sampler_steps, "rtol": cfg.ode_rtol, "atol": cfg.ode_atol}
+def sampler_settings(sampler: str, steps: int, ev: DictConfig, ancestral_variance: VarianceType) -> dict:
+    """Keyword settings of one sampler at `steps`, as recorded beside its metrics."""
+    if sampler == "ancestral":
+        return {"steps": steps or None, "variance": ancestral_variance}
+    if sampler == "ddim":
+        return {"steps": steps, "eta": ev.ddim_eta}
+    if sampler == "sde":
+        return {"steps": steps}
+    return {"method": ev.ode_method, "steps": steps, "rtol": ev.ode_rtol, "atol": ev.ode_atol}
+
+
+def parse_sampler(spec: str) -> tuple[str, int]:
+    """`ddim-10` → ("ddim", 10); a bare name (`ancestral`) means every step of the schedule (0)."""
+    name, _, steps = str(spec).partition("-")
+    return name, int(steps) if steps else 0
 
 
 def draw(
-    denoiser: Denoiser, cfg: DictConfig, settings: dict, shape: tuple[int, ...], seed: int
+    denoiser: Denoiser, ev: DictConfig, sampler: str, settings: dict, shape: tuple[int, ...], seed: int
 ) -> tuple[Tensor, int]:
     """`num_samples` samples split across ranks (rank r draws r, r + W, …), each rank with its
-    own generator; gathered so every sample exists exactly once."""
+    own generator; gathered so every sample exists exactly once. Every sampler starts from the same
+    seeded stream, so two samplers of one run begin at the same noise."""
     rank, size = world()
-    count = len(range(rank, cfg.num_samples, size))
+    count = len(range(rank, ev.num_samples, size))
     generator = generator_for(seed, 3, denoiser.device)
     pieces, nfe = [], 0
-    for start in range(0, count, cfg.sample_batch_size):
-        n = min(cfg.sample_batch_size, count - start)
+    for start in range(0, count, ev.sample_batch_size):
+        n = min(ev.sample_batch_size, count - start)
         result = samplers.sample(
-            cfg.sampler,
+            sampler,
             denoiser,
             denoiser.schedule,
             (n, *shape),
@@ -179,47 +196,70 @@ def draw(
         pieces.append(result.samples.cpu())
         nfe += result.nfe
     local = torch.cat(pieces) if pieces else torch.empty((0, *shape))
-    return gather_rows(local, cfg.num_samples), nfe
+    return gather_rows(local, ev.num_samples), nfe
+
+
+def sample_scorer(datamodule: ArrayDataModule, ev: DictConfig, data_name: str) -> Callable[[Tensor], dict]:
+    """The sample metrics of a set of samples against the evaluation's real reference images."""
+    return functools.partial(
+        sample_quality,
+        reference=datamodule.split(ev.reference_split),
+        dataset=data_name,
+        num_levels=datamodule.num_levels,
+        inception_weights=ev.inception_weights,
+        data_root=getattr(datamodule, "root", "data"),
+    )
+
+
+def metrics_of(quality: dict) -> dict[str, float]:
+    return {k: v for k, v in quality.items() if isinstance(v, float) and k not in EXTRACTOR_FIELDS}
 
 
 def evaluate_samples(
     denoiser: Denoiser,
     datamodule: ArrayDataModule,
-    cfg: DictConfig,
+    ev: DictConfig,
     ancestral_variance: VarianceType,
     seed: int,
     out: RunDir,
     data_name: str,
 ) -> tuple[Evaluation, Tensor]:
+    """The sample metrics with the configured sampler (and its split-half evaluation noise), and
+    again with each of `eval.also_samplers` under `<metric>@<sampler>-<steps>`, so a verdict on
+    samples can be read along the number of network evaluations."""
     start = time.perf_counter()
-    settings = sampler_settings(cfg, ancestral_variance)
-    samples, nfe = draw(denoiser, cfg, settings, datamodule.image_shape, seed)
+    settings = sampler_settings(ev.sampler, ev.sampler_steps, ev, ancestral_variance)
+    samples, nfe = draw(denoiser, ev, ev.sampler, settings, datamodule.image_shape, seed)
     seconds = time.perf_counter() - start
     record = {
-        "sampler": cfg.sampler,
+        "sampler": ev.sampler,
         **settings,
         "num_samples": len(samples),
         "nfe_per_batch": nfe,
         "wall_time_s": round(seconds, 2),
     }
+    variants = []
+    for name, steps in map(parse_sampler, ev.get("also_samplers") or []):
+        variant_settings = sampler_settings(name, steps, ev, ancestral_variance)
+        drawn, variant_nfe = draw(denoiser, ev, name, variant_settings, datamodule.image_shape, seed)
+        variant_record = {"sampler": name, **variant_settings, "nfe_per_batch": variant_nfe}
+        variants.append((sampler_tag(name, steps), variant_record, drawn))
     if world()[0] != 0:
         return Evaluation(), samples
-    save_grid(samples[:64], out / sample_grid(cfg.sampler), nrow=8)
-    reference = datamodule.split(cfg.reference_split)
-    score = functools.partial(
-        sample_quality,
-        reference=reference,
-        dataset=data_name,
-        num_levels=datamodule.num_levels,
-        inception_weights=cfg.inception_weights,
-        data_root=getattr(datamodule, "root", "data"),
-    )
+    save_grid(samples[:64], out / sample_grid(ev.sampler), nrow=8)
+    score = sample_scorer(datamodule, ev, data_name)
     quality = score(samples)
-    metrics = {k: v for k, v in quality.items() if isinstance(v, float) and k not in EXTRACTOR_FIELDS}
+    metrics = metrics_of(quality)
     record.update({k: v for k, v in quality.items() if k not in metrics})
-    record["reference"] = f"{cfg.reference_split} split ({len(reference)} images)"
+    record["reference"] = f"{ev.reference_split} split ({len(datamodule.split(ev.reference_split))} images)"
     record["evaluation_noise"] = split_half_scores(samples, score)
-    return Evaluation(metrics, {"sample_settings": record}), samples
+    result = Evaluation(metrics, {"sample_settings": record})
+    for tag, variant_record, drawn in variants:
+        result.add(
+            {metric_at(k, tag): v for k, v in metrics_of(score(drawn)).items()},
+            {f"sample_settings{AT}{tag}": variant_record},
+        )
+    return result, samples
 
 
 def split_half_scores(samples: Tensor, score: Callable[[Tensor], dict]) -> dict[str, object]:
@@ -228,9 +268,8 @@ def split_half_scores(samples: Tensor, score: Callable[[Tensor], dict]) -> dict[
     A half scores a little worse than the whole (FD is biased upward at small n)."""
     if len(samples) < 8:
         return {}
-    halves = [score(samples[start::2]) for start in (0, 1)]
-    names = [k for k, v in halves[0].items() if isinstance(v, float) and k not in EXTRACTOR_FIELDS]
-    return {"half_size": len(samples) // 2, **{name: [half[name] for half in halves] for name in names}}
+    halves = [metrics_of(score(samples[start::2])) for start in (0, 1)]
+    return {"half_size": len(samples) // 2, **{name: [half[name] for half in halves] for name in halves[0]}}
 
 
 def evaluate_trajectory(

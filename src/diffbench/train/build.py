@@ -14,10 +14,11 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from diffbench.core.arms import Arm
 from diffbench.core.unet import UNet
 from diffbench.data import build_datamodule as datamodule_by_name
 from diffbench.data.base import ArrayDataModule
-from diffbench.rundir import CHECKPOINTS, arm_label
+from diffbench.rundir import CHECKPOINTS
 from diffbench.tracking import quiet_wandb_environment, wandb_mode
 from diffbench.train.callbacks import FlushCSVOnCheckpoint
 from diffbench.train.module import DiffusionModule
@@ -83,11 +84,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
         entity=cfg.wandb.entity,
         save_dir=str(run_dir),
         name=f"{cfg.experiment}-s{cfg.seed}-{run_dir.name}",
-        group=arm_label(head, weighting),
+        group=Arm(head, weighting).label,
         job_type="train",
         tags=[head, weighting, cfg.data.name],
         mode=wandb_mode(cfg.wandb.mode),
-        config={**OmegaConf.to_container(cfg, resolve=True), "arm": arm_label(head, weighting)},
+        config={**OmegaConf.to_container(cfg, resolve=True), "arm": Arm(head, weighting).label},
     )
     csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
     checkpoint = ModelCheckpoint(

@@ -19,15 +19,20 @@ from diffbench.analysis.inference import (
     NOT_SHOWN,
     UNDETERMINED,
     claim_decisions,
+    claim_mde_multiplier,
     compare,
     directional_claim,
     directional_pvalues,
+    equivalence_test,
     holm,
+    mde_multiplier,
     minimum_detectable_effect,
+    no_spread,
     paired_differences,
     sign_flip_pvalues,
     t_pvalues,
-    tost,
+    tost_decisions,
+    tost_pvalues,
     tost_verdicts,
 )
 
@@ -180,32 +185,42 @@ def test_directional_claim_uses_t_test_below_six_seeds() -> None:
     assert part.p == c.p_less and part.p_opposite == c.p_greater and part.verdict == HOLDS
 
 
-def centred_at(mean: float, n: int = 3, alpha: float = ALPHA) -> dict[int, float]:
-    """Differences mean + s·(−1, 0, 1) with s chosen so the (1 − 2α) t-interval is mean ± 1 exactly."""
-    s = math.sqrt(n) / stats.t.ppf(1 - alpha, n - 1)
+def centred_at(mean: float, level: float, n: int = 3) -> dict[int, float]:
+    """Differences mean + s·(−1, 0, 1) with s chosen so that the `level` t-interval is mean ± 1."""
+    s = math.sqrt(n) / stats.t.ppf(0.5 + level / 2, n - 1)
     return seeds([mean - s, mean, mean + s])
 
 
+def tost(differences: dict[int, float], margin: float) -> str:
+    return equivalence_test([compare("x", "m", differences, dict.fromkeys(differences, 0.0))], margin)[0]
+
+
 @pytest.mark.parametrize(
-    ("mean", "expected"),
+    ("mean", "level", "expected"),
     [
-        (0.49, EQUIVALENT),  # 90% interval (−0.51, 1.49) just inside (−1.5, 1.5)
-        (-0.49, EQUIVALENT),
-        (0.51, UNDETERMINED),  # (−0.49, 1.51) straddles +1.5
-        (2.49, UNDETERMINED),  # (1.49, 3.49) straddles +1.5
-        (2.51, DIFFERENT),  # (1.51, 3.51) entirely above +1.5
-        (-2.51, DIFFERENT),  # entirely below −1.5
+        (0.49, 0.90, EQUIVALENT),  # 90% interval (−0.51, 1.49) just inside (−1.5, 1.5)
+        (-0.49, 0.90, EQUIVALENT),
+        (0.51, 0.90, UNDETERMINED),  # (−0.49, 1.51) straddles +1.5
+        (2.51, 0.90, UNDETERMINED),  # 90% interval (1.51, 3.51) is outside, but the 95% one is wider
+        (2.49, 0.95, UNDETERMINED),  # 95% interval (1.49, 3.49) straddles +1.5
+        (2.51, 0.95, DIFFERENT),  # 95% interval (1.51, 3.51) entirely above +1.5
+        (-2.51, 0.95, DIFFERENT),  # entirely below −1.5
     ],
 )
-def test_tost_at_the_margins_edges(mean: float, expected: str) -> None:
-    c = compare("x", "m", centred_at(mean), seeds([0.0] * 3))
-    assert tost(c, margin=1.5) == expected
+def test_tost_calls_each_side_a_five_percent_test(mean: float, level: float, expected: str) -> None:
+    """Equivalent when the 90% interval lies inside ±δ (two 5% tests), different only when the 95%
+    interval lies wholly outside (2.5% per side): each call is a 5% test."""
+    assert tost(centred_at(mean, level), margin=1.5) == expected
 
 
-def test_tost_uses_the_90_percent_interval_and_needs_two_seeds() -> None:
-    # The 95% interval around 0.49 is ±t_{.975,2}/t_{.95,2} = ±1.47 wide and would not fit in ±1.5.
-    assert tost(compare("x", "m", centred_at(0.49), seeds([0.0] * 3)), margin=1.5) == EQUIVALENT
-    assert tost(compare("x", "m", {0: 0.0}, {0: 0.0}), margin=1.5) == UNDETERMINED
+def test_tost_needs_two_seeds_and_holm_across_pairs() -> None:
+    assert tost({0: 0.0}, margin=1.5) == UNDETERMINED
+    # Alone, a pair at the edge of "different" is called different; beside two undetermined pairs
+    # Holm asks p ≤ 0.05/3 of the smallest and the same pair is no longer called.
+    edge = compare("x", "m", centred_at(2.6, 0.95), seeds([0.0] * 3))
+    vague = compare("y", "m", seeds([-3.0, 0.0, 3.0]), seeds([0.0] * 3))
+    assert equivalence_test([edge], 1.5) == [DIFFERENT]
+    assert equivalence_test([edge, vague, vague], 1.5) == [UNDETERMINED] * 3
 
 
 def draw(rng: np.random.Generator, distribution: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -244,6 +259,11 @@ def test_verdicts_are_calibrated_under_no_effect(distribution: str, n: int) -> N
     )
     at_edge = tost_verdicts(margin + draw(rng, distribution, (SIMULATIONS, n)), margin)
     assert np.mean(at_edge == EQUIVALENT) <= ALPHA + MC_SLACK
+    # Three exactly equivalent pairs of one test: "any pair different" stays within α after Holm
+    # (a margin of 0.3 sd makes single calls frequent enough for the correction to matter).
+    equivalent, different = tost_pvalues(draw(rng, distribution, (3 * SIMULATIONS, n)), 0.3)
+    calls = tost_decisions(equivalent.reshape(SIMULATIONS, 3), different.reshape(SIMULATIONS, 3))
+    assert np.mean((calls == DIFFERENT).any(axis=1)) <= ALPHA + MC_SLACK
 
 
 def test_permutation_path_from_six_seeds() -> None:
@@ -290,4 +310,38 @@ def test_constant_differences_need_the_sign_flip_test_not_a_zero_spread_t_test(n
     trend = compare("τ", "fd", taus, dict.fromkeys(taus, 0.0), permutation_from=1)
     assert trend.perm_p_less == pytest.approx(2.0**-n) and trend.perm_p_greater == 1.0
     assert directional_claim([trend], "negative").verdict == expected
-    assert compare("τ", "fd", taus, dict.fromkeys(taus, 0.0)).p_less < 1e-10, "what the t-test would say"
+    flat = compare("τ", "fd", taus, dict.fromkeys(taus, 0.0))
+    assert flat.p_less < 1e-10, "what the t-test would say"
+    # Differences without spread take the exact sign-flip p at any n, with or without the option.
+    assert flat.no_spread and flat.p_value("negative") == pytest.approx(2.0**-n)
+    assert directional_claim([flat], "negative").verdict == expected
+
+
+def test_no_spread_is_relative_to_the_size_of_the_differences() -> None:
+    rows = np.array([[5.0, 5.0, 5.0 + 1e-9], [1e-8, 2e-8, 3e-8], [10.0, 10.0001, 10.0002]])
+    assert no_spread(rows).tolist() == [True, False, False]
+    less, _ = directional_pvalues(-rows)
+    assert less[0] == 1 / 8 and less[1] == pytest.approx(t_pvalues(-rows[1:2])[0][0])
+
+
+@pytest.mark.parametrize(("n", "parts"), [(3, 1), (3, 3), (5, 2)])
+def test_claim_level_detectable_effect_has_80_percent_power(n: int, parts: int) -> None:
+    """At the multiplier, a claim of `parts` independent parts with that effect in paired-sd units
+    holds (every part after Holm) 80% of the time, on noise independent of the search's."""
+    effect = claim_mde_multiplier(n, parts)
+    less, greater = directional_pvalues(
+        np.random.default_rng(99).standard_normal((SIMULATIONS * parts, n)) - effect
+    )
+    shape = (SIMULATIONS, parts)
+    power = np.mean(claim_decisions(less.reshape(shape), greater.reshape(shape))[0] == HOLDS)
+    assert power == pytest.approx(0.8, abs=0.02)
+    if parts == 1:
+        assert effect == pytest.approx(mde_multiplier(n), abs=0.05)
+    else:
+        assert effect > claim_mde_multiplier(n, 1)
+
+
+def test_a_claim_the_sign_flip_test_cannot_pass_has_no_detectable_effect() -> None:
+    """At n = 6 the smallest sign-flip p is 1/64 = 0.0156, above Holm's first threshold for four
+    parts (0.05/4 = 0.0125): no effect makes such a claim hold."""
+    assert claim_mde_multiplier(6, 4) == math.inf and math.isfinite(claim_mde_multiplier(6, 3))

@@ -1,26 +1,30 @@
 """The claims the suite tests, stated as the sources state them, each turned into seed-paired
-comparisons and a calibrated verdict (`analysis.inference`).
+comparisons and a calibrated verdict (`analysis.inference`), on the arms the runs hold.
 
 1. Likelihood: on each head, the ELBO gives lower NLL than DDPM's L_simple (the `eps` weighting).
-2. Samples: on each head, the `eps` weighting gives lower FD/KID than the ELBO.
+2. Samples: on each head, the `eps` weighting gives lower FD/KID than the ELBO, at every sampler.
 3. Equivalence of heads, three ways: (a) the ELBOs are one function of ε̂ (checked on numbers),
    (b) the same optimum (on gmm: every head's distance to ε* shrinks with budget), (c) the same
-   training dynamics at a budget (TOST between heads under one weighting).
-4. The SNR argument within one head: weightings that move weight to low SNR give lower FD and
-   higher NLL (a monotone trend across seeds); where in log SNR the NLL is lost.
+   training outcome at a budget (TOST between heads under one weighting).
+4. The SNR argument within one head: of two weightings, the one with the larger share of its
+   ε-space weight on log SNR < 0 gives the lower FD/KID and the higher NLL.
 
-A directional test says "holds" only when every head's one-sided test passes after Holm's
-correction, "contradicted" when one passes the other way, else "not shown at this n".
+A directional claim is tested on the heads for which the runs hold both arms; a head without them
+is named with the sweep that would test it, never counted as a failing part. It "holds" when every
+tested part's one-sided test passes after Holm's correction within the claim, is "contradicted"
+when one passes the other way, else "not shown at this n".
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy import stats
 
+from diffbench.analysis.collect import Curves, Values
 from diffbench.analysis.inference import (
     CONTRADICTED,
     DIFFERENT,
@@ -30,36 +34,110 @@ from diffbench.analysis.inference import (
     UNDETERMINED,
     Comparison,
     Direction,
+    claim_mde_multiplier,
+    combined_equivalence,
     compare,
     directional_claim,
     equivalence_test,
+    mde_multiplier,
 )
+from diffbench.core.arms import Arm
 from diffbench.core.diffusion import NoiseSchedule, q_sample
 from diffbench.core.heads import HEADS
 from diffbench.core.weightings import WEIGHTINGS, LossInputs
-from diffbench.core.arms import Arm
-from diffbench.rundir import NLL_METRICS, QUALITY_METRICS
+from diffbench.rundir import AT, KID_METRICS, NLL_METRICS, QUALITY_METRICS, metric_at
 
-Values = dict[str, dict[str, dict[int, float]]]
-"""{arm: {metric: {seed: value}}}"""
-
-IDENTITY = "identity"
+NOT_TESTED = "not tested"
 PLUMBING = "plumbing check: no verdict"
+DIRECTIONAL, TREND, EQUIVALENCE = "directional", "trend", "equivalence"
+GRID = "make sweep OBJ=grid"
+BUDGET_NLL = "val_vlb_bpd"
+"""The per-budget stand-in for every NLL: the importance-sampled validation VLB."""
+
+
+@dataclass(frozen=True)
+class MetricSet:
+    """The metrics the claims read, the primary one of each kind first: NLLs, the main sampler's
+    sample metrics, KIDs, and the tags of the further samplers the sample metrics were measured at."""
+
+    nll: tuple[str, ...]
+    quality: tuple[str, ...]
+    kid: tuple[str, ...]
+    samplers: tuple[str, ...] = ()
+
+
+def found_metrics(values: Values) -> set[str]:
+    return {metric for metrics in values.values() for metric in metrics}
+
+
+def final_metric_set(values: Values) -> MetricSet:
+    """What the final evaluation measured, in the registry's order."""
+    found = found_metrics(values)
+    quality = tuple(m for m in QUALITY_METRICS if m in found)
+    tags = tuple(
+        sorted(
+            {m.partition(AT)[2] for m in found if quality and m.partition(AT)[0] == quality[0] and AT in m}
+        )
+    )
+    return MetricSet(
+        tuple(m for m in NLL_METRICS if m in found),
+        quality,
+        tuple(m for m in KID_METRICS if m in found),
+        tags,
+    )
+
+
+def budget_metric_set(values: Values) -> MetricSet:
+    """What every budget measured: the validation VLB and the small-sample FD/KID."""
+    found = found_metrics(values)
+    return MetricSet(
+        tuple(m for m in (BUDGET_NLL,) if m in found),
+        tuple(m for m in QUALITY_METRICS if m in found),
+        tuple(m for m in KID_METRICS if m in found),
+    )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the claims need besides the numbers: the schedule the runs were trained with (for the
+    weights) and the equivalence margins they declared, or why none can be used."""
+
+    schedule: NoiseSchedule
+    variance: str
+    margins: dict[str, float]
+    margin_conflicts: tuple[str, ...] = ()
+    shares: dict[Arm, float] = field(default_factory=dict, compare=False, repr=False)
+
+    def low_snr_share(self, arm: Arm) -> float:
+        """The arm's low-SNR share under this schedule (computed once per arm)."""
+        if arm not in self.shares:
+            self.shares[arm] = low_snr_share(arm, self.schedule, self.variance)
+        return self.shares[arm]
+
+
+@dataclass
+class Part:
+    """One comparison of a test: a − b for a pair of arms, or a trend over arms ordered by weight."""
+
+    head: str
+    arms: tuple[Arm, ...]
+    comparison: Comparison
+    expect: Direction | None = None
+    verdict: str = NOT_SHOWN
 
 
 @dataclass
 class Test:
-    """One family of comparisons with one rule: directional (Holm within the family) or TOST."""
+    """A family of parts under one rule: directional (one-sided), trend (Kendall's τ, sign-flip) or
+    TOST equivalence against `margin`."""
 
     title: str
     metric: str
     kind: str
-    comparisons: list[Comparison]
-    verdict: str
-    part_verdicts: list[str]
-    expect: Direction | None = None
-    margin: float | None = None
+    parts: list[Part]
     primary: bool = True
+    margin: float | None = None
+    verdict: str = NOT_SHOWN
 
 
 @dataclass
@@ -69,94 +147,199 @@ class Claim:
     source: str
     tests: list[Test] = field(default_factory=list)
     facts: list[str] = field(default_factory=list)
+    verdict: str = NOT_TESTED
+    headline: str = ""
+    detectable: str | None = None
 
     @property
-    def verdict(self) -> str:
-        """The primary tests' verdicts: one word when they agree, else each named."""
-        words = [t.verdict for t in self.tests if t.primary]
-        if not words:
-            return NOT_SHOWN
-        return (
-            words[0]
-            if len(set(words)) == 1
-            else "; ".join(f"{t.title}: {t.verdict}" for t in self.tests if t.primary)
-        )
-
-
-def arm_for(values: Values, head: str, weighting: str) -> str:
-    """The arm of (head, weighting) in these runs. A head's own MSE and the weighting named after
-    the head are one objective, so either arm stands for the other."""
-    names = [Arm(head, weighting).label]
-    if weighting == head:
-        names.append(Arm(head, "own").label)
-    if weighting == "own":
-        names.append(Arm(head, head).label)
-    return next((name for name in names if name in values), names[0])
+    def primary(self) -> list[Test]:
+        return [t for t in self.tests if t.primary]
 
 
 def heads_in(values: Values) -> list[str]:
     """Heads with any arm in these runs, in registry order."""
-    return [h for h in HEADS if any(arm_for(values, h, w) in values for w in WEIGHTINGS)]
+    return [h for h in HEADS if any(arm.head == h for arm in values)]
 
 
-def seeds_of(values: Values, arm: str, metric: str) -> dict[int, float]:
+def find(values: Values, head: str, weighting: str) -> Arm | None:
+    """The arm of (head, weighting) in these runs, or one training the very same loss (a head's
+    own MSE is the weighting named after it: eps_simple stands for eps_eps and back)."""
+    wanted = Arm(head, weighting)
+    if wanted in values:
+        return wanted
+    return next((arm for arm in values if arm.objective == wanted.objective), None)
+
+
+def seeds_of(values: Values, arm: Arm, metric: str) -> dict[int, float]:
     return values.get(arm, {}).get(metric, {})
 
 
-def comparison(values: Values, a: str, b: str, metric: str) -> Comparison:
+def comparison(values: Values, a: Arm, b: Arm, metric: str) -> Comparison:
     return compare(f"{a} − {b}", metric, seeds_of(values, a, metric), seeds_of(values, b, metric))
 
 
-def directional_test(
-    values: Values, title: str, metric: str, pairs: list[tuple[str, str]], expect: Direction, primary: bool
-) -> Test:
-    """Per pair a − b, one-sided in the expected direction, Holm-corrected within the test."""
-    comparisons = [comparison(values, a, b, metric) for a, b in pairs]
-    result = directional_claim(comparisons, expect)
-    parts = [part.verdict for part in result.parts]
-    return Test(title, metric, "directional", comparisons, result.verdict, parts, expect, primary=primary)
+def join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" and {words[-1]}"
 
 
-def weighting_test(
-    values: Values, winner: str, loser: str, metric: str, primary: bool, heads: list[str]
-) -> Test:
-    pairs = [(arm_for(values, h, winner), arm_for(values, h, loser)) for h in heads]
-    return directional_test(values, f"{winner} < {loser}", metric, pairs, "negative", primary)
+def combine(verdicts: list[str]) -> str:
+    """Directional parts as one verdict: contradicted if any part is, holds if every part does."""
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    return HOLDS if verdicts and all(v == HOLDS for v in verdicts) else NOT_SHOWN
 
 
-def present(values: Values, metrics: tuple[str, ...]) -> list[str]:
-    """The metrics some arm has: a metric nobody measured is not a comparison that failed."""
-    found = {metric for metrics_ in values.values() for metric in metrics_}
-    return [m for m in metrics if m in found]
+def decide_directional(tests: list[Test]) -> str:
+    """Holm over every part of `tests` as one family; each part and test gets its verdict."""
+    parts = [part for test in tests for part in test.parts]
+    if not parts:
+        return NOT_TESTED
+    result = directional_claim([p.comparison for p in parts], [p.expect or "negative" for p in parts])
+    for part, decided in zip(parts, result.parts):
+        part.verdict = decided.verdict
+    for test in tests:
+        test.verdict = combine([p.verdict for p in test.parts]) if test.parts else NOT_TESTED
+    return result.verdict
 
 
-def claim_likelihood(values: Values, nll: tuple[str, ...], heads: list[str]) -> Claim:
+def decide_equivalence(tests: list[Test], margin: float) -> str:
+    """TOST over every pair of `tests` as one Holm family; each pair and test gets its verdict."""
+    parts = [part for test in tests for part in test.parts]
+    if not parts:
+        return NOT_TESTED
+    for part, verdict in zip(parts, equivalence_test([p.comparison for p in parts], margin)):
+        part.verdict = verdict
+    for test in tests:
+        test.verdict = combined_equivalence([p.verdict for p in test.parts])
+    return combined_equivalence([p.verdict for p in parts])
+
+
+def pair_parts(
+    values: Values, winner: str, loser: str, metric: str, expect: Direction, skip: set | None = None
+) -> tuple[list[Part], list[str]]:
+    """(head winner) − (head loser) on every head holding both arms with this metric, and the heads
+    that lack one. Pairs in `skip` (already compared under this metric) are left out."""
+    parts, untested = [], []
+    for head in heads_in(values):
+        a, b = find(values, head, winner), find(values, head, loser)
+        if a is None or b is None or a == b:
+            untested.append(head)
+            continue
+        if skip is not None and (a, b) in skip:
+            continue
+        c = comparison(values, a, b, metric)
+        if c.n:
+            parts.append(Part(head, (a, b), c, expect))
+        else:
+            untested.append(head)
+    return parts, untested
+
+
+def scoped(verdict: str, parts: list[Part], untested: list[str], sweep: str | dict[str, str]) -> str:
+    """`holds on eps; x0 and score need make sweep OBJ=grid`: the verdict with the heads it covers
+    and those it could not test, naming the sweep that would (one for all, or one per head)."""
+    tested = list(dict.fromkeys(p.head for p in parts))
+    need = ""
+    if untested:
+        sweeps = {h: sweep if isinstance(sweep, str) else sweep.get(h, GRID) for h in untested}
+        by_sweep: dict[str, list[str]] = {}
+        for head, name in sweeps.items():
+            by_sweep.setdefault(name, []).append(head)
+        need = "; ".join(
+            f"{join(heads)} {'needs' if len(heads) == 1 else 'need'} `{name}`"
+            for name, heads in by_sweep.items()
+        )
+    if not tested:
+        return f"{NOT_TESTED}: no head has the arms this claim compares" + (f"; {need}" if need else "")
+    by_head: dict[str, list[str]] = {}
+    for part in parts:
+        by_head.setdefault(part.head, []).append(part.verdict)
+    detail = {h: combine(v) for h, v in by_head.items()}
+    text = f"{verdict} on {join(tested)}"
+    if len(set(detail.values())) > 1:
+        text += " (" + ", ".join(f"{h}: {v}" for h, v in detail.items()) + ")"
+    return text + (f"; {need}" if need else "")
+
+
+def secondary_pairs(
+    values: Values, claim: Claim, metrics: tuple[str, ...], contrasts: list[tuple[str, str, Direction]]
+) -> None:
+    """Further directional tests, each its own Holm family, leaving out pairs already compared
+    under the same metric (the eps head's own MSE is its eps weighting)."""
+    for metric in metrics:
+        seen = {p.arms for t in claim.tests if t.metric == metric for p in t.parts}
+        for winner, loser, expect in contrasts:
+            parts, _ = pair_parts(values, winner, loser, metric, expect, seen)
+            if not parts:
+                continue
+            seen |= {p.arms for p in parts}
+            test = Test(
+                f"{winner} {'<' if expect == 'negative' else '>'} {loser}", metric, DIRECTIONAL, parts, False
+            )
+            decide_directional([test])
+            claim.tests.append(test)
+
+
+def claim_likelihood(values: Values, metrics: MetricSet) -> Claim:
     claim = Claim(
         1,
         "ELBO training gives lower NLL than L_simple, on each head",
         "DDPM Table 2 (3.70 vs 3.75 bpd on CIFAR-10); improved DDPM's L_vlb",
     )
-    for index, metric in enumerate(present(values, nll)):
-        claim.tests.append(weighting_test(values, "elbo", "eps", metric, index == 0, heads))
-        claim.tests.append(weighting_test(values, "elbo_is", "eps", metric, False, heads))
-        claim.tests.append(weighting_test(values, "elbo", "own", metric, False, heads))
-    claim.tests = [t for t in claim.tests if any(c.n for c in t.comparisons)]
+    if not metrics.nll:
+        claim.headline = f"{NOT_TESTED}: these runs measured no NLL"
+        return claim
+    parts, untested = pair_parts(values, "elbo", "eps", metrics.nll[0], "negative")
+    claim.tests.append(Test("elbo < eps", metrics.nll[0], DIRECTIONAL, parts))
+    claim.verdict = decide_directional(claim.tests)
+    claim.headline = scoped(claim.verdict, parts, untested, GRID)
+    secondary_pairs(
+        values,
+        claim,
+        metrics.nll,
+        [("elbo", "eps", "negative"), ("elbo_is", "eps", "negative"), ("elbo", "own", "negative")],
+    )
     return claim
 
 
-def claim_samples(values: Values, quality: tuple[str, ...], heads: list[str]) -> Claim:
+def claim_samples(values: Values, metrics: MetricSet) -> Claim:
     claim = Claim(
         2,
         "L_simple (the eps weighting) gives better samples than the ELBO, on each head",
         "DDPM Table 2 (FID 3.17 vs 13.51 on CIFAR-10)",
     )
-    for index, metric in enumerate(present(values, quality)):
-        claim.tests.append(weighting_test(values, "eps", "elbo", metric, index == 0, heads))
-        claim.tests.append(weighting_test(values, "own", "elbo", metric, False, heads))
-    claim.tests = [t for t in claim.tests if any(c.n for c in t.comparisons)]
+    if not metrics.quality:
+        claim.headline = f"{NOT_TESTED}: these runs measured no sample metric"
+        return claim
+    main = metrics.quality[0]
+    parts, untested = pair_parts(values, "eps", "elbo", main, "negative")
+    claim.tests.append(Test("eps < elbo", main, DIRECTIONAL, parts))
+    claim.verdict = decide_directional(claim.tests)
+    claim.headline = scoped(claim.verdict, parts, untested, GRID)
+    along = {}
+    for tag in metrics.samplers:
+        variant, _ = pair_parts(values, "eps", "elbo", metric_at(main, tag), "negative")
+        if variant:
+            test = Test(f"eps < elbo, {tag} samples", metric_at(main, tag), DIRECTIONAL, variant, False)
+            along[tag] = decide_directional([test])
+            claim.tests.append(test)
+    if along and parts:
+        same = all(v == claim.verdict for v in along.values())
+        claim.headline += (
+            f" (the same with {join(list(along))} samples)"
+            if same
+            else "; depends on the sampler: " + ", ".join(f"{tag} {v}" for tag, v in along.items())
+        )
+    secondary_pairs(
+        values,
+        claim,
+        (*metrics.quality, *metrics.kid),
+        [("eps", "elbo", "negative"), ("own", "elbo", "negative")],
+    )
     return claim
 
 
+@functools.cache
 def elbo_identity(num_timesteps: int = 1000, seed: int = 0) -> float:
     """The largest relative difference between the heads' ELBO losses for one random ε̂ per
     example, each head's output converted from it: they are one function of ε̂."""
@@ -183,61 +366,34 @@ def elbo_identity(num_timesteps: int = 1000, seed: int = 0) -> float:
     return float(((stack - stack[0]).abs() / stack[0].abs()).max())
 
 
-def claim_equivalence(
-    values: Values, budgets: dict[int, Values], margins: dict[str, float], metrics: tuple[str, ...]
-) -> Claim:
-    claim = Claim(
-        3,
-        "The heads are equivalent",
-        "the heads are affine in one another at every t (Ho et al.; Kingma et al.; Salimans & Ho)",
-    )
-    claim.facts.append(
-        f"(a) same objective: the {len(HEADS)} heads' ELBO losses on random outputs differ by at most "
-        f"{elbo_identity():.1e} (relative): one function of ε̂."
-    )
-    heads = heads_in(values)
-    if budgets and any("eps_star_elbo_bpd" in m for v in budgets.values() for m in v.values()):
-        for head in heads:
-            claim.facts.append(
-                f"(b) same optimum, {head}: {eps_star_trend(budgets, arm_for(values, head, 'elbo'))}"
-            )
-    for metric in present(values, metrics):
-        margin = margins.get(metric)
-        if margin is None:
-            continue
-        for weighting in ("elbo", "eps", "own"):
-            arms = [arm_for(values, h, weighting) for h in heads if arm_for(values, h, weighting) in values]
-            pairs = [(a, b) for i, a in enumerate(arms) for b in arms[i + 1 :]]
-            if not pairs:
-                continue
-            comparisons = [comparison(values, a, b, metric) for a, b in pairs]
-            verdicts = equivalence_test(comparisons, margin)
-            combined = (
-                EQUIVALENT
-                if all(v == EQUIVALENT for v in verdicts)
-                else DIFFERENT
-                if any(v == DIFFERENT for v in verdicts)
-                else UNDETERMINED
-            )
-            title = f"(c) same dynamics under {weighting}"
-            claim.tests.append(
-                Test(
-                    title,
-                    metric,
-                    "equivalence",
-                    comparisons,
-                    combined,
-                    verdicts,
-                    margin=margin,
-                    primary=False,
-                )
-            )
-    return claim
+@dataclass(frozen=True)
+class OptimumTrend:
+    """Slope of log(ELBO-weighted distance to ε*) on log(steps) across seeds, and the last distance."""
+
+    arm: Arm
+    slope: Comparison
+    final: float
+    steps: int
+
+    @property
+    def shrinking(self) -> bool:
+        return self.slope.interval is not None and self.slope.interval[1] < 0
+
+    def text(self) -> str:
+        interval = (
+            ""
+            if self.slope.interval is None
+            else f" [{self.slope.interval[0]:.3g}, {self.slope.interval[1]:.3g}]"
+        )
+        return (
+            f"{self.arm}: slope of log distance vs log steps {self.slope.mean:.3g}{interval} "
+            f"(n={self.slope.n}); ELBO-weighted distance at {self.steps} steps {self.final:.4g} bpd"
+        )
 
 
-def eps_star_trend(budgets: dict[int, Values], arm: str) -> str:
-    """Slope of log(ELBO-weighted distance to ε*) against log(steps) per seed, with its
-    t-interval: negative means the head is still approaching the optimum."""
+def eps_star_trend(budgets: dict[int, Values], arm: Arm) -> OptimumTrend | None:
+    """Per seed, the slope of log distance to ε* on log steps, with its t-interval: negative means
+    the head is still approaching the optimum."""
     steps = sorted(budgets)
     per_seed: dict[int, list[tuple[int, float]]] = {}
     for step in steps:
@@ -249,86 +405,208 @@ def eps_star_trend(budgets: dict[int, Values], arm: str) -> str:
         if len(rows) >= 2 and all(v > 0 for _, v in rows)
     }
     if not slopes:
-        return "no per-budget distance to ε* recorded"
+        return None
     last = seeds_of(budgets[steps[-1]], arm, "eps_star_elbo_bpd")
-    trend = compare("slope", "log distance / log steps", slopes, dict.fromkeys(slopes, 0.0))
-    interval = "" if trend.interval is None else f" [{trend.interval[0]:.3g}, {trend.interval[1]:.3g}]"
-    final = np.mean(list(last.values())) if last else float("nan")
-    return (
-        f"{arm}: slope of log distance vs log steps {trend.mean:.3g}{interval} (n={trend.n}); "
-        f"ELBO-weighted distance at {steps[-1]} steps {final:.4g} bpd"
+    slope = compare("slope", "log distance / log steps", slopes, dict.fromkeys(slopes, 0.0))
+    final = float(np.mean(list(last.values()))) if last else float("nan")
+    return OptimumTrend(arm, slope, final, steps[-1])
+
+
+EQUIVALENCE_METRICS = (*NLL_METRICS, *QUALITY_METRICS, *KID_METRICS, "eps_star_mse", BUDGET_NLL)
+
+
+def claim_equivalence(
+    values: Values, metrics: MetricSet, setting: Setting, budgets: dict[int, Values]
+) -> Claim:
+    claim = Claim(
+        3,
+        "The heads are equivalent",
+        "the heads are affine in one another at every t (Ho et al.; Kingma et al.; Salimans & Ho)",
     )
+    identity = elbo_identity()
+    claim.facts.append(
+        f"(a) same objective: the {len(HEADS)} heads' ELBO losses on random outputs differ by at most "
+        f"{identity:.1e} (relative): one function of ε̂."
+    )
+    pieces = [f"one objective (a: {identity:.0e})"]
+    heads = heads_in(values)
+    trends = [t for h in heads if (arm := find(values, h, "elbo")) and (t := eps_star_trend(budgets, arm))]
+    for trend in trends:
+        claim.facts.append(f"(b) same optimum, {trend.arm.head}: {trend.text()}")
+    if trends:
+        falling = [t.arm.head for t in trends if t.shrinking]
+        pieces.append(
+            f"optimum not reached (b: distance to ε* still falling on {join(falling)} "
+            f"at {trends[0].steps} steps)"
+            if falling
+            else f"(b: no head's distance to ε* falls measurably at {trends[0].steps} steps)"
+        )
+    if setting.margin_conflicts:
+        claim.facts += [
+            f"(c) not judged, the runs declare different margins: {c}" for c in setting.margin_conflicts
+        ]
+        claim.headline = "; ".join([*pieces, "(c) not judged: the runs declare different margins"])
+        return claim
+    found = found_metrics(values)
+    judged = [m for m in EQUIVALENCE_METRICS if m in found and m in setting.margins]
+    shared = [w for w in WEIGHTINGS if w != "own"]
+    for index, metric in enumerate(judged):
+        margin = setting.margins[metric]
+        tests = []
+        for weighting in [*shared, "own"]:
+            arms = list(dict.fromkeys(a for h in heads if (a := find(values, h, weighting)) and a.head == h))
+            parts = [
+                Part(f"{a.head}/{b.head}", (a, b), c)
+                for i, a in enumerate(arms)
+                for b in arms[i + 1 :]
+                if (c := comparison(values, a, b, metric)).n
+            ]
+            if parts:
+                title = f"(c) same outcome under {weighting}" + (
+                    " (a different ε-weighting per head)" if weighting == "own" else ""
+                )
+                tests.append(
+                    Test(title, metric, EQUIVALENCE, parts, index == 0 and weighting != "own", margin)
+                )
+        family = [t for t in tests if t.primary]
+        if family:
+            claim.verdict = decide_equivalence(family, margin)
+            differ = sum(t.verdict == DIFFERENT for t in family)
+            equal = sum(t.verdict == EQUIVALENT for t in family)
+            outcome = (
+                "different training outcomes"
+                if differ
+                else "equivalent training outcomes"
+                if equal == len(family)
+                else "training outcomes undetermined"
+            )
+            count = differ if differ else equal
+            word = "differ" if differ else "equivalent"
+            pieces.append(
+                f"{outcome} (c: {count} of {len(family)} weighting{'s' if len(family) > 1 else ''} {word} "
+                f"on {metric}, margin ±{margin:g})"
+            )
+        for test in tests:
+            if not test.primary:
+                decide_equivalence([test], margin)
+        claim.tests += tests
+    if not any(t.primary for t in claim.tests):
+        pieces.append("(c) not tested: no weighting is trained on two heads with a declared margin")
+    claim.headline = "; ".join(pieces)
+    return claim
 
 
-def low_snr_share(head: str, weighting: str, schedule: NoiseSchedule, variance: str) -> float:
+def low_snr_share(arm: Arm, schedule: NoiseSchedule, variance: str) -> float:
     """The share of an arm's ε-space weight (uniform t) on steps with log SNR < 0."""
     t = torch.arange(1, schedule.num_timesteps + 1)
-    weight = WEIGHTINGS[weighting].eps_weight(HEADS[head], schedule, t, variance)  # type: ignore[arg-type]
+    weight = WEIGHTINGS[arm.weighting].eps_weight(HEADS[arm.head], schedule, t, variance)  # type: ignore[arg-type]
     low = torch.log(schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])) < 0
     return float(weight[low].sum() / weight.sum())
 
 
-def claim_snr(values: Values, schedule: NoiseSchedule, variance: str, metrics: dict[str, Direction]) -> Claim:
-    """Within each head with three or more weightings: Kendall's τ per seed between the low-SNR
-    share and the metric, then an exact one-sided sign-flip test across seeds that τ has the
-    expected sign (its smallest p is 2^−n: five seeds are needed to reach α = 0.05)."""
+def weighting_order(values: Values, head: str, setting: Setting) -> list[tuple[Arm, float]]:
+    """The head's distinct objectives (elbo_is is the ELBO's weighting with another estimator, and
+    a head's own MSE is its head-named weighting), by increasing low-SNR share."""
+    arms: dict[Arm, Arm] = {}
+    for arm in sorted(
+        (a for a in values if a.head == head and a.weighting != "elbo_is"), key=lambda a: a.order
+    ):
+        arms.setdefault(arm.objective, arm)
+    shares = [(arm, setting.low_snr_share(arm)) for arm in arms.values()]
+    return sorted(shares, key=lambda pair: pair[1])
+
+
+def trend_part(
+    values: Values, head: str, order: list[tuple[Arm, float]], metric: str, expect: Direction
+) -> Part | None:
+    """Kendall's τ per seed between the low-SNR share and the metric over ≥ 3 weightings, tested
+    across seeds by the exact sign-flip test (seeds that agree exactly carry n signs' evidence)."""
+    arms = [a for a, _ in order]
+    seeds = set.intersection(*(set(seeds_of(values, a, metric)) for a in arms))
+    if not seeds:
+        return None
+    taus = {
+        seed: float(
+            stats.kendalltau([s for _, s in order], [values[a][metric][seed] for a in arms]).statistic
+        )
+        for seed in sorted(seeds)
+    }
+    label = f"τ(low-SNR share, {metric}) over {', '.join(a.label for a in arms)}"
+    trend = compare(label, metric, taus, dict.fromkeys(taus, 0.0), permutation_from=1)
+    return Part(head, tuple(arms), trend, expect)
+
+
+def snr_parts(
+    values: Values, setting: Setting, metric: str, expect: Direction
+) -> tuple[list[Part], list[str]]:
+    """Per head: with two weightings, (larger low-SNR share) − (smaller); with three or more, the
+    τ trend. The expected sign is the same for every head; which arm is which comes from the weights."""
+    parts, untested = [], []
+    for head in heads_in(values):
+        order = weighting_order(values, head, setting)
+        if len(order) < 2 or order[-1][1] - order[0][1] < 1e-9:
+            untested.append(head)
+            continue
+        if len(order) == 2:
+            (low, _), (high, _) = order
+            c = comparison(values, high, low, metric)
+            part = Part(head, (high, low), c, expect) if c.n else None
+        else:
+            part = trend_part(values, head, order, metric, expect)
+        if part is None:
+            untested.append(head)
+        else:
+            parts.append(part)
+    return parts, untested
+
+
+def claim_snr(values: Values, metrics: MetricSet, setting: Setting) -> Claim:
+    """More ε-space weight on log SNR < 0 → lower sample metric and higher NLL, within each head."""
     claim = Claim(
         4,
         "Moving weight to low SNR buys sample quality and costs likelihood, within a head",
         "the SNR-weighting argument for L_simple (Ho et al. 2020; Kingma & Gao 2023)",
     )
     for head in heads_in(values):
-        # elbo_is is the ELBO's weighting with another estimator (same w_ε), not a third weighting.
-        arms = {
-            w: arm_for(values, head, w)
-            for w in WEIGHTINGS
-            if w != "elbo_is" and (w != "own" or arm_for(values, head, w) in values)
-        }
-        arms = {w: a for w, a in arms.items() if a in values}
-        if len(set(arms.values())) < 3:
-            continue
-        shares = {a: low_snr_share(head, w, schedule, variance) for w, a in arms.items()}
-        order = sorted(set(arms.values()), key=shares.__getitem__)
+        order = weighting_order(values, head, setting)
+        if len(order) >= 2:
+            claim.facts.append(
+                f"{head}: low-SNR share of the ε-space weight: " + ", ".join(f"{a} {s:.2f}" for a, s in order)
+            )
+    contrasts = [(m, "negative", "lower") for m in metrics.quality[:1]] + [
+        (m, "positive", "higher") for m in metrics.nll[:1]
+    ]
+    untested: list[str] = []
+    for metric, expect, word in contrasts:
+        parts, missing = snr_parts(values, setting, metric, expect)
+        untested += [h for h in missing if h not in untested]
+        claim.tests.append(Test(f"more low-SNR weight → {word} {metric}", metric, DIRECTIONAL, parts))
+    claim.tests = [t for t in claim.tests if t.parts]
+    claim.verdict = decide_directional(claim.tests)
+    all_parts = [p for t in claim.tests for p in t.parts]
+    tested = {p.head for p in all_parts}
+    untested = [h for h in untested if h not in tested]
+    claim.headline = scoped(claim.verdict, all_parts, untested, {"eps": "make sweep OBJ=weightings"})
+    if any(len(p.arms) > 2 for p in all_parts):
+        n = min(p.comparison.n for p in all_parts if len(p.arms) > 2)
         claim.facts.append(
-            f"{head}: weightings by low-SNR share: " + ", ".join(f"{a} {shares[a]:.2f}" for a in order)
+            f"A trend over three or more weightings is an exact sign-flip test of the seeds' Kendall τ: "
+            f"its smallest p at n = {n} is 2^-{n} = {2.0**-n:.3g}, so it needs at least 5 seeds to pass "
+            "α = 0.05."
         )
-        for metric, expect in metrics.items():
-            seeds = set.intersection(*(set(seeds_of(values, a, metric)) for a in order))
-            taus = {
-                seed: float(
-                    stats.kendalltau(
-                        [shares[a] for a in order], [values[a][metric][seed] for a in order]
-                    ).statistic
-                )
-                for seed in sorted(seeds)
-            }
-            trend = compare(
-                f"τ(low-SNR share, {metric}) on {head}",
-                metric,
-                taus,
-                dict.fromkeys(taus, 0.0),
-                permutation_from=1,
-            )
-            result = directional_claim([trend], expect)
-            claim.tests.append(
-                Test(
-                    f"{head}: τ {'<' if expect == 'negative' else '>'} 0",
-                    metric,
-                    "directional",
-                    [trend],
-                    result.verdict,
-                    [result.parts[0].verdict],
-                    expect,
-                )
-            )
+    for metric, expect, word in [(m, "negative", "lower") for m in (*metrics.quality[1:], *metrics.kid)] + [
+        (m, "positive", "higher") for m in metrics.nll[1:]
+    ]:
+        parts, _ = snr_parts(values, setting, metric, expect)
+        if parts:
+            test = Test(f"more low-SNR weight → {word} {metric}", metric, DIRECTIONAL, parts, False)
+            decide_directional([test])
+            claim.tests.append(test)
     return claim
 
 
-Curves = dict[str, dict[int, tuple[list[float], list[float]]]]
-
-
 def weight_error_check(
-    curves: Curves, weights: dict[str, np.ndarray], arm: str, reference: str
+    curves: Curves, weights: dict[Arm, np.ndarray], arm: Arm, reference: Arm
 ) -> str | None:
     """Does training do what its weights say? Spearman's ρ over t ≥ 2 between log(w_arm/w_ref)
     and log(ε-MSE_arm/ε-MSE_ref), per seed (expected negative: more weight, less error)."""
@@ -350,64 +628,53 @@ def weight_error_check(
     )
 
 
-def all_claims(
-    values: Values,
-    budgets: dict[int, Values],
-    schedule: NoiseSchedule,
-    variance: str,
-    margins: dict[str, float],
-    curves: Curves,
-    weights: dict[str, np.ndarray],
-    reference: str,
-    quality: tuple[str, ...] = QUALITY_METRICS,
+def claim_detectable(claim: Claim) -> str | None:
+    """The effect per part at which the claim as stated (every tested part, Holm) holds with 80%
+    power at this n, beside a single comparison's: what "not shown" can and cannot rule out."""
+    parts = [p for t in claim.primary for p in t.parts]
+    if claim.verdict == NOT_TESTED or not parts or any(len(p.arms) > 2 for p in parts):
+        return None
+    n = min(p.comparison.n for p in parts)
+    if n < 2 or any(p.comparison.sd is None for p in parts):
+        return None
+    multiplier = claim_mde_multiplier(n, len(parts))
+    low, high = (np.sqrt((n - 1) / stats.chi2.ppf(q, n - 1)) for q in (0.975, 0.025))
+    if not np.isfinite(multiplier):
+        return (
+            f"Claim-level detectable effect: none — with {len(parts)} parts at n = {n} the exact sign-flip "
+            f"test's smallest p (2^-{n}) cannot pass Holm's first threshold; add seeds."
+        )
+    per_part = ", ".join(f"{p.comparison.label} {multiplier * p.comparison.sd:.3g}" for p in parts)
+    return (
+        f"Claim-level detectable effect (80% power, every tested part after Holm, n = {n}, "
+        f"{len(parts)} part{'s' if len(parts) > 1 else ''}): {multiplier:.2f} paired sd per part — "
+        f"{per_part} (one comparison alone: {mde_multiplier(n):.2f} sd). At n = {n} the seed sd itself is "
+        "uncertain: its "
+        f"95% interval runs from {low:.2f}× to {high:.2f}× the estimate."
+    )
+
+
+def build_claims(
+    values: Values, metrics: MetricSet, setting: Setting, budgets: dict[int, Values] | None = None
 ) -> list[Claim]:
-    """The four claims at the final budget; claim 4 carries the weight/error check as facts."""
-    heads = heads_in(values)
-    quality_metric = present(values, quality)[:1]
-    snr_metrics: dict[str, Direction] = {m: "negative" for m in quality_metric}
-    snr_metrics.update({m: "positive" for m in present(values, NLL_METRICS)[:1]})
-    snr = claim_snr(values, schedule, variance, snr_metrics)
-    checks = [weight_error_check(curves, weights, arm, reference) for arm in weights if arm != reference]
-    snr.facts += [f"check: {line}" for line in checks if line]
-    return [
-        claim_likelihood(values, NLL_METRICS, heads),
-        claim_samples(values, quality, heads),
-        claim_equivalence(values, budgets, margins, (*NLL_METRICS, *quality, "eps_star_mse")),
-        snr,
+    """The four claims on one set of values (the final evaluation, or one budget's cheap metrics)."""
+    claims = [
+        claim_likelihood(values, metrics),
+        claim_samples(values, metrics),
+        claim_equivalence(values, metrics, setting, budgets or {}),
+        claim_snr(values, metrics, setting),
     ]
+    for claim in claims:
+        claim.detectable = claim_detectable(claim)
+    return claims
 
 
-BUDGET_NLL = ("val_vlb_bpd",)
+def verdicts_along(budgets: dict[int, Values], setting: Setting) -> dict[int, dict[int, str]]:
+    """{step: {claim number: verdict}} from the cheap metrics measured at every budget."""
+    return {
+        step: {c.number: c.verdict for c in build_claims(values, budget_metric_set(values), setting)}
+        for step, values in sorted(budgets.items())
+    }
 
 
-def budget_verdicts(
-    budgets: dict[int, Values], quality: tuple[str, ...] = QUALITY_METRICS
-) -> dict[int, dict[str, str]]:
-    """Claims 1 and 2 at every budget, from the cheap per-budget metrics: {step: {claim: verdict}}."""
-    table = {}
-    for step, values in sorted(budgets.items()):
-        heads = heads_in(values)
-        table[step] = {
-            "1": claim_likelihood(values, BUDGET_NLL, heads).verdict,
-            "2": claim_samples(values, quality, heads).verdict,
-        }
-    return table
-
-
-def verdict_changed(table: dict[int, dict[str, str]]) -> dict[str, bool]:
-    """Per claim: did the verdict change between the last two budgets?"""
-    steps = sorted(table)
-    if len(steps) < 2:
-        return {}
-    last, previous = table[steps[-1]], table[steps[-2]]
-    return {claim: last[claim] != previous.get(claim) for claim in last}
-
-
-def summary_line(claim: Claim) -> str:
-    primary = [t for t in claim.tests if t.primary]
-    parts = sum(len(t.part_verdicts) for t in primary)
-    held = sum(v == HOLDS for t in primary for v in t.part_verdicts)
-    return f"Claim {claim.number}: {claim.verdict} ({held} of {parts} primary comparisons hold)"
-
-
-VERDICT_WORDS = (HOLDS, CONTRADICTED, NOT_SHOWN, EQUIVALENT, DIFFERENT, UNDETERMINED, IDENTITY, PLUMBING)
+VERDICT_WORDS = (HOLDS, CONTRADICTED, NOT_SHOWN, EQUIVALENT, DIFFERENT, UNDETERMINED, NOT_TESTED, PLUMBING)

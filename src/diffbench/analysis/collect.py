@@ -11,8 +11,6 @@ from datetime import datetime
 from pathlib import Path
 
 from diffbench.core.arms import Arm
-from diffbench.core.heads import HEADS as HEAD_REGISTRY
-from diffbench.core.weightings import WEIGHTINGS
 from diffbench.rundir import (
     CHECKPOINTS,
     COMPLETE,
@@ -21,36 +19,27 @@ from diffbench.rundir import (
     RESULTS,
     Curve,
     RunDir,
-    upgrade,
 )
 
-HEADS = ("eps", "x0", "score")
-"""The heads of the six original arms, which the claims compare."""
-ARMS = tuple(Arm(head, weighting).label for head in HEADS for weighting in ("own", "elbo"))
-"""The six original arms, in table order."""
-ARM_PARTS = {
-    Arm(head, weighting).label: (head, weighting) for head in HEAD_REGISTRY for weighting in WEIGHTINGS
-}
-"""Every arm the grid can make, in display order (by head, then weighting), with its parts."""
-REFERENCE = Arm("eps", "own").label
+REFERENCE = Arm("eps", "own")
+"""DDPM's L_simple: the arm every other is compared with in the report's table."""
 
 
 @dataclass
 class Run:
     """One finished trial: its arm, headline metrics and where its curves and images are."""
 
-    arm: str
+    arm: Arm
     seed: int
     group: str
     metrics: dict[str, float]
-    head: str = "?"
-    weighting: str = "?"
     data: str = "?"
     profile: str = "?"
     steps: int = 0
     evaluation: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     directory: Path | None = None
+    remote: str | None = None
     dropped: list[str] = field(default_factory=list)
     created: float = 0.0
     budgets: list[dict] = field(default_factory=list)
@@ -67,12 +56,14 @@ class Incomplete:
     arm: str = "?"
     seed: int | str = "?"
     group: str | None = None
+    diverged_at: int | None = None
 
 
-ARM_KEYS = ("seed", "experiment", "arm", "run", "wandb", "report")
+ARM_KEYS = ("seed", "experiment", "arm", "run", "wandb", "report", "speed")
 """Config keys that may differ between runs of one group: the arm, the seed, where a run is
-written or logged, and the report's margins. Everything else (learning rate, clipping, EMA,
-batch, model, budget, diffusion, evaluation) splits groups."""
+written or logged, the report's margins (checked for agreement separately) and the speed settings
+(threads, kernels: how fast, never what is computed). Everything else (learning rate, clipping,
+EMA, batch, model, budget, diffusion, evaluation) splits groups."""
 
 
 def comparable_settings(config: dict) -> dict:
@@ -108,51 +99,61 @@ def finite_metrics(raw: object) -> tuple[dict[str, float], list[str]]:
     return kept, dropped
 
 
-def arm_of(config: dict, fallback: str) -> str:
-    """The arm a config trained: derived from its head and weighting, never parsed from a name."""
+def arm_of(config: dict) -> Arm | None:
+    """The arm a config trained, from its head and weighting (never parsed from a folder name)."""
     objective = config.get("objective") or {}
-    if "head" in objective and "weighting" in objective:
-        return upgrade({"head": objective["head"], "weighting": objective["weighting"]})["arm"]
-    return fallback
+    try:
+        return Arm(objective["head"], objective["weighting"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def load_run(directory: Path) -> Run | Incomplete:
-    """A run directory as a Run, or as an Incomplete that says what is missing. Where
-    results.json lacks a field (a run evaluated again by `diffbench.evaluate`), config.yaml says."""
+    """A run directory as a Run, or as an Incomplete that says what is missing or inconsistent.
+    Where results.json lacks a field (a run evaluated again by `diffbench.evaluate`), config.yaml says."""
     run_dir = RunDir(directory)
     config = run_dir.read_config() or {}
-    arm = arm_of(config, directory.parent.name)
+    arm = arm_of(config)
+    label = arm.label if arm else directory.parent.name
     seed = config.get("seed", "?")
     group = config_group(config)
+
+    def incomplete(reason: str, diverged_at: int | None = None) -> Incomplete:
+        return Incomplete(directory, reason, label, seed, group, diverged_at)
+
     if not (run_dir / RESULTS).is_file():
-        reason = f"no {RESULTS} (unfinished, interrupted or failed)"
-        return Incomplete(directory, reason, arm, seed, group)
+        return incomplete(f"no {RESULTS} (unfinished, interrupted or failed)")
     results = run_dir.read_results()
     if results is None:
-        return Incomplete(directory, f"{RESULTS} unreadable", arm, seed, group)
+        return incomplete(f"{RESULTS} unreadable")
     if results.get("status") == DIVERGED:
+        step = results.get("diverged_at_step")
         reason = (
-            f"diverged at step {results.get('diverged_at_step', '?')} (non-finite training loss): no metrics"
+            f"diverged at step {step if step is not None else '?'} (non-finite training loss): no metrics"
         )
-        return Incomplete(directory, reason, results.get("arm", arm), seed, group)
+        return incomplete(reason, step if isinstance(step, int) else -1)
     if results.get("status") != COMPLETE:
-        return Incomplete(directory, f"{RESULTS} not marked complete", arm, seed, group)
-    arm = results.get("arm", arm)
+        return incomplete(f"{RESULTS} not marked complete")
     metrics, dropped = finite_metrics(results.get("metrics"))
     try:
         seed = int(results.get("seed", seed))
     except (TypeError, ValueError):
-        return Incomplete(directory, f"{RESULTS} has no usable seed", arm, seed, group)
-    if not metrics or group is None:
-        reason = f"{RESULTS} has no metrics" if not metrics else "config.yaml missing or incomplete"
-        return Incomplete(directory, reason, arm, seed, group)
+        return incomplete(f"{RESULTS} has no usable seed")
+    if config.get("seed") not in (None, seed):
+        return incomplete(
+            f"{RESULTS} says seed {seed} but {CONFIG} says seed {config['seed']}: a copied or edited "
+            "file; left out rather than counted as either seed"
+        )
+    if results.get("arm") not in (None, label):
+        return incomplete(f"{RESULTS} says arm {results['arm']} but {CONFIG} trained {label}")
+    if not metrics or group is None or arm is None:
+        reason = f"{RESULTS} has no metrics" if not metrics else f"{CONFIG} missing or incomplete"
+        return incomplete(reason)
     return Run(
         arm=arm,
         seed=seed,
         group=group,
         metrics=metrics,
-        head=results.get("head", "?"),
-        weighting=results.get("weighting", "?"),
         data=config["data"]["name"],
         profile=config["profile"],
         steps=int(results.get("steps", config["trainer"]["max_steps"])),
@@ -166,26 +167,48 @@ def load_run(directory: Path) -> Run | Incomplete:
     )
 
 
-def newest(runs: list[Run]) -> list[Run]:
-    """Of several finished runs of one arm and seed in a group, the newest wins."""
-    chosen: dict[tuple[str, str, int], Run] = {}
+def where(run: Run) -> str:
+    """Where a run's numbers came from: its directory, or its W&B run."""
+    return str(run.directory) if run.directory is not None else run.remote or "W&B"
+
+
+def deduplicate(runs: list[Run]) -> tuple[list[Run], list[Incomplete]]:
+    """One run per (group, arm, seed). Copies with identical metrics are one measurement (a trial
+    found by two sweeps, a W&B rerun): counted once, the others listed. Copies that disagree are
+    all left out and listed: the report cannot know which one the reader meant to count."""
+    by_key: dict[tuple[str, Arm, int], list[Run]] = defaultdict(list)
     for run in runs:
-        key = (run.group, run.arm, run.seed)
-        if key not in chosen or chosen[key].created < run.created:
-            chosen[key] = run
-    return list(chosen.values())
+        by_key[(run.group, run.arm, run.seed)].append(run)
+    kept, listed = [], []
+    for (group, arm, seed), copies in by_key.items():
+        copies.sort(key=lambda r: r.created)
+        if len(copies) == 1 or all(c.metrics == copies[0].metrics for c in copies):
+            kept.append(copies[0])
+            reason = f"a copy of {where(copies[0])} (identical metrics): counted once"
+            listed += [Incomplete(where(c), reason, arm.label, seed, group) for c in copies[1:]]
+            continue
+        reason = (
+            f"{len(copies)} runs of {arm.label} seed {seed} in this group disagree: all left out of the "
+            "intervals; move away the ones that should not count"
+        )
+        listed += [Incomplete(where(c), reason, arm.label, seed, group) for c in copies]
+    return kept, listed
 
 
 def scan(root: Path) -> tuple[list[Run], list[Incomplete]]:
-    """Every run directory under `root` (a folder holding config.yaml, W&B's own copies aside)."""
+    """Every run directory under `root` (a folder holding config.yaml), passing over W&B's copies
+    and checkpoint folders inside runs; only the path below `root` is looked at, so runs kept
+    under a folder that happens to be called `checkpoints` are still found."""
     runs, incomplete = [], []
     for config in sorted(root.rglob(CONFIG)):
         directory = config.parent
-        if "wandb" in directory.parts or CHECKPOINTS in directory.parts:
+        inside = directory.relative_to(root).parts
+        if "wandb" in inside or CHECKPOINTS in inside:
             continue
         loaded = load_run(directory)
         (incomplete if isinstance(loaded, Incomplete) else runs).append(loaded)
-    return newest(runs), incomplete
+    kept, duplicates = deduplicate(runs)
+    return kept, incomplete + duplicates
 
 
 def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[Incomplete]]:
@@ -198,17 +221,18 @@ def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[In
     runs, incomplete = [], []
     for remote in api.runs(path):
         config = dict(remote.config)
-        where = f"wandb:{path}/{remote.id}"
-        arm, seed, group = config.get("arm", arm_of(config, "?")), config.get("seed"), config_group(config)
+        location = f"wandb:{path}/{remote.id}"
+        arm, seed, group = arm_of(config), config.get("seed"), config_group(config)
+        label = arm.label if arm else str(config.get("arm", "?"))
         summary = {
             k.removeprefix("final/"): v for k, v in dict(remote.summary).items() if k.startswith("final/")
         }
         metrics, dropped = finite_metrics(summary)
-        if remote.state != "finished" or not metrics or seed is None or group is None:
+        if remote.state != "finished" or not metrics or seed is None or group is None or arm is None:
             reason = (
                 f"W&B state {remote.state}" if remote.state != "finished" else "no final metrics or config"
             )
-            incomplete.append(Incomplete(where, reason, arm, "?" if seed is None else seed, group))
+            incomplete.append(Incomplete(location, reason, label, "?" if seed is None else seed, group))
             continue
         runs.append(
             Run(
@@ -216,17 +240,17 @@ def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[In
                 seed=int(seed),
                 group=group,
                 metrics=metrics,
-                head=config.get("objective", {}).get("head", "?"),
-                weighting=config.get("objective", {}).get("weighting", "?"),
                 data=config["data"]["name"],
                 profile=config["profile"],
                 steps=int(config["trainer"]["max_steps"]),
                 config=config,
                 dropped=dropped,
+                remote=location,
                 created=datetime.fromisoformat(remote.created_at.replace("Z", "+00:00")).timestamp(),
             )
         )
-    return newest(runs), incomplete
+    kept, duplicates = deduplicate(runs)
+    return kept, incomplete + duplicates
 
 
 def by_group(runs: list[Run], incomplete: list[Incomplete]) -> dict[str, tuple[list[Run], list[Incomplete]]]:
@@ -245,20 +269,50 @@ def by_group(runs: list[Run], incomplete: list[Incomplete]) -> dict[str, tuple[l
     return dict(groups)
 
 
-def seed_values(runs: list[Run]) -> dict[str, dict[str, dict[int, float]]]:
-    """{arm: {metric: {seed: value}}}: the shape every statistic is computed from."""
-    values: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+Values = dict[Arm, dict[str, dict[int, float]]]
+"""{arm: {metric: {seed: value}}}: the shape every statistic is computed from."""
+
+
+def group_margins(runs: list[Run]) -> tuple[dict[str, float], list[str]]:
+    """The equivalence margins the runs declared before they ran (`report.margins`), and, when the
+    runs of one group declare different ones, a line per disagreeing run (then no margin holds)."""
+    declared: dict[str, list[tuple[float, Run]]] = defaultdict(list)
+    for run in runs:
+        for key, value in ((run.config.get("report") or {}).get("margins") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                declared[key].append((float(value), run))
+    margins, conflicts = {}, []
+    for key, entries in sorted(declared.items()):
+        values = sorted({value for value, _ in entries})
+        if len(values) == 1 and len(entries) == len(runs):
+            margins[key] = values[0]
+            continue
+        common = max(values, key=lambda v: sum(value == v for value, _ in entries))
+        odd = [
+            f"{where(run)} ({run.arm.label} s{run.seed}: {value:g})"
+            for value, run in entries
+            if value != common
+        ]
+        missing = len(runs) - len(entries)
+        conflicts.append(
+            f"report.margins.{key}: {common:g} in most runs, but "
+            + ", ".join(odd + ([f"{missing} run(s) declare none"] if missing else []))
+        )
+    return margins, conflicts
+
+
+def seed_values(runs: list[Run]) -> Values:
+    """{arm: {metric: {seed: value}}} over the finished runs."""
+    values: Values = defaultdict(lambda: defaultdict(dict))
     for run in runs:
         for metric, value in run.metrics.items():
             values[run.arm][metric][run.seed] = value
     return {arm: dict(metrics) for arm, metrics in values.items()}
 
 
-def budget_values(runs: list[Run]) -> dict[int, dict[str, dict[str, dict[int, float]]]]:
+def budget_values(runs: list[Run]) -> dict[int, Values]:
     """{step: {arm: {metric: {seed: value}}}} from the runs' per-budget tables (finite values)."""
-    table: dict[int, dict[str, dict[str, dict[int, float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(dict))
-    )
+    table: dict[int, Values] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for run in runs:
         for row in run.budgets:
             kept, _ = finite_metrics({k: v for k, v in row.items() if k not in ("step", "wall_time_s")})
@@ -267,9 +321,12 @@ def budget_values(runs: list[Run]) -> dict[int, dict[str, dict[str, dict[int, fl
     return {step: {arm: dict(m) for arm, m in arms.items()} for step, arms in sorted(table.items())}
 
 
-def seed_curves(runs: list[Run], curve: Curve) -> dict[str, dict[int, tuple[list[float], list[float]]]]:
+Curves = dict[Arm, dict[int, tuple[list[float], list[float]]]]
+
+
+def seed_curves(runs: list[Run], curve: Curve) -> Curves:
     """{arm: {seed: (t, value)}} for one per-t curve present in the run directories."""
-    curves: dict[str, dict[int, tuple[list[float], list[float]]]] = defaultdict(dict)
+    curves: Curves = defaultdict(dict)
     for run in runs:
         if run.directory is not None and (values := RunDir(run.directory).read_curve(curve)):
             curves[run.arm][run.seed] = values

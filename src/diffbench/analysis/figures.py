@@ -10,20 +10,42 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from diffbench import atomic  # noqa: E402
-from diffbench.analysis.collect import ARM_PARTS, Run  # noqa: E402
+from diffbench.analysis.collect import Curves, Run, Values  # noqa: E402
+from diffbench.core.arms import Arm  # noqa: E402
 from diffbench.rundir import RunDir  # noqa: E402
 
 HEAD_COLORS = {"eps": "tab:blue", "x0": "tab:orange", "score": "tab:green", "v": "tab:purple"}
+WEIGHTING_STYLES = {
+    "elbo": ("-", "o"),
+    "elbo_is": ("-.", "D"),
+    "own": ("--", "s"),
+    "eps": (":", "^"),
+    "x0": (":", "v"),
+    "score": (":", "<"),
+    "v": (":", ">"),
+    "minsnr": ((0, (5, 1, 1, 1)), "P"),
+    "edm": ((0, (1, 3)), "X"),
+}
+"""One line style and marker per weighting, so an arm's ELBO and simple variants never look alike."""
 
 
-def style(arm: str) -> dict:
-    """Colour by head; solid for elbo, dash-dot for elbo_is, dashed for the head's own MSE, dotted
-    for the other weightings, so arms read the same everywhere."""
-    head, weighting = ARM_PARTS.get(arm, ("?", "?"))
-    linestyle = {"elbo": "-", "elbo_is": "-.", "own": "--"}.get(weighting, ":")
-    return {"color": HEAD_COLORS.get(head, "black"), "linestyle": linestyle}
+def style(arm: Arm) -> dict:
+    """Colour by head, line style and marker by weighting: arms read the same in every figure."""
+    linestyle, marker = WEIGHTING_STYLES.get(arm.weighting, (":", "*"))
+    return {"color": HEAD_COLORS.get(arm.head, "black"), "linestyle": linestyle, "marker": marker}
+
+
+def log_axis(ax: plt.Axes, axis: str = "y") -> None:
+    """A log axis labelled at 1, 2 and 5 times each power of ten, in plain numbers, and nothing in
+    between, so tick labels never run into each other (3×10⁰ 4×10⁰ …)."""
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    target.set_minor_formatter(NullFormatter())
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
@@ -33,33 +55,32 @@ def save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def implied_weights(log_snr: np.ndarray, weights: dict[str, np.ndarray], path: Path) -> Path:
-    """Theory: each arm's weight on ‖ε − ε̂‖², normalised to mean one over t, against log-SNR."""
+def implied_weights(log_snr: np.ndarray, weights: dict[Arm, np.ndarray], path: Path) -> Path:
+    """Theory: each arm's weight on ‖ε − ε̂‖², normalised to mean one over t, against log-SNR.
+    Arms with the same ε-space weight (every head's ELBO) are one line."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    drawn_elbo = False
-    for arm in ARM_PARTS:
-        if arm not in weights:
-            continue
-        if ARM_PARTS[arm][1] == "elbo":
-            if drawn_elbo:
-                continue
-            drawn_elbo, label, kw = True, "every *_elbo arm", {"color": "black", "linestyle": "-"}
-        else:
-            label, kw = arm, style(arm)
-        w = weights[arm]
-        ax.plot(log_snr, w / w.mean(), label=label, **kw)
+    same_weight: dict[bytes, list[Arm]] = {}
+    for arm in sorted(weights, key=lambda a: a.order):
+        normalised = weights[arm] / weights[arm].mean()
+        same_weight.setdefault(np.round(np.log(normalised), 8).tobytes(), []).append(arm)
+    for members in same_weight.values():
+        labels = [a.label for a in members]
+        label = labels[0] if len(labels) == 1 else f"{', '.join(labels)} (one weight)"
+        kw = style(members[0])
+        w = weights[members[0]]
+        ax.plot(log_snr, w / w.mean(), label=label, color=kw["color"], linestyle=kw["linestyle"])
     ax.set(
         xlabel="log SNR(t)  (t = 2 at the right, t = T at the left)",
         ylabel="ε-space weight / its mean over t",
-        yscale="log",
         title="implied ε-space weight of each loss",
     )
+    log_axis(ax)
     ax.legend(fontsize=8)
     return save(fig, path)
 
 
 def per_t_curves(
-    curves: dict[str, dict[int, tuple[list[float], list[float]]]],
+    curves: Curves,
     path: Path,
     ylabel: str,
     title: str,
@@ -69,10 +90,8 @@ def per_t_curves(
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for arm in ARM_PARTS:
-        seeds = curves.get(arm)
-        if not seeds:
-            continue
+    for arm in sorted(curves, key=lambda a: a.order):
+        seeds = curves[arm]
         lengths = {len(t) for t, _ in seeds.values()}
         if len(lengths) != 1:
             continue
@@ -80,12 +99,14 @@ def per_t_curves(
         y = np.array([values for _, values in seeds.values()])
         if not (np.isfinite(y).all() and (y > 0).all()):
             continue
-        ax.plot(t, y.mean(0), label=f"{arm} (n={len(y)})", **style(arm))
+        kw = style(arm)
+        ax.plot(t, y.mean(0), label=f"{arm} (n={len(y)})", markevery=max(1, len(t) // 8), ms=4, **kw)
         if len(y) > 1:
-            ax.fill_between(t, y.min(0), y.max(0), color=style(arm)["color"], alpha=0.12)
-    ax.set(xlabel="t", ylabel=ylabel, yscale="log", title=title)
+            ax.fill_between(t, y.min(0), y.max(0), color=kw["color"], alpha=0.12)
+    ax.set(xlabel="t", ylabel=ylabel, title=title)
+    log_axis(ax)
     if logx:
-        ax.set_xscale("log")
+        log_axis(ax, "x")
     ax.legend(fontsize=8)
     return save(fig, path)
 
@@ -109,63 +130,76 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
     """Validation VLB and ε-MSE against step, one line per run (comparable across heads)."""
     names = ("val/vlb_bpd", "val/eps_mse")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    labelled: set[str] = set()
+    labelled: set[Arm] = set()
     drawn = False
-    order = list(ARM_PARTS)
-    for run in sorted(runs, key=lambda r: (order.index(r.arm) if r.arm in order else len(order), r.seed)):
+    for run in sorted(runs, key=lambda r: (r.arm.order, r.seed)):
         if run.directory is None:
             continue
         series = metric_columns(RunDir(run.directory).metrics_csv, names)
         for ax, name in zip(axes, names):
             steps, values = series.get(name, ([], []))
             if steps:
-                label = None if run.arm in labelled else run.arm
-                ax.plot(steps, values, label=label, alpha=0.8, **style(run.arm))
+                label = None if run.arm in labelled else run.arm.label
+                ax.plot(
+                    steps,
+                    values,
+                    label=label,
+                    alpha=0.8,
+                    markevery=max(1, len(steps) // 6),
+                    ms=4,
+                    **style(run.arm),
+                )
                 drawn = True
         labelled.add(run.arm)
     if not drawn:
         plt.close(fig)
         return None
     for ax, name in zip(axes, names):
-        ax.set(xlabel="step", ylabel=name, yscale="log", title=f"{name} (EMA weights), every seed")
+        ax.set(xlabel="step", ylabel=name, title=f"{name} (EMA weights), every seed")
+        log_axis(ax)
     axes[0].legend(fontsize=8)
     return save(fig, path)
 
 
-def budget_curves(budgets: dict[int, dict], arms: list[str], path: Path) -> Path | None:
-    """Every per-budget metric against training steps: mean over seeds, band from the lowest to
-    the highest seed, so a reader sees whether the arms have settled before reading a verdict."""
+def budget_curves(budgets: dict[int, Values], arms: list[Arm], path: Path) -> Path | None:
+    """Every per-budget metric against training steps on log-log axes (one arm's hundreds of bpd
+    must not flatten the others into the floor): mean over seeds, band from the lowest to the
+    highest seed, a panel only for a metric that some arm measured at two budgets or more."""
     steps = sorted(budgets)
-    metrics = sorted({m for step in steps for arm in budgets[step].values() for m in arm})
-    if not metrics:
-        return None
-    columns = min(3, len(metrics))
-    rows = -(-len(metrics) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(metrics) :]:
-        ax.axis("off")
-    for ax, metric in zip(axes.flat, metrics):
+    series: dict[str, dict[Arm, list[tuple[int, list[float]]]]] = {}
+    for metric in sorted({m for step in steps for arm in budgets[step].values() for m in arm}):
         for arm in arms:
             points = [(s, list(budgets[s].get(arm, {}).get(metric, {}).values())) for s in steps]
-            points = [(s, v) for s, v in points if v and all(np.isfinite(v))]
-            if not points:
-                continue
+            points = [(s, v) for s, v in points if v and all(np.isfinite(v)) and min(v) > 0]
+            if len(points) >= 2:
+                series.setdefault(metric, {})[arm] = points
+    if not series:
+        return None
+    columns = min(3, len(series))
+    rows = -(-len(series) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(series) :]:
+        fig.delaxes(ax)
+    for ax, (metric, by_arm) in zip(axes.flat, series.items()):
+        for arm, points in by_arm.items():
             x = [s for s, _ in points]
-            ax.plot(x, [np.mean(v) for _, v in points], marker="o", ms=3, label=arm, **style(arm))
+            kw = style(arm)
+            ax.plot(x, [np.mean(v) for _, v in points], ms=4, label=arm.label, **kw)
             ax.fill_between(
-                x,
-                [min(v) for _, v in points],
-                [max(v) for _, v in points],
-                color=style(arm)["color"],
-                alpha=0.1,
+                x, [min(v) for _, v in points], [max(v) for _, v in points], color=kw["color"], alpha=0.1
             )
-        ax.set(xlabel="training steps", ylabel=metric, xscale="log", title=metric)
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+        ax.set(xlabel="training steps", ylabel=metric, title=metric)
+        log_axis(ax)
+        log_axis(ax, "x")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, bbox_to_anchor=(0.5, 1.0)
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if rows == 1 else 0.96))
     return save(fig, path)
 
 
-def tradeoff(values: dict, arms: list[str], nll: str, quality: str, path: Path) -> Path | None:
+def tradeoff(values: Values, arms: list[Arm], nll: str, quality: str, path: Path) -> Path | None:
     """Every arm in the (NLL, sample quality) plane with ±1 sd crosses over seeds: the trade-off
     front of the weightings (lower-left is better on both)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -180,9 +214,16 @@ def tradeoff(values: dict, arms: list[str], nll: str, quality: str, path: Path) 
         yerr = y.std(ddof=1) if len(y) > 1 else 0.0
         kw = style(arm)
         ax.errorbar(
-            x.mean(), y.mean(), xerr=xerr, yerr=yerr, fmt="o", color=kw["color"], capsize=3, label=arm
+            x.mean(),
+            y.mean(),
+            xerr=xerr,
+            yerr=yerr,
+            fmt=kw["marker"],
+            color=kw["color"],
+            capsize=3,
+            label=arm.label,
         )
-        ax.annotate(arm, (x.mean(), y.mean()), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(arm.label, (x.mean(), y.mean()), fontsize=7, xytext=(4, 4), textcoords="offset points")
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -192,15 +233,15 @@ def tradeoff(values: dict, arms: list[str], nll: str, quality: str, path: Path) 
         ylabel=f"{quality} (lower is better)",
         title="likelihood vs samples",
     )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    log_axis(ax, "x")
+    log_axis(ax)
     ax.legend(fontsize=7)
     return save(fig, path)
 
 
-def image_panels(images: dict[str, list[Path]], titles: list[str], path: Path) -> Path | None:
+def image_panels(images: dict[Arm, list[Path]], titles: list[str], path: Path) -> Path | None:
     """Existing PNG grids side by side: one column per arm, one row per kind of image."""
-    arms = [arm for arm in ARM_PARTS if arm in images]
+    arms = sorted(images, key=lambda a: a.order)
     if not arms:
         return None
     rows = len(titles)

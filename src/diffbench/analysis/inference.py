@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 Direction = Literal["negative", "positive"]
 
@@ -53,7 +53,7 @@ def t_intervals(diffs: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray
     """Two-sided paired t-interval of the mean per row of a (rows, n ≥ 2) array."""
     d = _rows(diffs)
     n = d.shape[1]
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * d.std(axis=1, ddof=1) / np.sqrt(n)
+    half = special.stdtrit(n - 1, 0.5 + level / 2) * d.std(axis=1, ddof=1) / np.sqrt(n)
     mean = d.mean(axis=1)
     return mean - half, mean + half
 
@@ -68,7 +68,7 @@ def t_pvalues(diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(se > 0, mean / se, np.sign(mean) * np.inf)
     t = np.where(np.isnan(t), 0.0, t)
-    return stats.t.cdf(t, n - 1), stats.t.sf(t, n - 1)
+    return special.stdtr(n - 1, t), special.stdtr(n - 1, -t)
 
 
 def sign_patterns(n: int) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ VERDICT_COLORS = {
     DIFFERENT: "#cf222e",
     NOT_SHOWN: "#9a6700",
     UNDETERMINED: "#9a6700",
+    "not tested": "#57606a",
 }
 
 
@@ -65,7 +67,8 @@ def markdown(title: str, sections: list[Section], figures: list[str]) -> str:
             lines.append("| " + " | ".join(table.header) + " |")
             lines.append("|" + "---|" * len(table.header))
             lines += [
-                "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table.rows
+                "| " + " | ".join(cell.replace("|", "\\|").replace("\n", "<br>") for cell in row) + " |"
+                for row in table.rows
             ]
             lines.append("")
     if figures:
@@ -74,10 +77,13 @@ def markdown(title: str, sections: list[Section], figures: list[str]) -> str:
 
 
 def cell_html(text: str) -> str:
-    """A verdict word becomes a coloured badge; anything else is escaped text."""
+    """A verdict word becomes a coloured badge; anything else is escaped text with Markdown's
+    **bold** and `code` kept, and line breaks."""
     if text in VERDICT_COLORS:
         return f"<span class='verdict' style='background:{VERDICT_COLORS[text]}'>{html.escape(text)}</span>"
-    return html.escape(text).replace("\n", "<br>")
+    escaped = html.escape(text).replace("\n", "<br>")
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
 
 
 def html_page(title: str, sections: list[Section], figures: list[str], out: Path) -> str:

@@ -8,7 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from diffbench import atomic
-from diffbench.rundir import COMPLETE, DIVERGED, HEADLINE_METRICS, RunDir
+from diffbench.analysis.collect import Incomplete, Run, deduplicate, load_run
+from diffbench.rundir import HEADLINE_METRICS
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:
@@ -19,13 +20,13 @@ def mean_and_spread(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def aggregate(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """{arm: {metric: {mean, spread, n}}} over the seeds present."""
+def aggregate(runs: list[Run]) -> dict[str, dict[str, dict[str, float]]]:
+    """{arm: {metric: {mean, spread, n}}} over the seeds present (finite values only)."""
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for result in results:
+    for run in runs:
         for metric in HEADLINE_METRICS:
-            if metric in result.get("metrics", {}):
-                values[result["arm"]][metric].append(float(result["metrics"][metric]))
+            if metric in run.metrics:
+                values[run.arm.label][metric].append(run.metrics[metric])
     table: dict[str, dict[str, dict[str, float]]] = {}
     for arm, metrics in values.items():
         table[arm] = {}
@@ -55,26 +56,31 @@ def format_table(table: dict[str, dict[str, dict[str, float]]], profile: str) ->
 
 
 def summarize_trials(run_dirs: list[Path], out_stem: Path) -> str:
-    """Aggregate the finished trials, write `<stem>.md` and `<stem>.json`, return the table."""
-    finished = [r for r in (RunDir(d).final_results() for d in run_dirs) if r is not None]
-    results = [r for r in finished if r["status"] == COMPLETE]
-    diverged = [r for r in finished if r["status"] == DIVERGED]
-    profiles = sorted({r.get("profile", "?") for r in results}) or ["?"]
-    table = aggregate(results)
+    """Aggregate the finished trials through the report's own collection (finite metrics only,
+    duplicates counted once), write `<stem>.md` and `<stem>.json`, return the table."""
+    loaded = [load_run(d) for d in run_dirs]
+    runs, duplicates = deduplicate([r for r in loaded if isinstance(r, Run)])
+    diverged = [r for r in loaded if isinstance(r, Incomplete) and r.diverged_at is not None]
+    left_out = [(r.arm.label, r.seed, name) for r in runs for name in r.dropped if name in HEADLINE_METRICS]
+    profiles = sorted({r.profile for r in runs}) or ["?"]
+    table = aggregate(runs)
     text = format_table(table, "/".join(profiles))
     if diverged:
         text += "\ndiverged (no metrics): " + ", ".join(
-            f"{r['arm']} seed {r['seed']} at step {r.get('diverged_at_step', '?')}" for r in diverged
+            f"{r.arm} seed {r.seed} at step {r.diverged_at}" for r in diverged
         )
+    if left_out:
+        text += "\nnot finite, left out: " + ", ".join(f"{a} seed {s} {m}" for a, s, m in left_out)
+    if duplicates:
+        text += "\n" + "\n".join(f"{d.directory}: {d.reason}" for d in duplicates)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out_stem.with_suffix(".md"), text + "\n")
     payload = {
         "profiles": profiles,
         "trials": len(run_dirs),
-        "complete": len(results),
-        "diverged": [
-            {"arm": r["arm"], "seed": r["seed"], "step": r.get("diverged_at_step")} for r in diverged
-        ],
+        "complete": len(runs),
+        "diverged": [{"arm": r.arm, "seed": r.seed, "step": r.diverged_at} for r in diverged],
+        "left_out": [{"arm": a, "seed": s, "metric": m} for a, s, m in left_out],
         "table": table,
     }
     atomic.write_text(out_stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")

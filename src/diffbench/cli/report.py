@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs", help="folder searched for run directories (default: runs)")
     parser.add_argument("--out", default=None, help="where reports go (default: <runs>/report)")
     parser.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT", help="read finished runs from W&B")
+    parser.add_argument(
+        "--no-figures", action="store_true", help="verdicts and tables only (seconds faster per group)"
+    )
     options = parser.parse_args(argv)
     root = Path(options.runs)
     out = Path(options.out) if options.out else root / "report"
@@ -40,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     for group, (group_runs, group_incomplete) in sorted(groups.items()):
-        payload = build_report(group, group_runs, group_incomplete, out / group)
+        payload = build_report(group, group_runs, group_incomplete, out / group, draw=not options.no_figures)
         print(f"[report] {group}: {len(group_runs)} finished runs, {len(group_incomplete)} incomplete")
         if payload["plumbing"]:
             print(f"[report]   {PLUMBING} (smoke profile: every stage ran, no number means anything)")
         for claim in payload["claims"]:
-            print(f"[report]   claim {claim['number']}: {claim['verdict']:<20} {claim['title']}")
+            status = claim["status"]
+            when = "" if status is None else " [settled]" if status["settled"] else " [provisional]"
+            print(f"[report]   claim {claim['number']}: {claim['headline']}{when}")
         print(f"[report]   {out / group / REPORT_HTML} (and report.md, report.json, figures/)")
     for path in write_axis_checks({group: pair[0] for group, pair in groups.items()}, out):
         print(f"[report] {path}")

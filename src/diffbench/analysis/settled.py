@@ -1,0 +1,161 @@
+"""Whether a verdict belongs to the optimum or to an early budget: a headline is *settled* when it
+is the same at the last two budgets and every arm in it is flat on that metric, otherwise
+*provisional at N steps*, with each compared difference along the budget, its slope per doubling
+of steps and, where that slope points to the other sign, the (extrapolated) budget at which it
+would cross zero."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffbench.analysis.claims import BUDGET_NLL, NOT_TESTED, Claim
+from diffbench.analysis.collect import Values
+from diffbench.analysis.inference import Comparison, compare, paired_differences
+from diffbench.core.arms import Arm
+from diffbench.rundir import base_metric, metric_info
+
+FLAT_THRESHOLD = 0.05
+"""A curve has flattened when its mean changes by less than this fraction per doubling of steps."""
+
+
+def budget_counterpart(metric: str) -> str:
+    """The per-budget metric that tracks a final one: the validation VLB for every NLL, the
+    small-sample feature distance for every sampler's, the same name otherwise."""
+    info = metric_info(metric)
+    return BUDGET_NLL if info is not None and info.kind == "nll" else base_metric(metric)
+
+
+def seed_mean(budgets: dict[int, Values], step: int, arm: Arm, metric: str) -> float | None:
+    points = budgets.get(step, {}).get(arm, {}).get(metric)
+    return float(np.mean(list(points.values()))) if points else None
+
+
+def change_per_doubling(budgets: dict[int, Values], arm: Arm, metric: str) -> float | None:
+    """|relative change| of the seed mean between the last two budgets, per doubling of steps."""
+    steps = [s for s in sorted(budgets) if seed_mean(budgets, s, arm, metric) is not None]
+    if len(steps) < 2:
+        return None
+    previous, last = (seed_mean(budgets, s, arm, metric) for s in steps[-2:])
+    assert previous is not None and last is not None
+    doublings = math.log2(steps[-1] / steps[-2])
+    return abs(last - previous) / max(abs(previous), 1e-12) / doublings
+
+
+@dataclass(frozen=True)
+class DeltaTrend:
+    """A compared difference along the budget: its mean at every budget, the slope of each seed's
+    Δ on log2(steps) tested across seeds, and the extrapolated zero crossing where it has one."""
+
+    label: str
+    metric: str
+    deltas: dict[int, float]
+    slope: Comparison
+    crossing: float | None
+
+    def slope_text(self) -> str:
+        if self.slope.mean is None:
+            return "—"
+        interval = (
+            ""
+            if self.slope.interval is None
+            else f" [{self.slope.interval[0]:.3g}, {self.slope.interval[1]:.3g}]"
+        )
+        return f"{self.slope.mean:+.3g}{interval} per doubling (n={self.slope.n})"
+
+    def crossing_text(self) -> str:
+        if self.crossing is None:
+            return "—"
+        return f"≈ {self.crossing:,.0f} steps (extrapolation)"
+
+
+def delta_trend(budgets: dict[int, Values], a: Arm, b: Arm, metric: str) -> DeltaTrend | None:
+    """a − b on `metric` at every budget where both were measured, with its trend per doubling."""
+    steps = sorted(budgets)
+    per_seed: dict[int, list[tuple[float, float]]] = {}
+    deltas: dict[int, float] = {}
+    for step in steps:
+        arms = budgets[step]
+        diffs = paired_differences(arms.get(a, {}).get(metric, {}), arms.get(b, {}).get(metric, {}))
+        if diffs:
+            deltas[step] = float(np.mean(list(diffs.values())))
+        for seed, value in diffs.items():
+            per_seed.setdefault(seed, []).append((math.log2(step), value))
+    slopes = {
+        seed: float(np.polyfit([x for x, _ in rows], [y for _, y in rows], 1)[0])
+        for seed, rows in per_seed.items()
+        if len(rows) >= 2
+    }
+    if not slopes:
+        return None
+    slope = compare("slope", metric, slopes, dict.fromkeys(slopes, 0.0))
+    last_step = max(deltas)
+    last = deltas[last_step]
+    crossing = None
+    if slope.mean and last and np.sign(slope.mean) != np.sign(last):
+        crossing = last_step * 2 ** (abs(last) / abs(slope.mean))
+    return DeltaTrend(f"{a} − {b}", metric, deltas, slope, crossing)
+
+
+@dataclass(frozen=True)
+class Status:
+    """Settled or provisional, why, and the numbers behind it."""
+
+    settled: bool
+    text: str
+    verdicts: dict[int, str]
+    trends: list[DeltaTrend]
+
+
+def claim_status(claim: Claim, along: dict[int, dict[int, str]], budgets: dict[int, Values]) -> Status | None:
+    """Settled when the claim's verdict is the same at the last two budgets (and is the final
+    evaluation's), every arm of its primary comparisons is flat on the per-budget metric, and no
+    compared difference is heading for the other sign within one more doubling of steps."""
+    if claim.verdict == NOT_TESTED or not claim.primary:
+        return None
+    verdicts = {step: row[claim.number] for step, row in sorted(along.items()) if claim.number in row}
+    trends, moving, unmeasured = [], [], []
+    for test in claim.primary:
+        metric = budget_counterpart(test.metric)
+        for part in test.parts:
+            if len(part.arms) == 2 and (trend := delta_trend(budgets, *part.arms, metric)):
+                trends.append(trend)
+            for arm in part.arms:
+                change = change_per_doubling(budgets, arm, metric)
+                if change is None:
+                    unmeasured.append(f"{arm} ({metric})")
+                elif change >= FLAT_THRESHOLD:
+                    moving.append(f"{arm} moves {100 * change:.1f}% per doubling on {metric}")
+    steps = sorted(verdicts)
+    last = steps[-1] if steps else max(budgets, default=0)
+    reasons = []
+    if len(steps) < 2:
+        reasons.append("fewer than two budgets were measured, so no trend is known")
+    else:
+        previous = steps[-2]
+        if verdicts[previous] != verdicts[last]:
+            reasons.append(
+                f"the verdict was '{verdicts[previous]}' at {previous} steps and '{verdicts[last]}' at {last}"
+            )
+        if verdicts[last] != claim.verdict:
+            reasons.append(
+                f"at {last} steps the per-budget metrics say '{verdicts[last]}' where the final evaluation "
+                f"says '{claim.verdict}'"
+            )
+    reasons += list(dict.fromkeys(moving))
+    reasons += [
+        f"{t.label} on {t.metric} would reach zero by about {t.crossing:,.0f} steps at its slope per doubling"
+        for t in trends
+        if t.crossing is not None and t.crossing <= 2 * last
+    ]
+    if unmeasured:
+        reasons.append("no per-budget record for " + ", ".join(dict.fromkeys(unmeasured)))
+    if reasons:
+        return Status(False, f"provisional at {last} steps: " + "; ".join(reasons), verdicts, trends)
+    text = (
+        f"settled: '{claim.verdict}' at {steps[-2]} and {last} steps, and every arm in it is flat "
+        f"(< {100 * FLAT_THRESHOLD:.0f}% per doubling)"
+    )
+    return Status(True, text, verdicts, trends)

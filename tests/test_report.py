@@ -218,11 +218,11 @@ def test_samples_claim_is_contradicted_by_one_head(built: tuple[Path, dict, str]
     x0 = next(p for p in primary["parts"] if p["head"] == "x0")
     assert x0["no_spread"] and x0["permutation_p_less"] == pytest.approx(1 / 8) and x0["p_less"] < 1e-10
     assert claim["verdict"] == CONTRADICTED
-    assert claim["headline"].startswith(
-        "contradicted on eps, x0 and score (eps: holds, x0: not shown at this n"
-    )
     # The same comparison on the DDIM-10 samples (every FD + 5) is its own test and agrees.
-    assert "(the same with ddim-10 samples)" in claim["headline"]
+    assert claim["headline"] == (
+        "contradicted: holds on eps, not shown at this n on x0, contradicted on score; "
+        "the same with ddim-10 samples"
+    )
     page = (built[0] / "report.md").read_text()
     assert "0.125 (exact sign-flip: the 3 differences have no spread)" in page
 
@@ -274,10 +274,7 @@ def test_snr_trend_within_a_head(built: tuple[Path, dict, str]) -> None:
     # the trends' 1/8 cannot, so the claim is not shown, and the headline says where it held.
     assert [p["verdict"] for t in (fd, nll) for p in t["parts"] if p["head"] == "eps"] == [HOLDS, HOLDS]
     assert claim["verdict"] == NOT_SHOWN
-    assert (
-        claim["headline"] == "not shown at this n on eps, x0 and score "
-        "(eps: holds, x0: not shown at this n, score: not shown at this n)"
-    )
+    assert claim["headline"] == "not shown at this n: holds on eps, not shown at this n on x0 and score"
 
 
 def shares_of(schedule: NoiseSchedule, label: str) -> float:
@@ -351,7 +348,7 @@ def test_files_figures_and_settings(built: tuple[Path, dict, str]) -> None:
     assert not list(out.rglob("*.tmp*"))
     assert "`optim.lr`: 0.001" in summary and "`trainer.gradient_clip_val`: null" in summary
     assert "`sample_settings@ddim-10.steps`: 10" in summary
-    assert "**Claim 2** — " in summary and "<strong>contradicted on eps, x0 and score" in page
+    assert "**Claim 2** — " in summary and "<strong>contradicted: holds on eps" in page
 
 
 def test_smoke_group_prints_no_verdict(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -430,7 +427,7 @@ def test_page_renders_in_headless_chromium(built: tuple[Path, dict, str], tmp_pa
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    assert "<strong>contradicted on eps, x0 and score" in dom.stdout and dom.stdout.count("<img") == len(
+    assert "<strong>contradicted: holds on eps" in dom.stdout and dom.stdout.count("<img") == len(
         payload["figures"]
     )
     shot = tmp_path / "shot.png"

@@ -254,10 +254,13 @@ def scoped(verdict: str, parts: list[Part], untested: list[str], sweep: str | di
     by_head: dict[str, list[str]] = {}
     for part in parts:
         by_head.setdefault(part.head, []).append(part.verdict)
-    detail = {h: combine(v) for h, v in by_head.items()}
-    text = f"{verdict} on {join(tested)}"
-    if len(set(detail.values())) > 1:
-        text += " (" + ", ".join(f"{h}: {v}" for h, v in detail.items()) + ")"
+    heads_by_verdict: dict[str, list[str]] = {}
+    for head, verdicts in by_head.items():
+        heads_by_verdict.setdefault(combine(verdicts), []).append(head)
+    if len(heads_by_verdict) == 1:
+        text = f"{verdict} on {join(tested)}"
+    else:
+        text = f"{verdict}: " + ", ".join(f"{v} on {join(h)}" for v, h in heads_by_verdict.items())
     return text + (f"; {need}" if need else "")
 
 
@@ -326,9 +329,10 @@ def claim_samples(values: Values, metrics: MetricSet) -> Claim:
     if along and parts:
         same = all(v == claim.verdict for v in along.values())
         claim.headline += (
-            f" (the same with {join(list(along))} samples)"
+            f"; the same with {join(list(along))} samples"
             if same
-            else "; depends on the sampler: " + ", ".join(f"{tag} {v}" for tag, v in along.items())
+            else "; depends on the sampler: "
+            + ", ".join(f"{v} with {tag} samples" for tag, v in along.items())
         )
     secondary_pairs(
         values,
@@ -454,7 +458,7 @@ def claim_equivalence(
         margin = setting.margins[metric]
         tests = []
         for weighting in [*shared, "own"]:
-            arms = list(dict.fromkeys(a for h in heads if (a := find(values, h, weighting)) and a.head == h))
+            arms = [a for h in heads if (a := find(values, h, weighting)) is not None]
             parts = [
                 Part(f"{a.head}/{b.head}", (a, b), c)
                 for i, a in enumerate(arms)

@@ -39,11 +39,20 @@ def style(arm: Arm) -> dict:
 
 
 def log_axis(ax: plt.Axes, axis: str = "y") -> None:
-    """A log axis labelled at 1, 2 and 5 times each power of ten, in plain numbers, and nothing in
-    between, so tick labels never run into each other (3×10⁰ 4×10⁰ …)."""
-    target = ax.yaxis if axis == "y" else ax.xaxis
+    """A log axis with labels that never run into each other (3×10⁰ 4×10⁰ …): plain numbers at
+    1, 2 and 5 times each power of ten over a decade or two, at powers of ten (thinned to about
+    six) over wider ranges, and no minor labels. Call it after plotting: it reads the data range."""
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    decades = np.log10(high / low) if low > 0 and high > low else 1.0
+    if decades > 3:
+        locator = LogLocator(base=10, subs=(1.0,), numticks=7)
+    elif decades > 1:
+        locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+    else:
+        locator = LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0))
+    target.set_major_locator(locator)
     target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     target.set_minor_formatter(NullFormatter())
 
@@ -191,11 +200,12 @@ def budget_curves(budgets: dict[int, Values], arms: list[Arm], path: Path) -> Pa
         ax.set(xlabel="training steps", ylabel=metric, title=metric)
         log_axis(ax)
         log_axis(ax, "x")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, bbox_to_anchor=(0.5, 1.0)
-    )
-    fig.tight_layout(rect=(0, 0, 1, 0.93 if rows == 1 else 0.96))
+    handles: dict[str, object] = {}
+    for ax in axes.flat[: len(series)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     return save(fig, path)
 
 

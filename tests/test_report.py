@@ -312,7 +312,7 @@ def test_markdown_tables_keep_one_row_per_line(built: tuple[Path, dict, str]) ->
     """A comparison cell holds two lines (mean ± sd, then Δ): in Markdown they are joined by <br>,
     so every table row stays one line with the header's number of cells."""
     page = (built[0] / "report.md").read_text()
-    table = page.split("## Comparison")[1].split("\n\n")[2].splitlines()
+    table = page.split("## Comparison")[1].split("\n\n")[3].splitlines()
     cells = {line.count(" | ") for line in table if line.startswith("| ")}
     assert len(cells) == 1 and "<br>Δ " in table[2] and table[2].startswith("| eps_elbo |")
 
@@ -608,7 +608,9 @@ def settling_runs(root: Path, late_gap: float) -> dict:
 def test_flat_agreeing_budgets_read_settled_and_a_turning_one_provisional(tmp_path: Path) -> None:
     settled = settling_runs(tmp_path / "flat", 0.2)
     assert settled["verdict"] == HOLDS and settled["status"]["settled"]
-    assert settled["status"]["text"].startswith("settled: 'holds' at 50 and 100 steps")
+    assert settled["status"]["text"] == (
+        "settled: the same verdict at 50 and 100 steps, every arm flat (< 5% per doubling)"
+    )
     # At 50 steps eps_simple is 1 bpd ahead: the verdict turned, and eps_simple moved ~10%.
     turning = settling_runs(tmp_path / "turning", -2.0)
     status = turning["status"]

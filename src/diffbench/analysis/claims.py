@@ -485,7 +485,7 @@ def claim_equivalence(
                 else "training outcomes undetermined"
             )
             count = differ if differ else equal
-            word = "differ" if differ else "equivalent"
+            word = ("differs" if count == 1 else "differ") if differ else "equivalent"
             pieces.append(
                 f"{outcome} (c: {count} of {len(family)} weighting{'s' if len(family) > 1 else ''} {word} "
                 f"on {metric}, margin ±{margin:g})"

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from diffbench import atomic  # noqa: E402
 from diffbench.analysis.collect import Curves, Run, Values  # noqa: E402
@@ -50,8 +50,10 @@ def log_axis(ax: plt.Axes, axis: str = "y") -> None:
         locator = LogLocator(base=10, subs=(1.0,), numticks=7)
     elif decades > 1:
         locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
-    else:
+    elif decades > 0.5:
         locator = LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0))
+    else:
+        locator = LogLocator(base=10, subs=tuple(np.arange(1.0, 10.0, 0.5)))
     target.set_major_locator(locator)
     target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     target.set_minor_formatter(NullFormatter())
@@ -170,10 +172,15 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
     return save(fig, path)
 
 
+ZOOM_RATIO = 10.0
+"""A budget panel whose arms end more than this factor apart gets a second, zoomed panel."""
+
+
 def budget_curves(budgets: dict[int, Values], arms: list[Arm], path: Path) -> Path | None:
-    """Every per-budget metric against training steps on log-log axes (one arm's hundreds of bpd
-    must not flatten the others into the floor): mean over seeds, band from the lowest to the
-    highest seed, a panel only for a metric that some arm measured at two budgets or more."""
+    """Every per-budget metric against training steps on log-log axes: mean over seeds, band from
+    the lowest to the highest seed, a panel only for a metric that some arm measured at two
+    budgets or more. Where one arm ends ten times above the best (x0's hundreds of bpd), a second
+    panel shows the arms within 3× of the best, so they are not flattened into the floor."""
     steps = sorted(budgets)
     series: dict[str, dict[Arm, list[tuple[int, list[float]]]]] = {}
     for metric in sorted({m for step in steps for arm in budgets[step].values() for m in arm}):
@@ -182,6 +189,12 @@ def budget_curves(budgets: dict[int, Values], arms: list[Arm], path: Path) -> Pa
             points = [(s, v) for s, v in points if v and all(np.isfinite(v)) and min(v) > 0]
             if len(points) >= 2:
                 series.setdefault(metric, {})[arm] = points
+        finals = {arm: float(np.mean(p[-1][1])) for arm, p in series.get(metric, {}).items()}
+        if finals and max(finals.values()) > ZOOM_RATIO * min(finals.values()):
+            best = min(finals.values())
+            series[f"{metric} (arms within 3× of the best)"] = {
+                arm: series[metric][arm] for arm, final in finals.items() if final <= 3 * best
+            }
     if not series:
         return None
     columns = min(3, len(series))
@@ -189,7 +202,7 @@ def budget_curves(budgets: dict[int, Values], arms: list[Arm], path: Path) -> Pa
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
     for ax in axes.flat[len(series) :]:
         fig.delaxes(ax)
-    for ax, (metric, by_arm) in zip(axes.flat, series.items()):
+    for ax, (title, by_arm) in zip(axes.flat, series.items()):
         for arm, points in by_arm.items():
             x = [s for s, _ in points]
             kw = style(arm)
@@ -197,9 +210,10 @@ def budget_curves(budgets: dict[int, Values], arms: list[Arm], path: Path) -> Pa
             ax.fill_between(
                 x, [min(v) for _, v in points], [max(v) for _, v in points], color=kw["color"], alpha=0.1
             )
-        ax.set(xlabel="training steps", ylabel=metric, title=metric)
+        ax.set(xlabel="training steps", ylabel=title.split(" ")[0], title=title)
         log_axis(ax)
         log_axis(ax, "x")
+        ax.xaxis.set_major_locator(FixedLocator(steps))
     handles: dict[str, object] = {}
     for ax in axes.flat[: len(series)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):

@@ -20,7 +20,9 @@ from diffbench.analysis.claims import (
     EQUIVALENCE,
     PLUMBING,
     Claim,
+    Part,
     Setting,
+    Test,
     build_claims,
     final_metric_set,
     verdicts_along,
@@ -38,6 +40,7 @@ from diffbench.analysis.collect import (
     seed_values,
     where,
 )
+from diffbench.analysis.inference import CONTRADICTED, opposite
 from diffbench.analysis.render import Section, Table, html_page, markdown
 from diffbench.analysis.sections import (
     bands_section,
@@ -104,12 +107,26 @@ def table_metrics(values: Values) -> list[str]:
     return ordered
 
 
-def rule_text(claim: Claim, kind: str, expect: str | None, margin: float | None) -> str:
-    if kind == EQUIVALENCE:
-        return f"TOST ±{fmt(margin)}, Holm across pairs"
-    family = "Holm within the claim" if claim.number in (1, 2, 4) else "Holm"
+def rule_text(test: Test, expect: str | None) -> str:
+    """The test and its Holm family: a claim's primary parts form one family, each secondary test
+    its own."""
+    family = "the claim's primary parts" if test.primary else "this test's parts"
+    if test.kind == EQUIVALENCE:
+        return f"TOST ±{fmt(test.margin)}, Holm over {family}"
     sign = "<" if expect == "negative" else ">"
-    return f"one-sided, Δ {sign} 0, {family}"
+    return f"one-sided, Δ {sign} 0, Holm over {family}"
+
+
+def part_p_text(part: Part) -> str:
+    """The p-value that decided the part: towards its expectation, or the opposite one when it is
+    contradicted; none for TOST (its verdict is the interval's)."""
+    if part.expect is None:
+        return "—"
+    if part.verdict == CONTRADICTED:
+        return (
+            p_text(part.comparison, part.comparison.p_value(opposite(part.expect))) + ", opposite direction"
+        )
+    return p_text(part.comparison, part.comparison.p_value(part.expect))
 
 
 def claim_section(claim: Claim, status: Status | None) -> Section:
@@ -125,17 +142,14 @@ def claim_section(claim: Claim, status: Status | None) -> Section:
     for test in claim.tests:
         role = "primary" if test.primary else "secondary"
         for part in test.parts:
-            rule = rule_text(claim, test.kind, part.expect, test.margin)
-            p = part.comparison.p_value(part.expect) if part.expect else None
-            comparison = part.comparison.label
             rows.append(
                 [
                     f"{test.title} ({role})",
                     test.metric,
-                    rule,
-                    comparison,
+                    rule_text(test, part.expect),
+                    part.comparison.label,
                     delta_text(part.comparison),
-                    p_text(part.comparison, p),
+                    part_p_text(part),
                     part.verdict,
                 ]
             )
@@ -153,6 +167,7 @@ def claims_json(claims: list[Claim], statuses: dict[int, Status | None]) -> list
         return {
             "settled": status.settled,
             "text": status.text,
+            "summary": status.summary,
             "verdicts": status.verdicts,
             "trends": [
                 {
@@ -369,7 +384,7 @@ def build_report(
             status = statuses.get(claim.number)
             line = f"**Claim {claim.number}** — {claim.title}: **{claim.headline}**"
             if status is not None:
-                line += f" — {'settled' if status.settled else status.text}"
+                line += f" — {status.summary}"
             overview.bullets.append(line)
     sections = [overview, comparison]
     if not plumbing:

@@ -59,33 +59,47 @@ def value_text(points: dict[int, float]) -> str:
 def comparison_section(
     values: dict[Arm, dict[str, dict[int, float]]], arms: list[Arm], metrics: list[str], reference: Arm
 ) -> tuple[Section, dict]:
-    """Mean ± sd over seeds per arm and metric, every seed, and the seed-paired Δ to the reference."""
-    rows, payload = [], {}
-    for arm in arms:
-        payload[arm.label] = {}
-        cells = [arm.label]
-        for metric in metrics:
-            points = values.get(arm, {}).get(metric, {})
-            text = value_text(points)
-            entry = {"seeds": points}
-            if arm != reference and points:
-                c = compare(f"{arm} − {reference}", metric, points, values.get(reference, {}).get(metric, {}))
-                text += "\n" + delta_text(c)
-                entry["delta"] = comparison_json(c)
-            cells.append(text)
-            payload[arm.label][metric] = entry
-        rows.append(cells)
+    """Mean ± sd over seeds per arm and metric and the seed-paired Δ to the reference (the sample
+    metrics of further samplers in a table of their own), then every seed's value."""
+    payload: dict[str, dict] = {arm.label: {} for arm in arms}
+
+    def table(columns: list[str]) -> Table:
+        rows = []
+        for arm in arms:
+            cells = [arm.label]
+            for metric in columns:
+                points = values.get(arm, {}).get(metric, {})
+                text = value_text(points)
+                entry: dict = {"seeds": points}
+                if arm != reference and points:
+                    c = compare(
+                        f"{arm} − {reference}", metric, points, values.get(reference, {}).get(metric, {})
+                    )
+                    text += "\n" + delta_text(c)
+                    entry["delta"] = comparison_json(c)
+                cells.append(text)
+                payload[arm.label][metric] = entry
+            rows.append(cells)
+        return Table(["arm", *columns], rows)
+
+    main = [m for m in metrics if AT not in m]
+    samplers = [m for m in metrics if AT in m]
     section = Section(
         "Comparison",
         "comparison",
         [
             f"Mean ± sd over seeds; second line: the seed-paired difference to `{reference}` with its 95% "
             "paired t-interval, relative Δ and the minimum effect this n detects with 80% power "
-            f"(one-sided α = 0.05). Lower is better except {', '.join(NOT_RANKED)}. "
-            f"`<metric>{AT}<sampler>-<steps>`: the same sample metric on samples drawn with another sampler.",
+            f"(one-sided α = 0.05). Lower is better except {', '.join(NOT_RANKED)}.",
         ],
-        [Table(["arm", *metrics], rows)],
+        [table(main)],
     )
+    if samplers:
+        section.paragraphs.append(
+            f"The second table gives the sample metrics again on samples drawn with other samplers "
+            f"(`<metric>{AT}<sampler>-<steps>`, `eval.also_samplers`), from the same seeded noise."
+        )
+        section.tables.append(table(samplers))
     section.tables.append(
         Table(
             ["arm", "metric", "every seed"],

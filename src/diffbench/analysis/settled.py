@@ -19,6 +19,9 @@ from diffbench.rundir import base_metric, metric_info
 
 FLAT_THRESHOLD = 0.05
 """A curve has flattened when its mean changes by less than this fraction per doubling of steps."""
+FAR = 256
+"""Zero crossings more than this many times the last budget away (eight doublings) are not given
+a number: a straight line in log steps says nothing that far out."""
 
 
 def budget_counterpart(metric: str) -> str:
@@ -46,8 +49,9 @@ def change_per_doubling(budgets: dict[int, Values], arm: Arm, metric: str) -> fl
 
 @dataclass(frozen=True)
 class DeltaTrend:
-    """A compared difference along the budget: its mean at every budget, the slope of each seed's
-    Δ on log2(steps) tested across seeds, and the extrapolated zero crossing where it has one."""
+    """A compared difference along the budget: its mean at every budget, its slope per doubling of
+    steps over the last two budgets (tested across seeds), and the extrapolated zero crossing
+    where the slope points to the other sign."""
 
     label: str
     metric: str
@@ -68,34 +72,34 @@ class DeltaTrend:
     def crossing_text(self) -> str:
         if self.crossing is None:
             return "—"
+        last = max(self.deltas)
+        if self.crossing > FAR * last:
+            return f"beyond {FAR}× this budget (extrapolation)"
         return f"≈ {self.crossing:,.0f} steps (extrapolation)"
 
 
 def delta_trend(budgets: dict[int, Values], a: Arm, b: Arm, metric: str) -> DeltaTrend | None:
-    """a − b on `metric` at every budget where both were measured, with its trend per doubling."""
-    steps = sorted(budgets)
-    per_seed: dict[int, list[tuple[float, float]]] = {}
+    """a − b on `metric` at every budget where both were measured, and its slope per doubling of
+    steps over the last two of them (per seed, tested across seeds): where the difference is
+    heading now, which the early budgets of a fast-moving arm would distort in a fit over all."""
     deltas: dict[int, float] = {}
-    for step in steps:
+    per_step: dict[int, dict[int, float]] = {}
+    for step in sorted(budgets):
         arms = budgets[step]
         diffs = paired_differences(arms.get(a, {}).get(metric, {}), arms.get(b, {}).get(metric, {}))
         if diffs:
             deltas[step] = float(np.mean(list(diffs.values())))
-        for seed, value in diffs.items():
-            per_seed.setdefault(seed, []).append((math.log2(step), value))
-    slopes = {
-        seed: float(np.polyfit([x for x, _ in rows], [y for _, y in rows], 1)[0])
-        for seed, rows in per_seed.items()
-        if len(rows) >= 2
-    }
-    if not slopes:
+            per_step[step] = diffs
+    if len(deltas) < 2:
         return None
+    previous, last = sorted(deltas)[-2:]
+    doublings = math.log2(last / previous)
+    seeds = per_step[previous].keys() & per_step[last].keys()
+    slopes = {seed: (per_step[last][seed] - per_step[previous][seed]) / doublings for seed in sorted(seeds)}
     slope = compare("slope", metric, slopes, dict.fromkeys(slopes, 0.0))
-    last_step = max(deltas)
-    last = deltas[last_step]
     crossing = None
-    if slope.mean and last and np.sign(slope.mean) != np.sign(last):
-        crossing = last_step * 2 ** (abs(last) / abs(slope.mean))
+    if slope.mean and deltas[last] and np.sign(slope.mean) != np.sign(deltas[last]):
+        crossing = last * 2 ** (abs(deltas[last]) / abs(slope.mean))
     return DeltaTrend(f"{a} − {b}", metric, deltas, slope, crossing)
 
 
@@ -104,9 +108,41 @@ class Status:
     """Settled or provisional, why, and the numbers behind it."""
 
     settled: bool
-    text: str
+    last: int
     verdicts: dict[int, str]
     trends: list[DeltaTrend]
+    reasons: tuple[str, ...] = ()
+    moving: tuple[tuple[str, str, float], ...] = ()
+    """(arm, per-budget metric, relative change per doubling) of every curve still moving."""
+
+    @property
+    def text(self) -> str:
+        """Every reason, for the claim's own section."""
+        if self.settled:
+            return self.summary
+        moving = [
+            f"{arm} moves {100 * change:.1f}% per doubling on {metric}" for arm, metric, change in self.moving
+        ]
+        return f"provisional at {self.last} steps: " + "; ".join([*self.reasons, *moving])
+
+    @property
+    def summary(self) -> str:
+        """One line for the headline: the reasons, with the moving curves counted."""
+        if self.settled:
+            steps = sorted(self.verdicts)[-2:]
+            return (
+                f"settled: the same verdict at {steps[0]} and {steps[1]} steps, every arm flat "
+                f"(< {100 * FLAT_THRESHOLD:.0f}% per doubling)"
+            )
+        parts = list(self.reasons)
+        if self.moving:
+            arm, metric, change = max(self.moving, key=lambda m: m[2])
+            count = len({a for a, _, _ in self.moving})
+            parts.append(
+                f"{count} arm{'s' if count > 1 else ''} still moving ≥ {100 * FLAT_THRESHOLD:.0f}% per "
+                f"doubling (fastest: {arm}, {100 * change:.0f}% on {metric})"
+            )
+        return f"provisional at {self.last} steps: " + "; ".join(parts)
 
 
 def claim_status(claim: Claim, along: dict[int, dict[int, str]], budgets: dict[int, Values]) -> Status | None:
@@ -116,7 +152,7 @@ def claim_status(claim: Claim, along: dict[int, dict[int, str]], budgets: dict[i
     if claim.verdict == NOT_TESTED or not claim.primary:
         return None
     verdicts = {step: row[claim.number] for step, row in sorted(along.items()) if claim.number in row}
-    trends, moving, unmeasured = [], [], []
+    trends, moving, unmeasured = [], {}, []
     for test in claim.primary:
         metric = budget_counterpart(test.metric)
         for part in test.parts:
@@ -127,7 +163,7 @@ def claim_status(claim: Claim, along: dict[int, dict[int, str]], budgets: dict[i
                 if change is None:
                     unmeasured.append(f"{arm} ({metric})")
                 elif change >= FLAT_THRESHOLD:
-                    moving.append(f"{arm} moves {100 * change:.1f}% per doubling on {metric}")
+                    moving[(arm.label, metric)] = change
     steps = sorted(verdicts)
     last = steps[-1] if steps else max(budgets, default=0)
     reasons = []
@@ -144,7 +180,6 @@ def claim_status(claim: Claim, along: dict[int, dict[int, str]], budgets: dict[i
                 f"at {last} steps the per-budget metrics say '{verdicts[last]}' where the final evaluation "
                 f"says '{claim.verdict}'"
             )
-    reasons += list(dict.fromkeys(moving))
     reasons += [
         f"{t.label} on {t.metric} would reach zero by about {t.crossing:,.0f} steps at its slope per doubling"
         for t in trends
@@ -152,10 +187,5 @@ def claim_status(claim: Claim, along: dict[int, dict[int, str]], budgets: dict[i
     ]
     if unmeasured:
         reasons.append("no per-budget record for " + ", ".join(dict.fromkeys(unmeasured)))
-    if reasons:
-        return Status(False, f"provisional at {last} steps: " + "; ".join(reasons), verdicts, trends)
-    text = (
-        f"settled: '{claim.verdict}' at {steps[-2]} and {last} steps, and every arm in it is flat "
-        f"(< {100 * FLAT_THRESHOLD:.0f}% per doubling)"
-    )
-    return Status(True, text, verdicts, trends)
+    ordered = tuple((arm, metric, change) for (arm, metric), change in moving.items())
+    return Status(not reasons and not moving, last, verdicts, trends, tuple(reasons), ordered)

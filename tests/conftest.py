@@ -7,6 +7,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from diffbench.config import compose
+from diffbench.spec import RunSpec, build_spec
+
 
 @pytest.fixture(autouse=True)
 def offline_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -43,3 +46,8 @@ TINY = [
     "model.num_res_blocks=1",
     "model.attention_resolutions=[4]",
 ]
+
+
+def spec_of(args: list[str]) -> RunSpec:
+    """The run spec of a command line, as `python -m diffbench.run` builds it."""
+    return build_spec(compose(args))

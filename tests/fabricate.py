@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from diffbench.core.arms import Arm
 from diffbench.rundir import RunDir
 
@@ -37,7 +35,7 @@ def write_config(
         "run": {"root": "anywhere"},
         "report": {"margins": DEFAULT_MARGINS if margins is None else margins},
     }
-    RunDir(directory).write_config(OmegaConf.create(config))
+    RunDir(directory).write_config(config)
 
 
 def write_run(

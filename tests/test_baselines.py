@@ -3,6 +3,7 @@ and the real-vs-real floor of the sample metric on digits."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -69,7 +70,8 @@ def digits() -> DigitsDataModule:
 
 def test_real_vs_real_floor_is_small_and_reuses_the_sample_metric(digits: DigitsDataModule) -> None:
     train, reference = digits.split("train")[:200], digits.split("test")[:200]
-    floor = real_vs_real_fd(train, reference, "digits", digits.num_levels)
+    score = functools.partial(sample_quality, reference=reference, dataset="digits", num_levels=17)
+    floor = real_vs_real_fd(train, score)
     assert list(floor) == ["fd_digits_real_vs_real"]
     value = floor["fd_digits_real_vs_real"]
     assert math.isfinite(value) and value >= 0

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffbench.cli.bench import PEER_NAMES, main, model_args
-from diffbench.config import compose
+from diffbench.bench.peers import PEER_NAMES, bench_spec
+from diffbench.cli.bench import main
 from diffbench.core.unet import AttentionBlock, UNet, count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,9 +41,9 @@ def test_peers_tiny_runs_every_row(tmp_path: Path) -> None:
 
 def test_diffusers_unet_matches_unet_small_parameter_count() -> None:
     pytest.importorskip("diffusers")
-    from diffbench.cli.bench import diffusers_unet
+    from diffbench.bench.peers import diffusers_unet
 
-    args = model_args(compose(["model=unet_small"]))
+    args = bench_spec("unet_small", []).model
     assert count_parameters(UNet(**args)) == count_parameters(diffusers_unet(args)) == 926_817
 
 
@@ -74,9 +74,9 @@ def test_diffusers_unet_computes_the_same_function_in_tiny_configuration() -> No
     """Layer for layer the same network: copying diffbench's weights over (its fused qkv split
     into to_q, to_k, to_v) gives the same output, so the peers time identical work."""
     pytest.importorskip("diffusers")
-    from diffbench.cli.bench import TINY_MODEL, diffusers_unet
+    from diffbench.bench.peers import TINY_MODEL, diffusers_unet
 
-    args = model_args(compose(["model=unet_small", *TINY_MODEL]))
+    args = bench_spec("unet_small", TINY_MODEL).model
     torch.manual_seed(0)
     ours, theirs = UNet(**args), diffusers_unet(args)
     for parameter in ours.parameters():

@@ -8,18 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, spec_of
 from diffbench.cli.evaluate import main as evaluate_main
-from diffbench.cli.run import train
-from diffbench.config import compose
 from diffbench.core.diffusion import NoiseSchedule
 from diffbench.evaluation.groundtruth import logsnr_timesteps
+from diffbench.pipeline import train
 
 GMM = ["data=gmm", "data.num_train=256", "data.num_val=64", "data.num_test=64", "data.num_components=4"]
 
 
 def test_gmm_run_records_ground_truth_metrics(tmp_path: Path) -> None:
-    results = train(compose(["experiment=eps_simple", *TINY, *GMM, f"run.dir={tmp_path}"]))
+    results = train(spec_of(["experiment=eps_simple", *TINY, *GMM, f"run.dir={tmp_path}"]))
     metrics = results["metrics"]
     for key in (
         "nll_exact_bpd",
@@ -48,7 +47,7 @@ def test_also_samplers_score_the_samples_again_from_the_same_noise(tmp_path: Pat
     """DDIM with η = 0 is deterministic given its starting noise, and every sampler of a run starts
     from the same seeded stream: the main sampler again as an extra gives the same numbers exactly."""
     overrides = ["eval.sampler_steps=10", "eval.also_samplers=[ddim-10,ancestral-4]"]
-    results = train(compose(["experiment=eps_simple", *TINY, *overrides, f"run.dir={tmp_path}"]))
+    results = train(spec_of(["experiment=eps_simple", *TINY, *overrides, f"run.dir={tmp_path}"]))
     metrics = results["metrics"]
     assert metrics["fd_digits@ddim-10"] == metrics["fd_digits"]
     assert metrics["kid_digits@ddim-10"] == metrics["kid_digits"]
@@ -59,7 +58,7 @@ def test_also_samplers_score_the_samples_again_from_the_same_noise(tmp_path: Pat
 
 
 def test_evaluate_cli_reevaluates_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    train(compose(["experiment=x0_elbo", *TINY, f"run.dir={tmp_path}"]))
+    train(spec_of(["experiment=x0_elbo", *TINY, f"run.dir={tmp_path}"]))
     before = json.loads((tmp_path / "results.json").read_text())
     assert before["evaluation"]["sample_settings"]["sampler"] == "ddim"
     assert evaluate_main([f"run_dir={tmp_path}", "sampler=ancestral", "steps=5", "num_samples=6"]) == 0

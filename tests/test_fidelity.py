@@ -12,11 +12,13 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 import diffbench.evaluation.fidelity as fidelity
+from diffbench.data.base import split_indices
 from diffbench.data.digits import DigitsDataModule
 from diffbench.evaluation.features import (
     ClassifierFeatureExtractor,
     classifier_checkpoint,
     classifier_data,
+    from_uint8,
     to_uint8,
 )
 from diffbench.evaluation.fidelity import InceptionWeightsMissingError, sample_quality
@@ -53,6 +55,24 @@ def test_classifier_is_accurate_and_cached(cache: Path) -> None:
     again = classifier_checkpoint("digits")
     assert again == checkpoint and again.path.stat().st_mtime_ns == written
     assert not list(cache.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("split_seed", [0, 3])
+def test_every_run_seed_shares_one_test_split_that_the_classifier_never_trains_on(split_seed: int) -> None:
+    """The split is data.split_seed's, whatever the run seed; the classifier trains on exactly that
+    split's train images, which share no image index with its test split (the sample metrics'
+    reference). Before, a run with seed s ≥ 1 scored against seed s's test split, part of which
+    was the classifier's training data."""
+    runs = [DigitsDataModule(seed=seed, split_seed=split_seed) for seed in (0, 1, 7)]
+    tests = [run.split("test") for run in runs]
+    assert all(torch.equal(tests[0], other) for other in tests[1:])
+    data = classifier_data("digits", "data", False, split_seed)
+    assert torch.equal(data["train"][0], from_uint8(to_uint8(runs[0].split("train"))))
+    assert torch.equal(data["test"][0], from_uint8(to_uint8(tests[0])))
+    index = split_indices(1797, runs[0].val_fraction, runs[0].test_fraction, split_seed)
+    assert not set(index["train"].tolist()) & set(index["test"].tolist())
+    other = DigitsDataModule(split_seed=split_seed + 1).split("test")
+    assert not torch.equal(other, tests[0])
 
 
 def test_registered_extractor_reads_uint8_like_torch_fidelity() -> None:

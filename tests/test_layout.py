@@ -12,12 +12,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "src" / "diffbench"
 # Lower layers never import higher ones. `cli` and the `python -m diffbench.<name>` shims are the top.
 LAYERS = {
-    "cli": 4,
+    "cli": 5,
+    "pipeline": 4,
+    "bench": 4,
     "train": 3,
     "evaluation": 3,
     "analysis": 3,
     "sampling": 2,
     "rundir": 2,
+    "spec": 2,
     "core": 1,
     "data": 1,
     "config": 0,
@@ -50,7 +53,7 @@ GRAPH = {name: {d for d in imports_of(path) if d in MODULES and d != name} for n
 
 def layer(module: str) -> int:
     part = module.split(".")[1] if "." in module else ""
-    if part in SHIMS and module == f"diffbench.{part}":
+    if part in SHIMS and module in (f"diffbench.{part}", f"diffbench.{part}.__main__"):
         return LAYERS["cli"]
     return LAYERS.get(part, 0)
 
@@ -94,6 +97,34 @@ def test_imports_go_one_way(module: str) -> None:
         if layer(dep) == layer(module) == 3 and dep.split(".")[1] != module.split(".")[1]
     ]
     assert not wrong and not same_layer
+
+
+def test_samplers_and_likelihoods_never_see_a_head_or_a_weighting() -> None:
+    """`sampling/` takes a callable (x_t, t) → ε̂: it imports no head and no weighting."""
+    for module in (m for m in MODULES if m.startswith("diffbench.sampling")):
+        assert not {
+            d for d in GRAPH[module] if d.startswith(("diffbench.core.heads", "diffbench.core.weightings"))
+        }
+
+
+def test_only_the_builder_and_the_commands_read_a_config_tree() -> None:
+    """Past `spec.build_spec`, settings travel as typed values: omegaconf is imported by the
+    config composer, the spec builder and the commands alone."""
+    readers = {
+        m for m, path in MODULES.items() if re.search(r"^\s*(from|import) omegaconf", path.read_text(), re.M)
+    }
+    assert readers <= {"diffbench.config", "diffbench.spec"} | {
+        m for m in MODULES if m.startswith("diffbench.cli")
+    }
+
+
+def test_architecture_page_names_every_module() -> None:
+    """docs/architecture.md lists every file under src/diffbench by its name."""
+    page = (ROOT.parents[1] / "docs" / "architecture.md").read_text()
+    missing = [
+        str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if p.name != "__init__.py" and p.name not in page
+    ]
+    assert not missing
 
 
 RUN_FILES = re.compile(

@@ -14,8 +14,7 @@ import torchdiffeq
 from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 
-from diffbench.core.diffusion import NoiseSchedule, eps_to_score
-from diffbench.core.weightings import importance_timesteps
+from diffbench.core.diffusion import NoiseSchedule, eps_to_score, importance_timesteps
 from diffbench.data.gmm import DiffusedMixture
 from diffbench.sampling.nll import (
     mean_and_stderr,

@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
+from conftest import spec_of
 from diffbench import atomic
-from diffbench.config import compose
 from diffbench.core.arms import Arm, try_parse
 from diffbench.rundir import (
     EPS_MSE_BY_T,
@@ -106,21 +105,22 @@ def test_concurrent_writers_use_distinct_temporary_files(tmp_path: Path) -> None
 
 
 def test_trial_dir_is_named_by_arm_seed_and_config(tmp_path: Path) -> None:
-    cfg = compose(["head=v", "weighting=minsnr", "seed=4", f"run.root={tmp_path}"])
+    base = ["head=v", "weighting=minsnr", "seed=4"]
+    cfg = spec_of([*base, f"run.root={tmp_path}"])
     path = trial_dir(cfg)
     assert path == tmp_path / "trials" / "default-digits" / "v_minsnr" / f"s4-{config_hash(cfg)}"
     assert trials_root(path) == tmp_path / "trials" / "default-digits"
-    moved = OmegaConf.merge(cfg, {"run": {"root": "elsewhere"}, "wandb": {"project": "p"}})
+    moved = spec_of([*base, "run.root=elsewhere", "wandb.project=p", "report.margins.fd_digits=3"])
     assert config_hash(moved) == config_hash(cfg)
-    assert config_hash(OmegaConf.merge(cfg, {"optim": {"lr": 0.1}})) != config_hash(cfg)
+    assert config_hash(spec_of([*base, "optim.lr=0.1"])) != config_hash(cfg)
 
 
 def test_a_preset_and_its_head_weighting_pair_are_one_trial(tmp_path: Path) -> None:
     """OBJ=all names its arms by preset, OBJ=grid by head and weighting: the same training, so one
     trial directory, and a grid sweep after the default one trains only the arms it adds."""
     for preset, head, weighting in (("x0_simple", "x0", "own"), ("score_elbo", "score", "elbo")):
-        by_preset = compose([f"experiment={preset}", f"run.root={tmp_path}"])
-        by_pair = compose([f"head={head}", f"weighting={weighting}", f"run.root={tmp_path}"])
+        by_preset = spec_of([f"experiment={preset}", f"run.root={tmp_path}"])
+        by_pair = spec_of([f"head={head}", f"weighting={weighting}", f"run.root={tmp_path}"])
         assert by_preset.experiment != by_pair.experiment
-        assert by_preset.objective.name != by_pair.objective.name
+        assert by_preset.resolved["objective"]["name"] != by_pair.resolved["objective"]["name"]
         assert trial_dir(by_preset) == trial_dir(by_pair)

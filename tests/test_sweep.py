@@ -18,7 +18,7 @@ import sweeps as wandb_sweeps
 import torch
 import yaml
 
-from conftest import TINY
+from conftest import TINY, spec_of
 from diffbench.analysis.collect import config_group
 from diffbench.analysis.summary import summarize_trials
 from diffbench.cli.checks import check_settings
@@ -40,7 +40,8 @@ from diffbench.config import ConfigError, compose
 from diffbench.core.arms import Arm
 from diffbench.core.heads import HEADS
 from diffbench.core.weightings import WEIGHTINGS
-from diffbench.rundir import RunDir
+from diffbench.rundir import RunDir, trial_dir
+from diffbench.spec import build_spec
 from diffbench.train.build import build_datamodule, build_module
 
 SWEEP_FILES = sorted(sweeps_dir().glob("*.yaml"))
@@ -58,7 +59,7 @@ def test_sweep_yaml_is_valid_for_wandb_and_every_point_composes(path: Path) -> N
         command = trial_command(sweep, point)
         assert command[:3] == [sys.executable, "-m", "diffbench.run"]
         cfg = compose(trial_overrides(command))
-        check_settings(cfg)
+        assert check_settings(cfg).arm.label == trial_dir(build_spec(cfg)).parent.name
         assert cfg.seed == point["seed"]
         assert cfg.experiment == point.get("experiment", "custom")
         assert cfg.objective.head == point.get("head", cfg.objective.head)
@@ -108,11 +109,12 @@ def test_every_grid_pair_trains_one_step() -> None:
     assert len(pairs) == len(HEADS) * len(GRID_WEIGHTINGS) + len(set(WEIGHTINGS) - set(GRID_WEIGHTINGS))
     torch.manual_seed(0)
     small = [*TINY, "model.base_channels=8", "data.batch_size=4"]
-    datamodule = build_datamodule(compose(small))
+    datamodule = build_datamodule(spec_of(small))
     batch = next(iter(datamodule.train_dataloader()))
     for head, weighting in pairs:
-        cfg = compose([*small, f"head={head}", f"weighting={weighting}"])
-        module = build_module(cfg, datamodule.num_levels)
+        module = build_module(
+            spec_of([*small, f"head={head}", f"weighting={weighting}"]), datamodule.num_levels
+        )
         assert (module.head.name, module.weighting.name) == (head, weighting)
         loss = module.training_step(batch, 0)
         loss.backward()

@@ -17,13 +17,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
 
-from conftest import TINY
-from diffbench.config import available, compose
+from conftest import TINY, spec_of
+from diffbench.config import available
 from diffbench.core.diffusion import q_sample
 from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
 from diffbench.sampling.nll import one_term_vlb_bpd
+from diffbench.spec import RunSpec
 from diffbench.train import module as module_code
 from diffbench.train.build import build_datamodule, build_module
 from diffbench.train.module import DiffusionModule
@@ -33,7 +33,7 @@ EXPERIMENTS = available("experiment")
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_preset_runs_one_training_step(name: str) -> None:
-    cfg = compose([f"experiment={name}", *TINY])
+    cfg = spec_of([f"experiment={name}", *TINY])
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.num_levels)
     optimizer = module.configure_optimizers()["optimizer"]
@@ -58,7 +58,7 @@ def test_every_preset_runs_one_training_step(name: str) -> None:
 def test_validation_vlb_is_unbiased_for_the_whole_bound(name: str) -> None:
     """Σ_t p(t)·[L_T + L_{t−1}/p(t) + L_0] over t = 2..T with the noise fixed is exactly the bound
     L_T + L_0 + Σ_{t≥2} L_{t−1}, each term computed here directly from `vlb_term`."""
-    cfg = compose([f"experiment={name}", *TINY])
+    cfg = spec_of([f"experiment={name}", *TINY])
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.num_levels).eval()
     x0 = datamodule.split("val")[:3]
@@ -160,11 +160,11 @@ def test_cli_bad_override_is_explained(tmp_path: Path, arg: str, message: str) -
 
 
 def test_compiled_module_keeps_clean_checkpoint_keys() -> None:
-    cfg = compose(["experiment=eps_simple", *TINY, "speed.compile=true"])
+    cfg = spec_of(["experiment=eps_simple", *TINY, "speed.compile=true"])
     module = build_module(cfg, 17)
     keys = list(module.state_dict())
     assert keys and not any("_orig_mod" in key for key in keys)
-    plain = build_module(compose(["experiment=eps_simple", *TINY]), 17)
+    plain = build_module(spec_of(["experiment=eps_simple", *TINY]), 17)
     assert keys == list(plain.state_dict())
 
 
@@ -189,7 +189,7 @@ def test_resume_keeps_only_metrics_rows_before_the_checkpoint(tmp_path: Path) ->
 def test_logged_grad_norm_is_the_total_norm_clip_grad_norm_returns() -> None:
     """One step by hand: the hook's norm is clip_grad_norm_'s total norm on the same gradients,
     and measuring it leaves the gradients untouched."""
-    cfg = compose(["experiment=eps_elbo", *TINY, "trainer.gradient_clip_val=1.0"])
+    cfg = spec_of(["experiment=eps_elbo", *TINY, "trainer.gradient_clip_val=1.0"])
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.num_levels)
     optimizer = module.configure_optimizers()["optimizer"]
@@ -217,14 +217,14 @@ class NormBeforeClipping(Callback):
 
 
 def fit(
-    module: DiffusionModule, cfg: DictConfig, steps: int, log_dir: Path, ckpt_path: Path | None = None
+    module: DiffusionModule, cfg: RunSpec, steps: int, log_dir: Path, ckpt_path: Path | None = None
 ) -> list[dict]:
     """`steps` training steps in a bare Trainer with the config's clipping; metrics.csv's rows."""
     datamodule = build_datamodule(cfg)
     reference = NormBeforeClipping()
     trainer = L.Trainer(
         max_steps=steps,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        gradient_clip_val=cfg.optim.gradient_clip_val,
         logger=CSVLogger(save_dir=str(log_dir), name="", version=""),
         log_every_n_steps=1,
         limit_val_batches=0,
@@ -250,7 +250,7 @@ def test_every_step_logs_its_grad_norm_before_clipping(
     bulk during training (every 2 steps here) and when the record is read."""
     monkeypatch.setattr(module_code, "PENDING_STEPS", 2)
     override = "null" if clip is None else str(clip)
-    cfg = compose(["experiment=eps_elbo", *TINY, f"trainer.gradient_clip_val={override}"])
+    cfg = spec_of(["experiment=eps_elbo", *TINY, f"trainer.gradient_clip_val={override}"])
     module = build_module(cfg, build_datamodule(cfg).num_levels)
     rows = fit(module, cfg, 3, tmp_path)
     assert [int(row["step"]) for row in rows] == [0, 1, 2]
@@ -265,7 +265,7 @@ def test_every_step_logs_its_grad_norm_before_clipping(
 
 def test_optimisation_record_survives_resume(tmp_path: Path) -> None:
     """Steps measured before a checkpoint come back with it, so the record covers the whole run."""
-    cfg = compose(["experiment=eps_elbo", *TINY, "trainer.gradient_clip_val=1e-6"])
+    cfg = spec_of(["experiment=eps_elbo", *TINY, "trainer.gradient_clip_val=1e-6"])
     levels = build_datamodule(cfg).num_levels
     first = build_module(cfg, levels)
     fit(first, cfg, 2, tmp_path / "first")
@@ -278,7 +278,7 @@ def test_optimisation_record_survives_resume(tmp_path: Path) -> None:
 
 def test_fused_and_foreach_adamw_agree_to_float_tolerance() -> None:
     """speed.fused_adamw changes how fast, not what: five identical steps end at the same weights."""
-    cfg = compose(["experiment=eps_simple", *TINY])
+    cfg = spec_of(["experiment=eps_simple", *TINY])
     modules = []
     for fused in (True, False):
         torch.manual_seed(0)
@@ -299,3 +299,35 @@ def test_fused_and_foreach_adamw_agree_to_float_tolerance() -> None:
     for a, b in zip(fused, foreach, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a, s) for a, s in zip(fused, start)), "the steps moved the weights"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_training_reads_no_global_generator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dropout: float
+) -> None:
+    """Every step's t, ε and dropout come from the run's own streams: reseeding and drawing from
+    torch's global generator before every step leaves the trained weights bit for bit the same."""
+    from diffbench.pipeline import train
+
+    overrides = [*TINY, "trainer.max_steps=4", "eval.enabled=false", f"model.dropout={dropout}"]
+    train(spec_of(["head=eps", "weighting=elbo_is", *overrides, f"run.dir={tmp_path / 'calm'}"]))
+    original = DiffusionModule.training_step
+
+    def disturbed(self: DiffusionModule, batch: Any, batch_idx: int) -> Any:
+        torch.manual_seed(1234 + self.global_step)
+        torch.rand(1000)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiffusionModule, "training_step", disturbed)
+    train(spec_of(["head=eps", "weighting=elbo_is", *overrides, f"run.dir={tmp_path / 'disturbed'}"]))
+    calm, shaken = (
+        torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for name in ("calm", "disturbed")
+    )
+    assert calm.keys() == shaken.keys() and all(torch.equal(calm[k], shaken[k]) for k in calm)
+    assert not all(
+        torch.equal(calm[k], v)
+        for k, v in build_module(spec_of(["head=eps", "weighting=elbo_is", *overrides]), 17)
+        .state_dict()
+        .items()
+    ), "the weights trained"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffbench.core.diffusion import NoiseSchedule, q_sample
+from diffbench.core.diffusion import NoiseSchedule, importance_timesteps, q_sample
 from diffbench.core.heads import HEADS
 from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
-from diffbench.core.weightings import WEIGHTINGS, LossInputs, importance_timesteps
+from diffbench.core.weightings import WEIGHTINGS, LossInputs
 from test_diffusion import outputs_for_eps_hat
 
 DTYPE = torch.float64
@@ -87,10 +87,10 @@ def test_elbo_is_is_unbiased_by_exact_enumeration(head: str) -> None:
 def test_elbo_is_draws_follow_its_proposal() -> None:
     """The training draw of elbo_is has p(t) ∝ w_ε(t) on 1..T (its marginal, over many batches)."""
     schedule = NoiseSchedule("linear", 10)
-    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     draws, per_draw = [], []
     for _ in range(3000):
-        t, weight = WEIGHTINGS["elbo_is"].sample_timesteps(schedule, 4, torch.device("cpu"), "small")
+        t, weight = WEIGHTINGS["elbo_is"].sample_timesteps(schedule, 4, generator, "small")
         draws.append(t)
         per_draw.append(weight)
     t = torch.cat(draws)

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
 
 from diffbench import atomic
 from diffbench.config import ConfigError
 from diffbench.core.arms import Arm
+from diffbench.sampling.samplers import SAMPLERS
+from diffbench.spec import RunSpec
 
 SCHEMA_VERSION = 2
 """2: `arm` is a field, the head's unweighted MSE is the weighting "own", and `eval_wall_time_s`
@@ -52,7 +53,6 @@ SWEEP_LOG = "sweep.log"
 BUDGETS_CSV = "budgets.csv"
 SAMPLE_GRID = "samples.png"
 X0_TRAJECTORY = "x0_trajectory.png"
-SAMPLERS = ("ancestral", "ddim", "sde", "ode")
 COMPLETE = "complete"
 DIVERGED = "diverged"
 FINAL = (COMPLETE, DIVERGED)
@@ -174,21 +174,21 @@ NOT_RANKED = tuple(m.name for m in METRICS if not m.ranked)
 HEADLINE_METRICS = (*NLL_METRICS, *QUALITY_METRICS, "eps_star_mse", "val/vlb_bpd")
 
 
-def identity(config: DictConfig | dict) -> dict:
+def identity(config: RunSpec | dict) -> dict:
     """The settings that make a run what it is: the resolved config without where it is written or
     logged, the report's margins and the names of the preset and objective group that set it (they
     change no number a run computes), so `experiment=x0_simple` and `head=x0 weighting=own` are one
     trial and any sweep reuses another's finished trials."""
-    data = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    data = config.resolved if isinstance(config, RunSpec) else config
     kept = {k: v for k, v in data.items() if k not in IDENTITY_EXCLUDES}
     if isinstance(kept.get("objective"), dict):
         kept["objective"] = {k: v for k, v in kept["objective"].items() if k != "name"}
     return kept
 
 
-def config_hash(cfg: DictConfig) -> str:
+def config_hash(spec: RunSpec) -> str:
     """Identity of a trial, as a short hash: equal configs share a trial directory."""
-    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(identity(spec), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def flat(data: object, prefix: str = "") -> dict[str, object]:
@@ -201,9 +201,9 @@ def flat(data: object, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def config_differences(stored: dict, cfg: DictConfig) -> list[str]:
-    """`key (there → here)` for every identity setting in which `cfg` differs from a stored config."""
-    there, here = flat(identity(stored)), flat(identity(cfg))
+def config_differences(stored: dict, spec: RunSpec) -> list[str]:
+    """`key (there → here)` for every identity setting in which `spec` differs from a stored config."""
+    there, here = flat(identity(stored)), flat(identity(spec))
     return [
         f"{key} ({there.get(key, 'unset')!r} there, {here.get(key, 'unset')!r} here)"
         for key in sorted(there.keys() | here.keys())
@@ -232,12 +232,11 @@ def checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def trial_dir(cfg: DictConfig) -> Path:
+def trial_dir(spec: RunSpec) -> Path:
     """`<root>/trials/<profile>-<data>/<arm>/s<seed>-<hash>`: one directory per resolved config,
     so a sweep finds its finished and interrupted trials whatever ran them."""
-    name = f"s{cfg.seed}-{config_hash(cfg)}"
-    arm = Arm(cfg.objective.head, cfg.objective.weighting).label
-    return Path(cfg.run.root) / "trials" / f"{cfg.profile}-{cfg.data.name}" / arm / name
+    name = f"s{spec.seed}-{config_hash(spec)}"
+    return Path(spec.output.root) / "trials" / f"{spec.profile}-{spec.data.name}" / spec.arm.label / name
 
 
 def trials_root(trial: Path) -> Path:
@@ -250,20 +249,20 @@ def runs_root(trial: Path) -> Path:
     return trial.parents[3]
 
 
-def make_run_dir(cfg: DictConfig) -> Path:
+def make_run_dir(spec: RunSpec) -> Path:
     """A fresh `<root>/<experiment>/<timestamp>_s<seed>` (suffixed when the second is taken), `run.dir`,
     or the trial directory (`run.reuse`). DDP workers that Lightning starts (LOCAL_RANK > 0) inherit
     the launcher's through the environment; a launcher never does, so a second run in one process
     cannot fall into the first one's directory."""
     if os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
         return Path(os.environ[RUN_DIR_ENV])
-    if cfg.run.dir or cfg.run.reuse:
-        run_dir = Path(cfg.run.dir) if cfg.run.dir else trial_dir(cfg)
+    if spec.output.dir or spec.output.reuse:
+        run_dir = Path(spec.output.dir) if spec.output.dir else trial_dir(spec)
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
-        parent = Path(cfg.run.root) / cfg.experiment
+        parent = Path(spec.output.root) / spec.experiment
         parent.mkdir(parents=True, exist_ok=True)
-        stem = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_s{cfg.seed}"
+        stem = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_s{spec.seed}"
         for attempt in range(1, 1000):
             run_dir = parent / (stem if attempt == 1 else f"{stem}_{attempt}")
             try:
@@ -316,8 +315,10 @@ class RunDir:
             return None
         return config if isinstance(config, dict) else None
 
-    def write_config(self, cfg: DictConfig) -> None:
-        atomic.write_text(self.path / CONFIG, OmegaConf.to_yaml(cfg))
+    def write_config(self, spec: RunSpec | dict) -> None:
+        """The resolved config, as the run was given it."""
+        resolved = spec.resolved if isinstance(spec, RunSpec) else spec
+        atomic.write_text(self.path / CONFIG, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
 
     def read_results(self) -> dict | None:
         """results.json in the current schema, whatever its status; None when missing or broken."""

@@ -20,6 +20,7 @@ from diffbench.data import DATAMODULES
 from diffbench.evaluation.fidelity import INCEPTION_DATASETS, resolve_inception_weights
 from diffbench.rundir import CONFIG, RunDir, config_differences, trial_dir
 from diffbench.sampling.samplers import SAMPLERS
+from diffbench.spec import RunSpec, build_spec
 
 VARIANCES = ("small", "large")
 PRECISIONS = tuple(dict.fromkeys(str(p) for group in get_args(_PRECISION_INPUT) for p in get_args(group)))
@@ -120,12 +121,11 @@ def check_sizes(cfg: DictConfig) -> None:
             f"eval.num_samples={cfg.eval.num_samples!r}: the sample metrics need at least 4 samples "
             "(precision/recall use 3 nearest neighbours); or set eval.enabled=false.",
         )
-        sampler_steps = cfg.eval.sampler_steps
-        allowed_zero = cfg.eval.sampler == "ancestral"
+        sampler = SAMPLERS[cfg.eval.sampler]
         need(
-            (allowed_zero and sampler_steps == 0) or (positive_int(sampler_steps) and sampler_steps <= T),
-            f"eval.sampler_steps={sampler_steps!r} must be between 1 and diffusion.num_timesteps={T}"
-            f"{' (or 0 for all T steps)' if allowed_zero else ''}.",
+            sampler.valid_steps(cfg.eval.sampler_steps, T),
+            f"eval.sampler_steps={cfg.eval.sampler_steps!r} must be between 1 and diffusion.num_timesteps={T}"
+            f"{' (or 0 for all T steps)' if sampler.every_step else ''}.",
         )
         for spec in cfg.eval.also_samplers:
             check_sampler_spec(spec, T)
@@ -135,8 +135,10 @@ def check_sampler_spec(spec: object, T: int) -> None:
     """One entry of eval.also_samplers: `<sampler>-<steps>` with steps in 1..T, or `ancestral` for
     every step."""
     name, _, steps = str(spec).partition("-")
-    valid = name in SAMPLERS and (
-        (steps.isdigit() and 1 <= int(steps) <= T) or (not steps and name == "ancestral")
+    sampler = SAMPLERS.get(name)
+    valid = sampler is not None and (
+        (steps.isdigit() and sampler.valid_steps(int(steps), T) and int(steps) > 0)
+        or (not steps and sampler.every_step)
     )
     need(
         valid,
@@ -170,12 +172,12 @@ def check_shapes(cfg: DictConfig) -> None:
     )
 
 
-def check_run_dir(cfg: DictConfig) -> None:
+def check_run_dir(spec: RunSpec) -> None:
     """An explicit run directory must be a directory this user can write, and if it holds a run,
     a run of this very config: resuming another run's directory would overwrite its results."""
-    if not cfg.run.dir and not cfg.run.reuse:
+    if not spec.output.dir and not spec.output.reuse:
         return
-    path = Path(cfg.run.dir) if cfg.run.dir else trial_dir(cfg)
+    path = Path(spec.output.dir) if spec.output.dir else trial_dir(spec)
     need(
         not path.exists() or path.is_dir(), f"run.dir={path} is a file, not a directory; choose another path."
     )
@@ -185,7 +187,7 @@ def check_run_dir(cfg: DictConfig) -> None:
         f"run.dir={path}: {parent} is not writable; choose a folder you can write.",
     )
     stored = RunDir(path).read_config()
-    differences = config_differences(stored, cfg) if stored is not None else []
+    differences = config_differences(stored, spec) if stored is not None else []
     more = len(differences) - 6
     shown = "; ".join(differences[:6]) + (f"; and {more} more" if more > 0 else "")
     need(
@@ -196,12 +198,16 @@ def check_run_dir(cfg: DictConfig) -> None:
     )
 
 
-CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_choices, check_sizes, check_shapes, check_run_dir)
+CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_choices, check_sizes, check_shapes)
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """Every check, then the offline Inception weights a CIFAR-10 evaluation needs."""
+def check_settings(cfg: DictConfig) -> RunSpec:
+    """Every check of the composed config, then the run spec built from it, its run directory, and
+    the offline Inception weights a CIFAR-10 evaluation needs; the spec is what the run takes."""
     for check in CHECKS:
         check(cfg)
-    if cfg.eval.enabled and cfg.data.name in INCEPTION_DATASETS:
-        resolve_inception_weights(cfg.eval.inception_weights)
+    spec = build_spec(cfg)
+    check_run_dir(spec)
+    if spec.evaluation.enabled and spec.data.name in INCEPTION_DATASETS:
+        resolve_inception_weights(spec.evaluation.inception_weights)
+    return spec

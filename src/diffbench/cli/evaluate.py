@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from diffbench.config import ConfigError, apply_value, parse_overrides
 from diffbench.evaluation.evaluate import evaluate
 from diffbench.rundir import CHECKPOINTS, COMPLETE, CONFIG, DIVERGED, RunDir
+from diffbench.spec import build_spec
 from diffbench.train.build import build_datamodule, build_module
 
 EVAL_SHORTCUTS = {
@@ -56,16 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         _, values = parse_overrides([a for a in args if not a.startswith("run_dir=")])
         for key, value in values:
             apply_value(cfg, EVAL_SHORTCUTS.get(key, key), value)
+        spec = build_spec(cfg)
     except ConfigError as error:
         print(f"diffbench.evaluate: {error}", file=sys.stderr)
         return 2
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule.num_levels)
+    datamodule = build_datamodule(spec)
+    module = build_module(spec, datamodule.num_levels)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     try:
         with run_dir.exclusive():
-            evaluation, seconds = evaluate(module.denoiser, datamodule, cfg, run_dir)
+            evaluation, seconds = evaluate(module.denoiser, datamodule, spec, run_dir)
             results = results or {"status": COMPLETE, "run_dir": str(run_dir.path)}
             results.setdefault("metrics", {}).update(evaluation.metrics)
             results.setdefault("evaluation", {}).update(evaluation.settings)

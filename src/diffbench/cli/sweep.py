@@ -21,6 +21,7 @@ from diffbench.analysis.summary import summarize_trials
 from diffbench.cli.report import main as report_main
 from diffbench.config import ConfigError, available, compose, find_choice
 from diffbench.rundir import DIVERGED, RESULTS, SWEEP_LOG, RunDir, runs_root, trial_dir, trials_root
+from diffbench.spec import build_spec
 from diffbench.tracking import wandb_online
 
 SUMMARY_NAME = "summary"
@@ -233,7 +234,7 @@ def run_wandb(sweep: dict, agents: int, gpus: int, env: dict[str, str]) -> None:
 
 def trial_dirs(sweep: dict, points: list[dict[str, object]]) -> list[Path]:
     """Where each grid point's run lives: named by its resolved config (see run.reuse)."""
-    return [trial_dir(compose(trial_overrides(trial_command(sweep, point)))) for point in points]
+    return [trial_dir(build_spec(compose(trial_overrides(trial_command(sweep, point))))) for point in points]
 
 
 def summary_sets(points: list[dict[str, object]], dirs: list[Path]) -> list[tuple[float | None, list[Path]]]:

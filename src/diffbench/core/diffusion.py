@@ -171,3 +171,31 @@ def elbo_eps_weight(beta: Tensor, alpha: Tensor, alpha_bar: Tensor, sigma2: Tens
     """The ELBO's weight on ‖ε − ε̂‖² (t ≥ 2): L_{t−1} = w ‖ε − ε̂‖² + const, any σ_t²; with
     σ_t² = β̃_t it is ½(SNR_{t−1}/SNR_t − 1). Every head's ELBO is this times its ε-space factor."""
     return beta**2 / (2 * sigma2 * alpha * (1 - alpha_bar))
+
+
+def elbo_weight_at(schedule: NoiseSchedule, t: Tensor, variance: VarianceType) -> Tensor:
+    """The ELBO's ε-space weight at integer t under the schedule (σ_t² from `variance`)."""
+    sigma2 = schedule.reverse_variance(variance)[t]
+    return elbo_eps_weight(schedule.betas[t], schedule.alphas[t], schedule.alphas_cumprod[t], sigma2)
+
+
+def elbo_proposal(schedule: NoiseSchedule, variance: VarianceType, first: int) -> Tensor:
+    """p(t) ∝ the ELBO's ε-space weight on t = first..T: where the bound's terms are large, so an
+    importance-sampled VLB (in training, elbo_is; in validation, from t = 2) has little spread."""
+    steps = torch.arange(first, schedule.num_timesteps + 1, device=schedule.betas.device)
+    weight = elbo_weight_at(schedule, steps, variance)
+    return weight / weight.sum()
+
+
+def importance_timesteps(
+    probs: Tensor, batch: int, generator: torch.Generator, first: int = 2
+) -> tuple[Tensor, Tensor]:
+    """`batch` timesteps t = first, first + 1, … with P(t) = probs[t − first], and those
+    probabilities. Inverse CDF of evenly spread uniforms (U + π(i)/B) mod 1: each draw has exactly
+    that marginal, and every stretch of the distribution gets its share of the batch to within one."""
+    device = generator.device
+    offset = torch.rand(1, generator=generator, dtype=torch.float64, device=device)
+    order = torch.randperm(batch, generator=generator, device=device).double()
+    cdf = torch.cumsum(probs.double().to(device), 0)
+    index = torch.searchsorted(cdf, (offset + order / batch) % 1, right=True).clamp(max=len(probs) - 1)
+    return index + first, probs.to(device)[index]

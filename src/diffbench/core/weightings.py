@@ -13,27 +13,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from diffbench.core.diffusion import NoiseSchedule, VarianceType, elbo_eps_weight, snr
-from diffbench.core.heads import HEADS, Head
+from diffbench.core.diffusion import (
+    NoiseSchedule,
+    VarianceType,
+    elbo_proposal,
+    elbo_weight_at,
+    importance_timesteps,
+    snr,
+)
+from diffbench.core.heads import Head
 from diffbench.core.likelihood import elbo_loss_term, nats_to_bpd, prior_kl
-
-
-def importance_timesteps(
-    probs: Tensor,
-    batch: int,
-    generator: torch.Generator | None,
-    first: int = 2,
-    device: torch.device | None = None,
-) -> tuple[Tensor, Tensor]:
-    """`batch` timesteps t = first, first + 1, … with P(t) = probs[t − first], and those
-    probabilities. Inverse CDF of evenly spread uniforms (U + π(i)/B) mod 1: each draw has exactly
-    that marginal, and every stretch of the distribution gets its share of the batch to within one."""
-    device = generator.device if generator is not None else device
-    offset = torch.rand(1, generator=generator, dtype=torch.float64, device=device)
-    order = torch.randperm(batch, generator=generator, device=device).double()
-    cdf = torch.cumsum(probs.double().to(device), 0)
-    index = torch.searchsorted(cdf, (offset + order / batch) % 1, right=True).clamp(max=len(probs) - 1)
-    return index + first, probs.to(device)[index]
 
 
 @dataclass(frozen=True)
@@ -68,10 +57,12 @@ class Weighting:
         return weight * head.eps_factor(schedule.alphas_cumprod[t])
 
     def sample_timesteps(
-        self, schedule: NoiseSchedule, batch: int, device: torch.device, variance: VarianceType
+        self, schedule: NoiseSchedule, batch: int, generator: torch.Generator, variance: VarianceType
     ) -> tuple[Tensor, Tensor | int]:
-        """t uniform on 1..T (torch's global generator, seeded by the run), each standing for T terms."""
-        t = torch.randint(1, schedule.num_timesteps + 1, (batch,), device=device)
+        """t uniform on 1..T from the step's generator, each standing for T terms."""
+        t = torch.randint(
+            1, schedule.num_timesteps + 1, (batch,), device=generator.device, generator=generator
+        )
         return t, schedule.num_timesteps
 
     def loss(self, head: Head, schedule: NoiseSchedule, batch: LossInputs) -> Tensor:
@@ -91,8 +82,7 @@ class Elbo(Weighting):
     is_bound = True
 
     def eps_weight(self, head: Head, schedule: NoiseSchedule, t: Tensor, variance: VarianceType) -> Tensor:
-        sigma2 = schedule.reverse_variance(variance)[t]
-        return elbo_eps_weight(schedule.betas[t], schedule.alphas[t], schedule.alphas_cumprod[t], sigma2)
+        return elbo_weight_at(schedule, t, variance)
 
     def loss(self, head: Head, schedule: NoiseSchedule, batch: LossInputs) -> Tensor:
         x0, num_dims = batch.x0, batch.x0[0].numel()
@@ -118,11 +108,9 @@ class ElboIS(Elbo):
     source = "importance-sampled VLB (improved DDPM's L_vlb with a fixed proposal)"
 
     def sample_timesteps(
-        self, schedule: NoiseSchedule, batch: int, device: torch.device, variance: VarianceType
+        self, schedule: NoiseSchedule, batch: int, generator: torch.Generator, variance: VarianceType
     ) -> tuple[Tensor, Tensor]:
-        steps = torch.arange(1, schedule.num_timesteps + 1, device=schedule.betas.device)
-        weight = self.eps_weight(HEADS["eps"], schedule, steps, variance)
-        t, prob = importance_timesteps(weight / weight.sum(), batch, None, first=1, device=device)
+        t, prob = importance_timesteps(elbo_proposal(schedule, variance, first=1), batch, generator, first=1)
         return t, 1 / prob
 
 

@@ -17,9 +17,8 @@ DATAMODULES: dict[str, type[ArrayDataModule]] = {
 }
 
 
-def build_datamodule(cfg: Any) -> ArrayDataModule:
-    """Instantiate the datamodule named by `cfg.name` with the rest of `cfg` as arguments."""
-    options = {k: v for k, v in dict(cfg).items() if k != "name"}
-    if cfg.name not in DATAMODULES:
-        raise ValueError(f"unknown dataset {cfg.name!r}; available: {', '.join(sorted(DATAMODULES))}")
-    return DATAMODULES[cfg.name](**options)
+def build_datamodule(name: str, options: dict[str, Any]) -> ArrayDataModule:
+    """Instantiate the datamodule `name` with `options` as its arguments."""
+    if name not in DATAMODULES:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATAMODULES))}")
+    return DATAMODULES[name](**options)

@@ -1,6 +1,7 @@
-"""A datamodule over in-memory image tensors in [−1, 1] with a seeded train/val/test split, and
-training batches that are a function of (seed, step) alone, so a resumed run sees exactly the
-batches the uninterrupted run would have."""
+"""A datamodule over in-memory image tensors in [−1, 1] with a train/val/test split fixed by its
+own `split_seed` (the same for every run seed, so seeds vary initialisation and noise, never the
+test images), and training batches that are a function of (seed, step) alone, so a resumed run
+sees exactly the batches the uninterrupted run would have."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from diffbench.seeding import stream
+from diffbench.seeding import Streams
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Tensor]:
@@ -60,7 +61,7 @@ class ShuffledEpochs:
 
     def permutation(self, epoch: int) -> Tensor:
         if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, torch.randperm(len(self.data), generator=stream(self.seed, epoch)))
+            self._epoch = (epoch, torch.randperm(len(self.data), generator=Streams(self.seed).batches(epoch)))
         return self._epoch[1]
 
     def __call__(self, index: int) -> Tensor:
@@ -75,13 +76,21 @@ class ArrayDataModule(L.LightningDataModule):
     image_shape: tuple[int, int, int] = (1, 8, 8)
 
     def __init__(
-        self, batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0, seed: int = 0
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        """The run's seed: the order of training batches."""
+        self.split_seed = split_seed
+        """Which images are train, val and test: the same for every run seed."""
         self.splits: dict[str, Tensor] = {}
         self.train_samples: int | None = None
         self.resume_step = 0

@@ -17,7 +17,7 @@ def digits_images() -> tuple[Tensor, Tensor]:
 
 
 class DigitsDataModule(ArrayDataModule):
-    """Embedded default dataset: no network needed; a 70/10/20 split fixed by the seed."""
+    """Embedded default dataset: no network needed; a 70/10/20 split fixed by `split_seed`."""
 
     num_levels = 17
     image_shape = (1, 8, 8)
@@ -29,5 +29,5 @@ class DigitsDataModule(ArrayDataModule):
 
     def load_splits(self) -> dict[str, Tensor]:
         images, _ = digits_images()
-        index = split_indices(len(images), self.val_fraction, self.test_fraction, self.seed)
+        index = split_indices(len(images), self.val_fraction, self.test_fraction, self.split_seed)
         return {name: images[idx] for name, idx in index.items()}

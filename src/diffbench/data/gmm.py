@@ -25,7 +25,7 @@ from torch import Tensor
 from diffbench import atomic
 from diffbench.data.base import ArrayDataModule
 from diffbench.data.digits import digits_images
-from diffbench.seeding import stream
+from diffbench.seeding import Streams, stream
 
 # Rows evaluated together: bounds the (rows, K, D) float64 intermediates (≈ 20 MB each at K = 20, D = 64).
 ROWS_PER_CHUNK = 2048
@@ -219,23 +219,22 @@ class FreshDraws:
         self.seed = seed
 
     def __call__(self, index: int) -> Tensor:
-        x = self.mixture.sample(self.batch_size, stream(self.seed, index)).float()
+        x = self.mixture.sample(self.batch_size, Streams(self.seed).batches(index)).float()
         return x.reshape(self.batch_size, *GMMDataModule.image_shape)
 
 
 class GMMDataModule(ArrayDataModule):
     """Samples from the fitted mixture as (N, 1, 8, 8) float32 images; `mixture` is the exact truth.
 
-    The mixture itself is fixed by `fit_seed` (the same truth for every run); the samples drawn
-    from it follow the run's `seed`, like the digits split does. With `fresh_samples` (the
-    default) every training batch is a new draw (FreshDraws): data without limit, so no arm is
-    judged by how it overfits; otherwise training cycles over the fixed `num_train` split.
-    Validation and test are fixed splits either way.
+    The mixture itself is fixed by `fit_seed` (the same truth for every run), and so are the
+    train/val/test samples drawn from it, by `split_seed`. With `fresh_samples` (the default) every
+    training batch is a new draw (FreshDraws, following the run's `seed`): data without limit, so no
+    arm is judged by how it overfits; otherwise training cycles over the fixed `num_train` split.
     """
 
     num_levels = None
     image_shape = (1, 8, 8)
-    SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
+    SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 
     def __init__(
         self,
@@ -257,9 +256,7 @@ class GMMDataModule(ArrayDataModule):
     def load_splits(self) -> dict[str, Tensor]:
         splits = {}
         for name, size in self.sizes.items():
-            generator = torch.Generator().manual_seed(
-                len(self.SPLIT_OFFSETS) * self.seed + self.SPLIT_OFFSETS[name]
-            )
+            generator = stream(self.split_seed, self.SPLIT_STREAMS[name])
             splits[name] = self.mixture.sample(size, generator).float().reshape(size, *self.image_shape)
         return splits
 

@@ -1,8 +1,8 @@
 """MNIST and CIFAR-10 read from their official on-disk formats; downloaded only when the network allows.
 
 Both are published as a train/test pair of 8-bit images. The official test set is the test split
-(the one papers report on); the validation split is carved from the official training set by the
-seed. When the files are absent and cannot be downloaded, `DatasetMissingError` says which files
+(the one papers report on); the validation split is carved from the official training set by
+`split_seed`. When the files are absent and cannot be downloaded, `DatasetMissingError` says which files
 go where, so an offline machine can be prepared by hand.
 """
 
@@ -137,7 +137,7 @@ class OfficialSplitDataModule(ArrayDataModule):
         self.ensure_files()
         official = self.read_official()
         images, labels = official["train"]
-        index = split_indices(len(images), self.val_fraction, 0.0, self.seed)
+        index = split_indices(len(images), self.val_fraction, 0.0, self.split_seed)
         parts = {name: (images[index[name]], labels[index[name]]) for name in ("train", "val")}
         parts["test"] = official["test"]
         return {name: (levels_to_unit_range(x, self.num_levels), y) for name, (x, y) in parts.items()}

@@ -7,13 +7,14 @@ in results.json), never as arm metrics."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
 from diffbench.data.base import ArrayDataModule
-from diffbench.evaluation.fidelity import sample_quality
+from diffbench.evaluation.fidelity import datamodule_scorer
+from diffbench.spec import EvalSpec
 
 
 def to_levels(images: Tensor, num_levels: int) -> Tensor:
@@ -41,48 +42,30 @@ def histogram_nll_bpd(train: Tensor, test: Tensor, num_levels: int | None) -> fl
     return float(nats.sum(1).mean() / (num_dims * math.log(2)))
 
 
-def real_vs_real_fd(
-    real: Tensor,
-    reference: Tensor,
-    dataset: str,
-    num_levels: int | None,
-    inception_weights: str | None = None,
-    data_root: str = "data",
-) -> dict[str, float]:
-    """`sample_quality`'s Fréchet distance with real images in place of samples: what a perfect
-    model would score with as many samples (FD is biased upwards at finite N)."""
-    quality = sample_quality(
-        real,
-        reference,
-        dataset=dataset,
-        num_levels=num_levels,
-        inception_weights=inception_weights,
-        data_root=data_root,
-    )
+def real_vs_real_fd(real: Tensor, score: Callable[[Tensor], dict]) -> dict[str, float]:
+    """The sample metrics' Fréchet distance with real images in place of samples (`score` holds the
+    reference): what a perfect model would score with as many samples (FD is biased upwards at
+    finite N)."""
+    quality = score(real)
     return {
         f"{name}_real_vs_real": quality[name] for name in quality if name == "fid" or name.startswith("fd_")
     }
 
 
-def evaluate_baselines(datamodule: ArrayDataModule, x0: Tensor, cfg: DictConfig, data_name: str) -> dict:
+def evaluate_baselines(datamodule: ArrayDataModule, x0: Tensor, ev: EvalSpec, data_name: str) -> dict:
     """The `baselines` settings entry: the histogram's NLL on the images `nll_vlb_bpd` is measured
     on, and the FD floor from the first `num_samples` training images against the reference split."""
     train = datamodule.split("train")
-    real = train[: cfg.num_samples]
+    real = train[: ev.num_samples]
     levels = datamodule.num_levels
     floor = real_vs_real_fd(
-        real,
-        datamodule.split(cfg.reference_split),
-        data_name,
-        levels,
-        inception_weights=cfg.inception_weights,
-        data_root=getattr(datamodule, "root", "data"),
+        real, datamodule_scorer(datamodule, data_name, ev.reference_split, ev.inception_weights)
     )
     model = "categorical, add-one smoothing" if levels else "Gaussian, maximum likelihood"
     return {
         "histogram_nll_bpd": histogram_nll_bpd(train, x0, levels),
         "histogram": f"independent per-pixel {model}, fit on train ({len(train)} images), "
-        f"scored on {cfg.split} ({len(x0)} images)",
+        f"scored on {ev.split} ({len(x0)} images)",
         **floor,
         "real_split": f"train ({len(real)} images)",
     }

@@ -8,20 +8,17 @@ from __future__ import annotations
 import time
 
 import torch
-from omegaconf import DictConfig
 
 from diffbench.core.diffusion import q_sample
 from diffbench.core.heads import Denoiser
 from diffbench.data.base import ArrayDataModule
 from diffbench.evaluation.distributed import generator_for
-from diffbench.evaluation.fidelity import sample_quality
+from diffbench.evaluation.fidelity import datamodule_scorer
 from diffbench.evaluation.groundtruth import eps_star_summary
 from diffbench.rundir import METRIC_INFO
 from diffbench.sampling import samplers
 from diffbench.sampling.nll import importance_vlb_bpd
-
-BUDGET_PURPOSE = 100
-"""Stream number of the budget metrics' generator (distinct from the final evaluation's)."""
+from diffbench.spec import RunSpec
 
 
 def budget_steps(max_steps: int, base: int) -> list[int]:
@@ -36,14 +33,14 @@ def budget_steps(max_steps: int, base: int) -> list[int]:
 
 
 @torch.no_grad()
-def budget_metrics(denoiser: Denoiser, datamodule: ArrayDataModule, cfg: DictConfig) -> dict[str, float]:
+def budget_metrics(denoiser: Denoiser, datamodule: ArrayDataModule, spec: RunSpec) -> dict[str, float]:
     """The cheap metrics of the denoiser as it is now (rank zero; draws only from its own
     generators, so training's random stream is untouched)."""
     start = time.perf_counter()
-    ev, device, schedule = cfg.eval, denoiser.device, denoiser.schedule
+    ev, device, schedule = spec.evaluation, denoiser.device, denoiser.schedule
     x0 = datamodule.split("val").to(device)
-    generator = generator_for(cfg.seed, BUDGET_PURPOSE, device)
-    levels, variance = datamodule.num_levels, cfg.diffusion.variance
+    generator = generator_for(spec.seed, "budget", device)
+    levels, variance = datamodule.num_levels, spec.diffusion.variance
     metrics = {
         "val_vlb_bpd": float(importance_vlb_bpd(denoiser, schedule, x0, levels, generator, variance).mean())
     }
@@ -61,13 +58,8 @@ def budget_metrics(denoiser: Denoiser, datamodule: ArrayDataModule, cfg: DictCon
             generator,
             steps=min(ev.budget_sampler_steps, schedule.num_timesteps),
         ).samples
-        quality = sample_quality(
-            samples,
-            datamodule.split(ev.reference_split),
-            dataset=cfg.data.name,
-            num_levels=levels,
-            inception_weights=ev.inception_weights,
-            data_root=getattr(datamodule, "root", "data"),
+        quality = datamodule_scorer(datamodule, spec.data.name, ev.reference_split, ev.inception_weights)(
+            samples
         )
         metrics.update({k: float(v) for k, v in quality.items() if k in METRIC_INFO})
     if hasattr(datamodule, "mixture"):

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from diffbench.seeding import Streams
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of the process group DDP left behind, or (0, 1)."""
@@ -29,7 +31,7 @@ def gather_rows(local: Tensor, total: int) -> Tensor:
     return out
 
 
-def generator_for(seed: int, purpose: int, device: torch.device) -> torch.Generator:
-    """Independent, reproducible streams per purpose and per rank."""
-    rank, _ = world()
-    return torch.Generator(device=device).manual_seed(1_000_003 * seed + 1009 * purpose + rank)
+def generator_for(seed: int, purpose: str, device: torch.device) -> torch.Generator:
+    """This rank's stream of one evaluation purpose (`seeding.EVALUATION_PURPOSES`) for the run's
+    seed: independent across purposes and ranks."""
+    return Streams(seed).evaluation(purpose, world()[0], device)

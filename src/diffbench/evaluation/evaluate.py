@@ -7,13 +7,11 @@ settings (sampler, steps, sample count, timesteps) that produced it."""
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
 from diffbench.core.diffusion import VarianceType, q_sample
@@ -22,7 +20,7 @@ from diffbench.data.base import ArrayDataModule
 from diffbench.evaluation import groundtruth
 from diffbench.evaluation.baselines import evaluate_baselines
 from diffbench.evaluation.distributed import gather_rows, generator_for, world
-from diffbench.evaluation.fidelity import sample_quality
+from diffbench.evaluation.fidelity import datamodule_scorer
 from diffbench.evaluation.plots import plot_curve, save_grid
 from diffbench.rundir import (
     AT,
@@ -33,9 +31,9 @@ from diffbench.rundir import (
     RunDir,
     metric_at,
     sample_grid,
-    sampler_tag,
 )
 from diffbench.sampling import nll, samplers
+from diffbench.spec import EvalSpec, RunSpec, SamplerSpec
 
 EXTRACTOR_FIELDS = {"classifier_test_accuracy"}
 """Numbers about the feature extractor, recorded with the settings rather than as metrics."""
@@ -57,7 +55,7 @@ class Evaluation:
 def evaluate_vlb(
     denoiser: Denoiser,
     x0: Tensor,
-    cfg: DictConfig,
+    ev: EvalSpec,
     num_levels: int | None,
     variance: VarianceType,
     seed: int,
@@ -65,13 +63,13 @@ def evaluate_vlb(
 ) -> Evaluation:
     """nll_vlb_bpd over the evaluation images: all T terms, or a stratified estimate."""
     rank, size = world()
-    generator = generator_for(seed, 1, denoiser.device)
+    generator = generator_for(seed, "vlb", denoiser.device)
     num_timesteps = denoiser.schedule.num_timesteps
     timesteps = weights = None
     shard = x0[rank::size].to(denoiser.device)
-    if cfg.vlb_timesteps:
-        timesteps = nll.stratified_timesteps(num_timesteps, cfg.vlb_timesteps, generator, batch=len(shard))
-        weights = nll.stratified_weights(num_timesteps, cfg.vlb_timesteps)
+    if ev.vlb_timesteps:
+        timesteps = nll.stratified_timesteps(num_timesteps, ev.vlb_timesteps, generator, batch=len(shard))
+        weights = nll.stratified_weights(num_timesteps, ev.vlb_timesteps)
     start = time.perf_counter()
     result = nll.vlb_bpd(
         denoiser,
@@ -81,7 +79,7 @@ def evaluate_vlb(
         generator,
         variance=variance,
         timesteps=timesteps,
-        batch_timesteps=cfg.vlb_batch_timesteps,
+        batch_timesteps=ev.vlb_batch_timesteps,
         progress=rank == 0,
         weights=weights,
     )
@@ -97,7 +95,7 @@ def evaluate_vlb(
     settings = {
         "timesteps": "all"
         if timesteps is None
-        else f"stratified-{cfg.vlb_timesteps}, drawn per image, plus the decoder term (t = 1)",
+        else f"stratified-{ev.vlb_timesteps}, drawn per image, plus the decoder term (t = 1)",
         "variance": variance,
         "num_images": len(x0),
         "wall_time_s": round(time.perf_counter() - start, 2),
@@ -105,16 +103,16 @@ def evaluate_vlb(
     return Evaluation({"nll_vlb_bpd": mean, "nll_vlb_bpd_stderr": stderr}, {"nll_vlb_settings": settings})
 
 
-def evaluate_eps_profile(denoiser: Denoiser, x0: Tensor, cfg: DictConfig, seed: int, out: RunDir) -> None:
+def evaluate_eps_profile(denoiser: Denoiser, x0: Tensor, ev: EvalSpec, seed: int, out: RunDir) -> None:
     """Mean ‖ε − ε̂‖²/D at `profile_timesteps` log-spaced t: the measured counterpart of each
     arm's implied ε-space weight (rank zero, first 256 images)."""
     device, schedule = denoiser.device, denoiser.schedule
     x0 = x0[:256].to(device)
     T = schedule.num_timesteps
     steps = torch.unique(
-        torch.logspace(0, torch.log10(torch.tensor(float(T))), cfg.profile_timesteps).round().long()
+        torch.logspace(0, torch.log10(torch.tensor(float(T))), ev.profile_timesteps).round().long()
     )
-    generator = generator_for(seed, 6, device)
+    generator = generator_for(seed, "eps_profile", device)
     errors = []
     with torch.no_grad():
         for step in steps.tolist():
@@ -127,26 +125,26 @@ def evaluate_eps_profile(denoiser: Denoiser, x0: Tensor, cfg: DictConfig, seed: 
 
 
 def evaluate_ode(
-    denoiser: Denoiser, x0: Tensor, cfg: DictConfig, num_levels: int | None, seed: int
+    denoiser: Denoiser, x0: Tensor, ev: EvalSpec, num_levels: int | None, seed: int
 ) -> Evaluation:
     """nll_ode_bpd on the first `ode_images` evaluation images."""
     rank, size = world()
-    x0 = x0[: cfg.ode_images]
+    x0 = x0[: ev.ode_images]
     start = time.perf_counter()
     result = nll.ode_nll_bpd(
         denoiser,
         denoiser.schedule,
         x0[rank::size].to(denoiser.device),
         num_levels,
-        generator_for(seed, 2, denoiser.device),
-        rtol=cfg.ode_rtol,
-        atol=cfg.ode_atol,
+        generator_for(seed, "ode", denoiser.device),
+        rtol=ev.ode_rtol,
+        atol=ev.ode_atol,
         progress=rank == 0,
     )
     mean, stderr = nll.mean_and_stderr(gather_rows(result.bpd.cpu(), len(x0)))
     settings = {
-        "rtol": cfg.ode_rtol,
-        "atol": cfg.ode_atol,
+        "rtol": ev.ode_rtol,
+        "atol": ev.ode_atol,
         "num_images": len(x0),
         "nfe": result.nfe,
         "dequantization": "uniform" if num_levels else "none (continuous data)",
@@ -155,37 +153,29 @@ def evaluate_ode(
     return Evaluation({"nll_ode_bpd": mean, "nll_ode_bpd_stderr": stderr}, {"nll_ode_settings": settings})
 
 
-def sampler_settings(sampler: str, steps: int, ev: DictConfig, ancestral_variance: VarianceType) -> dict:
-    """Keyword settings of one sampler at `steps`, as recorded beside its metrics."""
-    if sampler == "ancestral":
-        return {"steps": steps or None, "variance": ancestral_variance}
-    if sampler == "ddim":
-        return {"steps": steps, "eta": ev.ddim_eta}
-    if sampler == "sde":
-        return {"steps": steps}
-    return {"method": ev.ode_method, "steps": steps, "rtol": ev.ode_rtol, "atol": ev.ode_atol}
-
-
-def parse_sampler(spec: str) -> tuple[str, int]:
-    """`ddim-10` → ("ddim", 10); a bare name (`ancestral`) means every step of the schedule (0)."""
-    name, _, steps = str(spec).partition("-")
-    return name, int(steps) if steps else 0
+def sampler_options(ev: EvalSpec) -> samplers.SamplerOptions:
+    """The evaluation's settings that samplers read beside their step counts."""
+    return samplers.SamplerOptions(
+        ev.ddim_eta, ev.ancestral_variance, ev.ode_method, ev.ode_rtol, ev.ode_atol
+    )
 
 
 def draw(
-    denoiser: Denoiser, ev: DictConfig, sampler: str, settings: dict, shape: tuple[int, ...], seed: int
-) -> tuple[Tensor, int]:
+    denoiser: Denoiser, ev: EvalSpec, sampler: SamplerSpec, shape: tuple[int, ...], seed: int
+) -> tuple[Tensor, dict]:
     """`num_samples` samples split across ranks (rank r draws r, r + W, …), each rank with its
     own generator; gathered so every sample exists exactly once. Every sampler starts from the same
-    seeded stream, so two samplers of one run begin at the same noise."""
+    seeded stream, so two samplers of one run begin at the same noise. Returns the samples and the
+    record of how they were drawn (sampler, its settings, network evaluations per batch)."""
     rank, size = world()
     count = len(range(rank, ev.num_samples, size))
-    generator = generator_for(seed, 3, denoiser.device)
+    generator = generator_for(seed, "samples", denoiser.device)
+    settings = samplers.SAMPLERS[sampler.name].settings(sampler.steps, sampler_options(ev))
     pieces, nfe = [], 0
     for start in range(0, count, ev.sample_batch_size):
         n = min(ev.sample_batch_size, count - start)
         result = samplers.sample(
-            sampler,
+            sampler.name,
             denoiser,
             denoiser.schedule,
             (n, *shape),
@@ -196,19 +186,7 @@ def draw(
         pieces.append(result.samples.cpu())
         nfe += result.nfe
     local = torch.cat(pieces) if pieces else torch.empty((0, *shape))
-    return gather_rows(local, ev.num_samples), nfe
-
-
-def sample_scorer(datamodule: ArrayDataModule, ev: DictConfig, data_name: str) -> Callable[[Tensor], dict]:
-    """The sample metrics of a set of samples against the evaluation's real reference images."""
-    return functools.partial(
-        sample_quality,
-        reference=datamodule.split(ev.reference_split),
-        dataset=data_name,
-        num_levels=datamodule.num_levels,
-        inception_weights=ev.inception_weights,
-        data_root=getattr(datamodule, "root", "data"),
-    )
+    return gather_rows(local, ev.num_samples), {"sampler": sampler.name, **settings, "nfe_per_batch": nfe}
 
 
 def metrics_of(quality: dict) -> dict[str, float]:
@@ -216,48 +194,30 @@ def metrics_of(quality: dict) -> dict[str, float]:
 
 
 def evaluate_samples(
-    denoiser: Denoiser,
-    datamodule: ArrayDataModule,
-    ev: DictConfig,
-    ancestral_variance: VarianceType,
-    seed: int,
-    out: RunDir,
-    data_name: str,
+    denoiser: Denoiser, datamodule: ArrayDataModule, spec: RunSpec, out: RunDir
 ) -> tuple[Evaluation, Tensor]:
     """The sample metrics with the configured sampler (and its split-half evaluation noise), and
     again with each of `eval.also_samplers` under `<metric>@<sampler>-<steps>`, so a verdict on
     samples can be read along the number of network evaluations."""
+    ev, shape = spec.evaluation, datamodule.image_shape
     start = time.perf_counter()
-    settings = sampler_settings(ev.sampler, ev.sampler_steps, ev, ancestral_variance)
-    samples, nfe = draw(denoiser, ev, ev.sampler, settings, datamodule.image_shape, seed)
-    seconds = time.perf_counter() - start
-    record = {
-        "sampler": ev.sampler,
-        **settings,
-        "num_samples": len(samples),
-        "nfe_per_batch": nfe,
-        "wall_time_s": round(seconds, 2),
-    }
-    variants = []
-    for name, steps in map(parse_sampler, ev.get("also_samplers") or []):
-        variant_settings = sampler_settings(name, steps, ev, ancestral_variance)
-        drawn, variant_nfe = draw(denoiser, ev, name, variant_settings, datamodule.image_shape, seed)
-        variant_record = {"sampler": name, **variant_settings, "nfe_per_batch": variant_nfe}
-        variants.append((sampler_tag(name, steps), variant_record, drawn))
+    samples, record = draw(denoiser, ev, ev.sampler, shape, spec.seed)
+    record.update(num_samples=len(samples), wall_time_s=round(time.perf_counter() - start, 2))
+    variants = [(sampler, *draw(denoiser, ev, sampler, shape, spec.seed)) for sampler in ev.also_samplers]
     if world()[0] != 0:
         return Evaluation(), samples
-    save_grid(samples[:64], out / sample_grid(ev.sampler), nrow=8)
-    score = sample_scorer(datamodule, ev, data_name)
+    save_grid(samples[:64], out / sample_grid(ev.sampler.name), nrow=8)
+    score = datamodule_scorer(datamodule, spec.data.name, ev.reference_split, ev.inception_weights)
     quality = score(samples)
     metrics = metrics_of(quality)
     record.update({k: v for k, v in quality.items() if k not in metrics})
     record["reference"] = f"{ev.reference_split} split ({len(datamodule.split(ev.reference_split))} images)"
     record["evaluation_noise"] = split_half_scores(samples, score)
     result = Evaluation(metrics, {"sample_settings": record})
-    for tag, variant_record, drawn in variants:
+    for sampler, drawn, variant_record in variants:
         result.add(
-            {metric_at(k, tag): v for k, v in metrics_of(score(drawn)).items()},
-            {f"sample_settings{AT}{tag}": variant_record},
+            {metric_at(k, sampler.tag): v for k, v in metrics_of(score(drawn)).items()},
+            {f"sample_settings{AT}{sampler.tag}": variant_record},
         )
     return result, samples
 
@@ -274,7 +234,7 @@ def split_half_scores(samples: Tensor, score: Callable[[Tensor], dict]) -> dict[
 
 def evaluate_trajectory(
     denoiser: Denoiser,
-    cfg: DictConfig,
+    ev: EvalSpec,
     variance: VarianceType,
     shape: tuple[int, ...],
     seed: int,
@@ -284,11 +244,11 @@ def evaluate_trajectory(
     trajectory = samplers.x0_trajectory(
         denoiser,
         denoiser.schedule,
-        (cfg.trajectory_images, *shape),
-        generator_for(seed, 4, denoiser.device),
+        (ev.trajectory_images, *shape),
+        generator_for(seed, "trajectory", denoiser.device),
         num_snapshots=10,
         variance=variance,
-        steps=cfg.trajectory_steps or None,
+        steps=ev.trajectory_steps or None,
     )
     grid = trajectory.x0_hats.transpose(0, 1).reshape(-1, *shape)
     save_grid(grid, out / X0_TRAJECTORY, nrow=trajectory.x0_hats.shape[0])
@@ -299,8 +259,7 @@ def evaluate_groundtruth(
     datamodule: ArrayDataModule,
     x0: Tensor,
     samples: Tensor,
-    cfg: DictConfig,
-    seed: int,
+    spec: RunSpec,
     out: RunDir,
 ) -> Evaluation:
     """gmm only: exact NLL, the distance of the implied ε̂ to the optimal ε* at log-SNR-spaced t
@@ -312,9 +271,9 @@ def evaluate_groundtruth(
         mixture,
         denoiser.schedule,
         x0.to(device),
-        generator_for(seed, 5, device),
-        cfg.diffusion.variance,
-        count=cfg.eval.gmm_timesteps,
+        generator_for(spec.seed, "groundtruth", device),
+        spec.diffusion.variance,
+        count=spec.evaluation.gmm_timesteps,
     )
     out.write_curve(EPS_STAR_DISTANCE, profile.timesteps.tolist(), profile.distance.tolist())
     plot_curve(profile.timesteps, profile.distance, out / EPS_STAR_DISTANCE.png, EPS_STAR_DISTANCE, logy=True)
@@ -331,29 +290,27 @@ def evaluate_groundtruth(
 
 
 def evaluate(
-    denoiser: Denoiser, datamodule: ArrayDataModule, cfg: DictConfig, out: RunDir
+    denoiser: Denoiser, datamodule: ArrayDataModule, spec: RunSpec, out: RunDir
 ) -> tuple[Evaluation, float]:
-    """Every evaluation the config asks for: metrics (complete on rank zero) with their settings,
+    """Every evaluation the spec asks for: metrics (complete on rank zero) with their settings,
     and the wall time it took."""
-    ev = cfg.eval
+    ev, seed = spec.evaluation, spec.seed
     denoiser.net.eval()
     x0 = datamodule.split(ev.split)
     if ev.num_images:
         x0 = x0[: ev.num_images]
     levels = datamodule.num_levels
     start = time.perf_counter()
-    result = evaluate_vlb(denoiser, x0, ev, levels, cfg.diffusion.variance, cfg.seed, out)
+    result = evaluate_vlb(denoiser, x0, ev, levels, spec.diffusion.variance, seed, out)
     if ev.ode_images:
-        result.add(**vars(evaluate_ode(denoiser, x0, ev, levels, cfg.seed)))
-    quality, samples = evaluate_samples(
-        denoiser, datamodule, ev, cfg.sample.variance, cfg.seed, out, cfg.data.name
-    )
+        result.add(**vars(evaluate_ode(denoiser, x0, ev, levels, seed)))
+    quality, samples = evaluate_samples(denoiser, datamodule, spec, out)
     result.add(**vars(quality))
     if world()[0] == 0:
-        evaluate_eps_profile(denoiser, x0, ev, cfg.seed, out)
+        evaluate_eps_profile(denoiser, x0, ev, seed, out)
         if ev.trajectory_images:
-            evaluate_trajectory(denoiser, ev, cfg.sample.variance, datamodule.image_shape, cfg.seed, out)
+            evaluate_trajectory(denoiser, ev, ev.ancestral_variance, datamodule.image_shape, seed, out)
         if hasattr(datamodule, "mixture"):
-            result.add(**vars(evaluate_groundtruth(denoiser, datamodule, x0, samples, cfg, cfg.seed, out)))
-        result.add({}, {"baselines": evaluate_baselines(datamodule, x0, ev, cfg.data.name)})
+            result.add(**vars(evaluate_groundtruth(denoiser, datamodule, x0, samples, spec, out)))
+        result.add({}, {"baselines": evaluate_baselines(datamodule, x0, ev, spec.data.name)})
     return result, round(time.perf_counter() - start, 2)

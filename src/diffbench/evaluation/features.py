@@ -1,7 +1,8 @@
 """Small CNN classifiers whose penultimate features stand in for Inception's on digits and MNIST.
 
 Inception-v3 features say little about 8×8 grey digits, so their Fréchet distance, KID and
-precision/recall use a classifier trained on the dataset's own real training split, and carry its
+precision/recall use a classifier trained on the dataset's own real training split (of the same
+`split_seed` as the runs, so it never sees their test images), and carry its
 name (`fd_digits`, never "FID"; README, "Metrics"). A classifier is
 trained the first time it is needed (seconds for digits), cached under a hash of its data and of
 this file, and registered with torch-fidelity as a feature extractor (`digits-classifier`,
@@ -86,19 +87,22 @@ class SmallClassifier(nn.Module):
         return features, self.head(features)
 
 
-def classifier_data(dataset: str, root: str, download: bool | str) -> dict[str, tuple[Tensor, Tensor]]:
+def classifier_data(
+    dataset: str, root: str, download: bool | str, split_seed: int = 0
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Real train and test images with labels, seen through `to_uint8` as the extractor will see them.
 
-    The train split is the one the diffusion models train on with seed 0, so the classifier never
-    sees the test images that the sample metrics use as reference.
+    The train split is the one the diffusion models train on under the same `split_seed` (it does
+    not depend on the run's seed), so the classifier never sees the test images that the sample
+    metrics use as reference. MNIST's test split is the official one whatever the split seed.
     """
     if dataset == "digits":
         images, labels = digits_images()
         defaults = DigitsDataModule()
-        index = split_indices(len(images), defaults.val_fraction, defaults.test_fraction, defaults.seed)
+        index = split_indices(len(images), defaults.val_fraction, defaults.test_fraction, split_seed)
         splits = {name: (images[index[name]], labels[index[name]]) for name in ("train", "test")}
     elif dataset == "mnist":
-        splits = MNISTDataModule(root=root, download=download).labelled_splits()
+        splits = MNISTDataModule(root=root, download=download, split_seed=split_seed).labelled_splits()
     else:
         raise ValueError(f"no classifier for dataset {dataset!r}; available: {', '.join(CLASSIFIER_SPECS)}")
     return {name: (from_uint8(to_uint8(splits[name][0])), splits[name][1]) for name in ("train", "test")}
@@ -159,14 +163,17 @@ class ClassifierCheckpoint:
 
 
 def classifier_checkpoint(
-    dataset: str, root: str = "data", download: bool | str = "auto", device: str | None = None
+    dataset: str,
+    root: str = "data",
+    download: bool | str = "auto",
+    device: str | None = None,
+    split_seed: int = 0,
 ) -> ClassifierCheckpoint:
-    """The cached classifier for `dataset` (digits or mnist), trained and saved atomically on first use.
-
-    `root` and `download` locate the MNIST files (digits are embedded). Training runs on `device`,
-    by default the GPU when there is one.
+    """The cached classifier for `dataset` (digits or mnist) and split, trained and saved atomically
+    on first use. `root` and `download` locate the MNIST files (digits are embedded). Training runs
+    on `device`, by default the GPU when there is one.
     """
-    data = classifier_data(dataset, root, download)
+    data = classifier_data(dataset, root, download, split_seed)
     spec = CLASSIFIER_SPECS[dataset]
     path = cache_dir() / f"classifier-{dataset}-{cache_key(spec, data)}.pt"
     if not path.exists():

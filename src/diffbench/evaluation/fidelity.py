@@ -9,6 +9,8 @@ classifier path never touches the network.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+from diffbench.data.base import ArrayDataModule
 from diffbench.data.vision import network_available
 from diffbench.evaluation.features import EXTRACTOR_NAMES, classifier_checkpoint, to_uint8
 
@@ -94,6 +97,7 @@ def sample_quality(
     inception_weights: str | None = None,
     data_root: str = "data",
     batch_size: int = 256,
+    split_seed: int = 0,
 ) -> dict[str, float | int | str]:
     """Fréchet distance, KID and precision/recall of `samples` against real `reference` images.
 
@@ -101,7 +105,9 @@ def sample_quality(
     record holds the metrics, both sample counts, the feature extractor's name, KID's subset size
     (min(1000, N, N_ref), so a few hundred reference images still work) and, for classifier
     features, the classifier's test accuracy. `data_root` locates MNIST to train its classifier on
-    first use. The caller adds the sampler's settings.
+    first use; it is trained on the train split of `split_seed` when the samples are of its own
+    dataset, so the reference images (that split's test images) are never its training data. The
+    caller adds the sampler's settings.
     """
     if dataset not in CLASSIFIER_OF_DATASET and dataset not in INCEPTION_DATASETS:
         known = ", ".join([*CLASSIFIER_OF_DATASET, *INCEPTION_DATASETS])
@@ -118,7 +124,8 @@ def sample_quality(
         extractor, weights, suffix = INCEPTION_EXTRACTOR, resolve_inception_weights(inception_weights), ""
     else:
         classifier = CLASSIFIER_OF_DATASET[dataset]
-        checkpoint = classifier_checkpoint(classifier, root=data_root)
+        own = split_seed if classifier == dataset else 0
+        checkpoint = classifier_checkpoint(classifier, root=data_root, split_seed=own)
         extractor, weights, suffix = EXTRACTOR_NAMES[classifier], str(checkpoint.path), f"_{classifier}"
         record["classifier_test_accuracy"] = checkpoint.test_accuracy
     kid_subset_size = min(KID_SUBSET_SIZE, len(samples), len(reference))
@@ -148,3 +155,19 @@ def sample_quality(
         kid_subset_size=kid_subset_size,
     )
     return record
+
+
+def datamodule_scorer(
+    datamodule: ArrayDataModule, dataset: str, reference_split: str, inception_weights: str | None = None
+) -> Callable[[Tensor], dict]:
+    """`sample_quality` of any images against the datamodule's real `reference_split`, with the
+    classifier of the datamodule's own split."""
+    return functools.partial(
+        sample_quality,
+        reference=datamodule.split(reference_split),
+        dataset=dataset,
+        num_levels=datamodule.num_levels,
+        inception_weights=inception_weights,
+        data_root=getattr(datamodule, "root", "data"),
+        split_seed=datamodule.split_seed,
+    )

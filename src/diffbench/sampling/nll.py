@@ -13,10 +13,14 @@ import torchdiffeq
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffbench.core.diffusion import NoiseSchedule, VarianceType, q_sample
-from diffbench.core.heads import HEADS
+from diffbench.core.diffusion import (
+    NoiseSchedule,
+    VarianceType,
+    elbo_proposal,
+    importance_timesteps,
+    q_sample,
+)
 from diffbench.core.likelihood import nats_to_bpd, prior_kl, sum_except_batch, vlb_term
-from diffbench.core.weightings import WEIGHTINGS, importance_timesteps
 from diffbench.sampling.samplers import EpsFn, eps_at_log_snr, flow_log_snr_range, probability_flow_drift
 
 # torchdiffeq's adaptive Runge–Kutta solvers: the likelihood is only as good as its tolerance.
@@ -168,9 +172,7 @@ def importance_vlb_bpd(
 ) -> Tensor:
     """`one_term_vlb_bpd` with p(t) ∝ the ELBO's ε-weight, where its terms are large: about 40×
     less spread than a uniform t, whose rare small-t draws dominate the estimate."""
-    steps = torch.arange(2, schedule.num_timesteps + 1, device=x0.device)
-    proposal = WEIGHTINGS["elbo"].eps_weight(HEADS["eps"], schedule, steps, variance)
-    t, prob = importance_timesteps(proposal / proposal.sum(), len(x0), generator)
+    t, prob = importance_timesteps(elbo_proposal(schedule, variance, first=2), len(x0), generator)
     return one_term_vlb_bpd(eps_fn, schedule, x0, num_levels, generator, t, prob, variance)
 
 

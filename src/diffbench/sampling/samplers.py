@@ -333,12 +333,43 @@ def probability_flow(
     return _denoise(eps_fn, schedule, x, T_MIN).float()
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ancestral": ddpm_ancestral,
-    "ddim": ddim,
-    "sde": reverse_sde,
-    "ode": probability_flow,
+@dataclass(frozen=True)
+class SamplerOptions:
+    """Settings a sampler may take beside its step count; each sampler reads its own."""
+
+    eta: float = 0.0
+    variance: VarianceType = "large"
+    method: ODEMethod = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: its function, which of `SamplerOptions` it takes, and whether a step
+    count of 0 (every step of the schedule) is valid for it."""
+
+    function: Callable[..., Tensor]
+    options: tuple[str, ...]
+    every_step: bool = False
+
+    def settings(self, steps: int, options: SamplerOptions) -> dict[str, object]:
+        """The keyword settings of a run at `steps`, as its function takes them and as recorded."""
+        count = (steps or None) if self.every_step else steps
+        return {"steps": count, **{name: getattr(options, name) for name in self.options}}
+
+    def valid_steps(self, steps: object, num_timesteps: int) -> bool:
+        is_int = isinstance(steps, int) and not isinstance(steps, bool)
+        return is_int and (1 <= steps <= num_timesteps or (self.every_step and steps == 0))
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ancestral": Sampler(ddpm_ancestral, ("variance",), every_step=True),
+    "ddim": Sampler(ddim, ("eta",)),
+    "sde": Sampler(reverse_sde, ()),
+    "ode": Sampler(probability_flow, ("method", "rtol", "atol")),
 }
+"""Every sampler by name: the one list the config checks, the evaluation and the benchmarks use."""
 
 
 class CountedEps:
@@ -374,5 +405,5 @@ def sample(
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}")
     counted = CountedEps(eps_fn)
-    samples = SAMPLERS[name](counted, schedule, shape, generator, **settings)
+    samples = SAMPLERS[name].function(counted, schedule, shape, generator, **settings)
     return SampleResult(samples=samples, nfe=counted.calls)

@@ -3,8 +3,10 @@ constructor arguments (objects from `diffbench.core`)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -18,7 +20,7 @@ from diffbench.core.heads import Denoiser, get_head
 from diffbench.core.likelihood import nats_to_bpd, prior_kl, vlb_term
 from diffbench.core.weightings import LossInputs, get_weighting
 from diffbench.sampling.nll import importance_vlb_bpd
-from diffbench.seeding import stream_seed
+from diffbench.seeding import Streams, validation_stream
 
 PENDING_STEPS = 100
 """Steps of gradient norms held on the device between copies to the host."""
@@ -71,6 +73,8 @@ class DiffusionModule(L.LightningModule):
         if compile:
             self.net.compile()
             self.ema.compile()
+        self.streams = Streams(seed)
+        self.has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in net.modules())
         self.online = Denoiser(self.net, self.head, self.schedule, memory_format)
         self.denoiser = Denoiser(self.ema, self.head, self.schedule, memory_format)
         """The EMA network read through the head: what samplers, likelihoods and metrics use."""
@@ -112,22 +116,38 @@ class DiffusionModule(L.LightningModule):
         return terms
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        """Torch's generator is reseeded from (seed, step, process) first, so the step's t, ε (and
-        any dropout) depend on nothing else: a run resumed from a checkpoint draws exactly what the
-        uninterrupted run drew, with no RNG state to carry in the checkpoint."""
-        torch.manual_seed(stream_seed(self.hparams.seed, self.global_step, self.global_rank))
+        """The step's t and ε come from the stream of (seed, step, process) alone, so a run resumed
+        from a checkpoint draws exactly what the uninterrupted run drew, with no RNG state to carry
+        in the checkpoint. Torch's global generator is never read: dropout, which takes no
+        generator, draws from a fork of it seeded from the same stream."""
         x0 = batch[0]
+        generator = self.streams.step(self.global_step, self.global_rank, self.device)
         t, terms_per_draw = self.weighting.sample_timesteps(
-            self.schedule, len(x0), self.device, self.hparams.variance
+            self.schedule, len(x0), generator, self.hparams.variance
         )
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         logging = self.trainer._logger_connector.should_update_logs if self._trainer else True
-        terms = self.loss_terms(x0, t, torch.randn_like(x0), terms_per_draw, diagnostics=logging)
+        with self.dropout_rng(generator):
+            terms = self.loss_terms(x0, t, eps, terms_per_draw, diagnostics=logging)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/eps_mse", terms["eps_mse"].mean())
         if logging:
             self.log("train/vlb_bpd", terms["vlb_bpd"].mean())
         return loss.float()
+
+    @contextlib.contextmanager
+    def dropout_rng(self, generator: torch.Generator) -> Iterator[None]:
+        """For a network with dropout, a fork of torch's generator seeded from the step's stream
+        and restored afterwards; for one without, nothing to do."""
+        if not self.has_dropout:
+            yield
+            return
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The EMA follows each optimizer step inside it, so checkpoints and per-budget measurements
@@ -205,7 +225,7 @@ class DiffusionModule(L.LightningModule):
         VLB is importance-sampled with p(t) ∝ the ELBO's ε-weight, where its terms are large: a
         uniform t makes the estimate heavy-tailed (a few small-t draws dominate it)."""
         x0 = batch[0]
-        generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+        generator = validation_stream(batch_idx, self.device)
         t = torch.randint(1, self.num_timesteps + 1, (len(x0),), device=self.device, generator=generator)
         eps = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         terms = self.loss_terms(x0, t, eps, self.num_timesteps, use_ema=True)

@@ -1,0 +1,274 @@
+"""The training-and-evaluation sequence of one run, from its spec: fit (resuming from the newest
+checkpoint that loads), measure the cheap metrics at every budget, evaluate, and write
+results.json last; a diverged run stops cleanly with its own record. The command line around it
+is `cli/run.py`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import wandb
+from lightning.pytorch.loggers import WandbLogger
+
+from diffbench.core.unet import count_parameters
+from diffbench.data.base import ArrayDataModule
+from diffbench.evaluation.budget import budget_metrics, budget_steps
+from diffbench.evaluation.evaluate import evaluate
+from diffbench.evaluation.plots import save_grid
+from diffbench.rundir import (
+    COMPLETE,
+    CURVES,
+    DIVERGED,
+    IMAGES,
+    SAMPLE_GRID,
+    RunDir,
+    config_hash,
+    make_run_dir,
+    media_key,
+)
+from diffbench.sampling.samplers import ddpm_ancestral
+from diffbench.spec import RunSpec
+from diffbench.train.budgets import BudgetEvaluation
+from diffbench.train.build import build_datamodule, build_module, build_trainer
+from diffbench.train.callbacks import StopOnDivergence, keep_previous_metrics
+from diffbench.train.module import DiffusionModule
+
+
+def completed_results(run_dir: RunDir, spec: RunSpec) -> dict | None:
+    """The results of a finished (or diverged) run of this very config in `run_dir`, if any."""
+    results = run_dir.final_results()
+    return results if results is not None and results.get("config_hash") == config_hash(spec) else None
+
+
+def wandb_started(trainer: L.Trainer) -> bool:
+    """Start the W&B run now, before any training, so that a W&B failure (a malformed or rejected
+    key, a server that refuses) costs a line and an offline run rather than the run itself."""
+    try:
+        run = trainer.loggers[0].experiment
+    except Exception as error:  # wandb raises its own error types, and OSError/ValueError besides
+        print(
+            f"[diffbench] W&B could not start a run ({type(error).__name__}: {error}); "
+            "logging offline instead (wandb sync uploads it later).",
+            file=sys.stderr,
+        )
+        return False
+    return run is not None
+
+
+def watched_steps(spec: RunSpec, budget: list[int]) -> set[int]:
+    """Steps at which something is measured or saved: a diverged network must not reach them."""
+    steps = spec.max_steps
+    every = (spec.output.checkpoint_every, spec.trainer["val_check_interval"])
+    return set(budget) | {s for interval in every for s in range(interval, steps + 1, interval)}
+
+
+def draw_samples(spec: RunSpec, module: DiffusionModule, path: Path, shape: tuple[int, ...]) -> dict:
+    """A grid from the EMA model with DDPM's plain ancestral sampler over all T steps."""
+    generator = spec.streams.evaluation("sample_grid", device=module.device)
+    count = spec.sample_grid_images
+    start = time.perf_counter()
+    samples = ddpm_ancestral(
+        module.denoiser,
+        module.schedule,
+        (count, *shape),
+        generator,
+        variance=spec.evaluation.ancestral_variance,
+        progress=True,
+    )
+    save_grid(samples, path, nrow=math.ceil(count**0.5))
+    return {
+        "file": path.name,
+        "sampler": "ancestral",
+        "steps": module.num_timesteps,
+        "num_images": count,
+        "variance": spec.evaluation.ancestral_variance,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def train(spec: RunSpec) -> dict:
+    """Fit one arm, evaluate it, and return what `results.json` records (rank zero)."""
+    datamodule = build_datamodule(spec)
+    datamodule.setup()
+    run_dir = RunDir(make_run_dir(spec))
+    done = completed_results(run_dir, spec)
+    if done:
+        print(
+            f"[diffbench] {spec.experiment} seed {spec.seed}: already {done['status']} "
+            f"in {run_dir.path}; skipping"
+        )
+        return done
+    datamodule.train_samples = spec.max_steps * spec.data.batch_size
+    module = build_module(spec, datamodule.num_levels)
+    steps = budget_steps(spec.max_steps, spec.evaluation.budget_base)
+    budgets = BudgetEvaluation(
+        steps, lambda module: measure_budget(module, datamodule, spec), run_dir.write_budgets
+    )
+    divergence = StopOnDivergence(spec.trainer["log_every_n_steps"], watched_steps(spec, steps))
+    trainer = build_trainer(spec, run_dir.path, [divergence, budgets])
+    if trainer.is_global_zero and not wandb_started(trainer):
+        os.environ["WANDB_MODE"] = "offline"
+        trainer = build_trainer(spec, run_dir.path, [divergence, budgets])
+    with run_dir.exclusive() if trainer.is_global_zero else contextlib.nullcontext():
+        return fit_and_evaluate(spec, run_dir, datamodule, module, trainer, budgets, divergence)
+
+
+def fit_and_evaluate(
+    spec: RunSpec,
+    run_dir: RunDir,
+    datamodule: ArrayDataModule,
+    module: DiffusionModule,
+    trainer: L.Trainer,
+    budgets: BudgetEvaluation,
+    divergence: StopOnDivergence,
+) -> dict:
+    """Train from the newest loadable checkpoint (or from scratch), then evaluate; rank zero
+    writes results.json last. The caller holds the directory's lock."""
+    num_params = count_parameters(module.net)
+    last, resume_step, damaged = run_dir.latest_checkpoint()
+    if trainer.is_global_zero:
+        run_dir.write_config(spec)
+        print(
+            f"[diffbench] {spec.experiment}: U-Net with {num_params:,} parameters; "
+            f"run directory {run_dir.path}"
+        )
+        for path in damaged:
+            print(f"[diffbench] checkpoint {path} cannot be loaded (damaged or cut short); passing over it")
+    if last and trainer.is_global_zero:
+        print(f"[diffbench] resuming the interrupted run from {last} (step {resume_step})")
+        keep_previous_metrics(trainer.loggers[1], run_dir.metrics_csv, resume_step)
+    datamodule.resume_step = resume_step
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"num_params": num_params})
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=True)
+    train_seconds = time.perf_counter() - start
+    identity = {
+        "experiment": spec.experiment,
+        "arm": spec.arm.label,
+        "head": spec.arm.head,
+        "weighting": spec.arm.weighting,
+        "profile": spec.profile,
+        "config_hash": config_hash(spec),
+        "seed": spec.seed,
+        "data": spec.data.name,
+        "model": spec.resolved["model"]["name"],
+        "num_params": num_params,
+        "run_dir": str(run_dir.path),
+    }
+    if divergence.step is not None:
+        return record_divergence(spec, run_dir, trainer, module, budgets, identity, divergence.step)
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    module.to(trainer.strategy.root_device)
+    evaluation, eval_seconds = (
+        evaluate(module.denoiser, datamodule, spec, run_dir) if spec.evaluation.enabled else (None, 0.0)
+    )
+    if not trainer.is_global_zero:
+        return {}
+    shape = datamodule.image_shape
+    grid = draw_samples(spec, module, run_dir / SAMPLE_GRID, shape) if spec.sample_grid_images else None
+    results = {
+        "status": COMPLETE,
+        **identity,
+        "steps": trainer.global_step,
+        "train_wall_time_s": round(train_seconds, 2),
+        "eval_wall_time_s": eval_seconds,
+        "metrics": {
+            **{key: float(value) for key, value in final.items()},
+            **(evaluation.metrics if evaluation else {}),
+        },
+        "evaluation": evaluation.settings if evaluation else {},
+        "optimisation": module.optimisation_record(),
+        "budgets": budgets.rows,
+        "samples": grid,
+        "spec": spec.record(),
+    }
+    log_to_wandb(trainer.loggers[0], results, run_dir, trainer.global_step)
+    run_dir.write_results(results)
+    trainer.loggers[0].experiment.finish()
+    print_summary(results)
+    return results
+
+
+def record_divergence(
+    spec: RunSpec,
+    run_dir: RunDir,
+    trainer: L.Trainer,
+    module: DiffusionModule,
+    budgets: BudgetEvaluation,
+    identity: dict,
+    step: int,
+) -> dict:
+    """A run whose loss went non-finite: results.json with status `diverged`, the step, the budget
+    rows measured before it and no metrics (nothing is evaluated on a broken network)."""
+    reason = (
+        f"the training loss was not finite (NaN or infinite) at step {step} of {spec.max_steps}; "
+        f"training stopped there and nothing was evaluated. Try a smaller optim.lr "
+        f"(now {spec.optim.lr:g}) or set trainer.gradient_clip_val."
+    )
+    print(f"[diffbench] {identity['arm']} seed {spec.seed} diverged: {reason}", file=sys.stderr)
+    if not trainer.is_global_zero:
+        return {}
+    results = {
+        "status": DIVERGED,
+        **identity,
+        "steps": step,
+        "diverged_at_step": step,
+        "reason": reason,
+        "metrics": {},
+        "evaluation": {},
+        "optimisation": module.optimisation_record(),
+        "budgets": budgets.rows,
+        "samples": None,
+        "spec": spec.record(),
+    }
+    run_dir.write_results(results)
+    trainer.loggers[0].experiment.summary.update({"status": DIVERGED, "diverged_at_step": step})
+    trainer.loggers[0].experiment.finish()
+    return results
+
+
+def measure_budget(module: DiffusionModule, datamodule: ArrayDataModule, spec: RunSpec) -> dict[str, float]:
+    """The cheap metrics of the EMA network in eval mode, with torch's random state set aside
+    and restored, so a budget measurement cannot change the training that follows it."""
+    with torch.random.fork_rng(devices=[]):
+        mode = module.ema.training
+        module.ema.eval()
+        metrics = budget_metrics(module.denoiser, datamodule, spec)
+        module.ema.train(mode)
+    return metrics
+
+
+def log_to_wandb(logger: WandbLogger, results: dict, run_dir: RunDir, step: int) -> None:
+    """Final metrics as the run's summary (what W&B's runs table and grouping by `arm`
+    aggregate), the per-t curves as tables and the images."""
+    run = logger.experiment
+    for key in results["metrics"]:
+        run.define_metric(f"final/{key}", summary="last")
+    run.summary.update({f"final/{k}": v for k, v in results["metrics"].items()})
+    run.summary.update({"seed": results["seed"], "num_params": results["num_params"]})
+    for curve in CURVES:
+        if (values := run_dir.read_curve(curve)) is not None:
+            table = wandb.Table(columns=list(curve.columns), data=[list(row) for row in zip(*values)])
+            run.log({f"curves/{curve.name}": table})
+    for name in IMAGES:
+        if (run_dir / name).is_file():
+            logger.log_image(key=media_key(name), images=[str(run_dir / name)], step=step)
+
+
+def print_summary(results: dict) -> None:
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(results["metrics"].items()))
+    print(
+        f"\n[diffbench] {results['arm']} ({results['head']} head, {results['weighting']} weighting) "
+        f"seed {results['seed']}: "
+        f"{results['steps']} steps in {results['train_wall_time_s']:.0f} s\n"
+        f"[diffbench] final {metrics}\n"
+        f"[diffbench] results in {results['run_dir']}/results.json (sample grids and curves beside it)"
+    )

@@ -13,11 +13,12 @@ SEEDS ?=
 GPUS ?= 0
 JOBS ?= 0
 
-.PHONY: help install test run sweep report lint format clean
+.PHONY: help install test test-fast run sweep report lint format clean
 
 help:
 	@echo "make install           create .venv and install diffbench with its dev and bench tools"
 	@echo "make test              run the test suite (what CI runs)"
+	@echo "make test-fast         the tests not marked slow: the math, the statistics, the report (well under a minute)"
 	@echo "make run EXP=eps_simple [ARGS='trainer.max_steps=500 seed=3']   train and evaluate one arm"
 	@echo "make sweep OBJ=all [PROFILE=smoke|default|full] [DATA=digits] [SEEDS=3] [GPUS=0] [ARGS='…']"
 	@echo "                       train + evaluate every selected arm x seed, then print the summary"
@@ -37,6 +38,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 run: $(STAMP)
 	$(PY) -m diffbench.run experiment=$(EXP) $(ARGS)

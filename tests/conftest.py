@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from diffbench.config import compose
+from diffbench.data.digits import DigitsDataModule
+from diffbench.data.gmm import DiffusedMixture, fit_digits_mixture
 from diffbench.spec import RunSpec, build_spec
 
 
@@ -51,3 +53,18 @@ TINY = [
 def spec_of(args: list[str]) -> RunSpec:
     """The run spec of a command line, as `python -m diffbench.run` builds it."""
     return build_spec(compose(args))
+
+
+@pytest.fixture(scope="session")
+def digits() -> DigitsDataModule:
+    """The default dataset with the default split, loaded once for the session."""
+    return DigitsDataModule()
+
+
+@pytest.fixture(scope="session")
+def digits_mixture(tmp_path_factory: pytest.TempPathFactory) -> DiffusedMixture:
+    """The default fitted mixture, fitted into the session's test cache (session scope runs before
+    the autouse fixture that points DIFFBENCH_CACHE there, so it sets the variable itself)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        return fit_digits_mixture()

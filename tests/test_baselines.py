@@ -63,11 +63,7 @@ def test_constant_pixels_cost_only_the_smoothing() -> None:
     assert 0 < got < 0.025
 
 
-@pytest.fixture(scope="module")
-def digits() -> DigitsDataModule:
-    return DigitsDataModule(seed=0)
-
-
+@pytest.mark.slow
 def test_real_vs_real_floor_is_small_and_reuses_the_sample_metric(digits: DigitsDataModule) -> None:
     train, reference = digits.split("train")[:200], digits.split("test")[:200]
     score = functools.partial(sample_quality, reference=reference, dataset="digits", num_levels=17)

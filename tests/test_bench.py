@@ -18,6 +18,7 @@ from diffbench.core.unet import AttentionBlock, UNet, count_parameters
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_peers_tiny_runs_every_row(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
     path = tmp_path / "p.json"

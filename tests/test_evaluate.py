@@ -14,6 +14,8 @@ from diffbench.core.diffusion import NoiseSchedule
 from diffbench.evaluation.groundtruth import logsnr_timesteps
 from diffbench.pipeline import train
 
+pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
+
 GMM = ["data=gmm", "data.num_train=256", "data.num_val=64", "data.num_test=64", "data.num_components=4"]
 
 

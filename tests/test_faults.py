@@ -19,6 +19,8 @@ from diffbench.cli import run as run_cli
 from diffbench.config import ConfigError
 from diffbench.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
+
 BAD_INPUTS = [
     (["experiment=eps_simpel"], "eps_simple"),
     (["trainer.max_stepz=3"], "Did you mean"),

@@ -42,11 +42,7 @@ def offline_with_tmp_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("DIFFBENCH_CACHE", str(cache))
 
 
-@pytest.fixture(scope="module")
-def digits() -> DigitsDataModule:
-    return DigitsDataModule(seed=0)
-
-
+@pytest.mark.slow
 def test_classifier_is_accurate_and_cached(cache: Path) -> None:
     checkpoint = classifier_checkpoint("digits")
     assert checkpoint.test_accuracy > 0.9

@@ -35,15 +35,6 @@ def small_mixture() -> DiffusedMixture:
     return DiffusedMixture(torch.tensor([0.5, 0.3, 0.2]), means, covariances)
 
 
-@pytest.fixture(scope="module")
-def digits_mixture(tmp_path_factory: pytest.TempPathFactory) -> DiffusedMixture:
-    """The default fitted mixture, fitted into the session's test cache (module scope runs before the
-    autouse fixture that points DIFFBENCH_CACHE there, so it sets the variable itself)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DIFFBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        return fit_digits_mixture()
-
-
 def diffused_reference(mixture: DiffusedMixture, alpha_bar: float) -> MixtureSameFamily:
     """q_t built directly by torch.distributions, with no eigendecomposition."""
     identity = torch.eye(mixture.dim, dtype=torch.float64)

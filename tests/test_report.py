@@ -415,6 +415,7 @@ def chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_page_renders_in_headless_chromium(built: tuple[Path, dict, str], tmp_path: Path) -> None:
     out, payload, _ = built
     browser = chromium()
@@ -500,6 +501,7 @@ def test_wandb_source_counts_a_rerun_once_and_lists_the_rest() -> None:
     assert torch.isfinite(torch.tensor(run.metrics["nll_vlb_bpd"]))
 
 
+@pytest.mark.slow
 def test_learning_rate_check_says_whether_the_ranking_changes(tmp_path: Path) -> None:
     """Two learning rates, one seed: at 1e-3 eps_elbo has the lower NLL, at 3e-3 the ranking is
     turned around by lowering eps_simple's NLL below it."""

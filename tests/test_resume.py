@@ -16,6 +16,8 @@ import pytest
 from conftest import TINY
 from diffbench.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
+
 STEPS = 8
 ARGS = [
     "experiment=eps_elbo",

@@ -174,6 +174,7 @@ EXACT_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "settings"), EXACT_CASES)
 def test_samplers_with_the_exact_denoiser_draw_from_the_mixture(name: str, settings: dict) -> None:
     mixture, schedule = small_mixture(), NoiseSchedule("linear", 1000)

@@ -44,6 +44,8 @@ from diffbench.rundir import RunDir, trial_dir
 from diffbench.spec import build_spec
 from diffbench.train.build import build_datamodule, build_module
 
+pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
+
 SWEEP_FILES = sorted(sweeps_dir().glob("*.yaml"))
 
 

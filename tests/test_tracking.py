@@ -16,6 +16,8 @@ from conftest import TINY
 from diffbench.cli import sweep as sweep_cli
 from diffbench.tracking import wandb_mode, wandb_server_answers
 
+pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
+
 
 def closed_port() -> int:
     """A loopback port with nothing listening: connections are refused at once."""

@@ -105,6 +105,7 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_from_another_directory(tmp_path: Path) -> None:
     proc = run_cli(["experiment=eps_elbo", *TINY, "run.root=out", "eval.budget_base=1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,6 +144,7 @@ def test_cli_end_to_end_from_another_directory(tmp_path: Path) -> None:
     assert "results in" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_unknown_experiment_lists_choices_without_traceback(tmp_path: Path) -> None:
     proc = run_cli(["experiment=eps_simpel"], cwd=tmp_path)
     assert proc.returncode == 2
@@ -154,11 +156,13 @@ def test_cli_unknown_experiment_lists_choices_without_traceback(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("arg", "message"), [("trainer.max_stepz=3", "Did you mean"), ("seed=abc", "wrong type")]
 )
+@pytest.mark.slow
 def test_cli_bad_override_is_explained(tmp_path: Path, arg: str, message: str) -> None:
     proc = run_cli(["experiment=eps_simple", arg], cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_compiled_module_keeps_clean_checkpoint_keys() -> None:
     cfg = spec_of(["experiment=eps_simple", *TINY, "speed.compile=true"])
     module = build_module(cfg, 17)
@@ -301,6 +305,7 @@ def test_fused_and_foreach_adamw_agree_to_float_tolerance() -> None:
     assert any(not torch.equal(a, s) for a, s in zip(fused, start)), "the steps moved the weights"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_training_reads_no_global_generator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dropout: float

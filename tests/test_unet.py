@@ -184,6 +184,7 @@ def test_attention_matches_brute_force_softmax() -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_graph_has_no_breaks_and_matches_eager() -> None:
     net = randomized(UNet(**TINY))
     x, t = inputs(net, batch=2)

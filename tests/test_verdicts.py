@@ -22,6 +22,8 @@ from diffbench.core.arms import Arm
 from diffbench.core.diffusion import NoiseSchedule
 from fabricate import write_run
 
+pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
+
 ALPHA = 0.05
 REPLICATES = 800
 #: Three binomial standard errors of a rate near α over REPLICATES draws (≈ 0.023).

@@ -73,6 +73,19 @@ def test_evaluate_cli_reevaluates_a_finished_run(tmp_path: Path, capsys: pytest.
         assert len(list(csv.DictReader(handle))) > 3
 
 
+def test_evaluate_cli_checks_its_overrides_before_evaluating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An evaluation setting is checked by the same rules as a run's, before anything is computed:
+    results.json is untouched."""
+    train(spec_of(["experiment=eps_simple", *TINY, f"run.dir={tmp_path}"]))
+    before = (tmp_path / "results.json").read_bytes()
+    for override, phrase in (("steps=0", "eval.sampler_steps=0"), ("sampler=heun", "not a sampler")):
+        assert evaluate_main([f"run_dir={tmp_path}", override]) == 2
+        assert phrase in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_bytes() == before
+
+
 def test_evaluate_cli_rejects_a_directory_without_a_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
+from diffbench.cli.checks import check_budgets
 from diffbench.config import ConfigError, apply_value, parse_overrides
 from diffbench.evaluation.evaluate import evaluate
 from diffbench.rundir import CHECKPOINTS, COMPLETE, CONFIG, DIVERGED, RunDir
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in values:
             apply_value(cfg, EVAL_SHORTCUTS.get(key, key), value)
         spec = build_spec(cfg)
+        check_budgets(spec)
     except ConfigError as error:
         print(f"diffbench.evaluate: {error}", file=sys.stderr)
         return 2

@@ -283,6 +283,16 @@ def secondary_pairs(
             claim.tests.append(test)
 
 
+def primary_pairs(claim: Claim, values: Values, winner: str, loser: str, metric: str) -> list[Part]:
+    """A claim's one primary test, (head winner) < (head loser) on every head holding both arms,
+    decided as the claim's Holm family, with the headline naming the heads it could not test."""
+    parts, untested = pair_parts(values, winner, loser, metric, "negative")
+    claim.tests.append(Test(f"{winner} < {loser}", metric, DIRECTIONAL, parts))
+    claim.verdict = decide_directional(claim.tests)
+    claim.headline = scoped(claim.verdict, parts, untested, GRID)
+    return parts
+
+
 def claim_likelihood(values: Values, metrics: MetricSet) -> Claim:
     claim = Claim(
         1,
@@ -292,10 +302,7 @@ def claim_likelihood(values: Values, metrics: MetricSet) -> Claim:
     if not metrics.nll:
         claim.headline = f"{NOT_TESTED}: these runs measured no NLL"
         return claim
-    parts, untested = pair_parts(values, "elbo", "eps", metrics.nll[0], "negative")
-    claim.tests.append(Test("elbo < eps", metrics.nll[0], DIRECTIONAL, parts))
-    claim.verdict = decide_directional(claim.tests)
-    claim.headline = scoped(claim.verdict, parts, untested, GRID)
+    primary_pairs(claim, values, "elbo", "eps", metrics.nll[0])
     secondary_pairs(
         values,
         claim,
@@ -315,10 +322,7 @@ def claim_samples(values: Values, metrics: MetricSet) -> Claim:
         claim.headline = f"{NOT_TESTED}: these runs measured no sample metric"
         return claim
     main = metrics.quality[0]
-    parts, untested = pair_parts(values, "eps", "elbo", main, "negative")
-    claim.tests.append(Test("eps < elbo", main, DIRECTIONAL, parts))
-    claim.verdict = decide_directional(claim.tests)
-    claim.headline = scoped(claim.verdict, parts, untested, GRID)
+    parts = primary_pairs(claim, values, "eps", "elbo", main)
     along = {}
     for tag in metrics.samplers:
         variant, _ = pair_parts(values, "eps", "elbo", metric_at(main, tag), "negative")

@@ -314,7 +314,7 @@ def build_spec(cfg: DictConfig) -> RunSpec:
             name=data["name"],
             batch_size=data["batch_size"],
             split_seed=data.get("split_seed", 0),
-            options={k: v for k, v in data.items() if k not in ("name", "split_seed")},
+            options={k: v for k, v in data.items() if k not in ("name", "split_seed", "batch_size")},
         ),
         model={k: v for k, v in resolved["model"].items() if k != "name"},
         diffusion=DiffusionSpec(**resolved["diffusion"]),

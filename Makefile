@@ -11,7 +11,14 @@ PROFILE ?= default
 DATA ?=
 SEEDS ?=
 GPUS ?= 0
+TRIALS_PER_GPU ?= 1
 JOBS ?= 0
+AGENTS ?= 0
+LAUNCHER ?= local
+WAIT ?=
+PARTITION ?=
+TIME ?= 240
+ARRAY_PARALLELISM ?= 0
 
 .PHONY: help install test test-fast run sweep report lint format clean
 
@@ -24,6 +31,8 @@ help:
 	@echo "                       train + evaluate every selected arm x seed, then print the summary"
 	@echo "                       OBJ=grid: every head x {elbo, elbo_is, eps, own}; OBJ=weightings: eps head x every weighting"
 	@echo "make sweep OBJ=lr [LR_OF=all|grid|…]  the arms of sweep LR_OF at optim.lr 3e-4, 1e-3, 3e-3 on seed 0"
+	@echo "make sweep … GPUS=1 TRIALS_PER_GPU=2   every GPU of the node busy, two trials per GPU"
+	@echo "make sweep … LAUNCHER=slurm [PARTITION= TIME=240 WAIT=1]  a SLURM job array through submitit"
 	@echo "make report [WANDB=entity/project]  verdicts, tables and figures from every finished run under runs/ -> runs/report/"
 	@echo "make lint / format     ruff check / ruff format"
 	@echo "make clean             remove caches (keeps runs/ and .venv)"
@@ -47,8 +56,10 @@ run: $(STAMP)
 
 sweep: $(STAMP)
 	$(PY) -m diffbench.sweep --obj "$(OBJ)" --profile "$(PROFILE)" --gpus "$(GPUS)" --jobs "$(JOBS)" \
-		$(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") $(if $(LR_OF),--lr-of "$(LR_OF)") \
-		--args "$(ARGS)"
+		--trials-per-gpu "$(TRIALS_PER_GPU)" --agents "$(AGENTS)" --launcher "$(LAUNCHER)" \
+		--time "$(TIME)" --array-parallelism "$(ARRAY_PARALLELISM)" $(if $(PARTITION),--partition "$(PARTITION)") \
+		$(if $(WAIT),--wait) $(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") \
+		$(if $(LR_OF),--lr-of "$(LR_OF)") --args "$(ARGS)"
 
 report: $(STAMP)
 	$(PY) -m diffbench.report --runs runs $(if $(WANDB),--wandb "$(WANDB)")

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "diffbench"
 LAYERS = {
     "cli": 5,
     "pipeline": 4,
+    "launch": 4,
     "bench": 4,
     "train": 3,
     "evaluation": 3,

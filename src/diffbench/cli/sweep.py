@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import queue
 import shlex
 import subprocess
 import sys
@@ -20,6 +21,16 @@ import yaml
 from diffbench.analysis.summary import summarize_trials
 from diffbench.cli.report import main as report_main
 from diffbench.config import ConfigError, available, compose, find_choice
+from diffbench.launch import (
+    SlurmOptions,
+    TrialJob,
+    cpu_share,
+    gpu_slots,
+    run_local_jobs,
+    submit_slurm,
+    trial_env,
+    visible_gpus,
+)
 from diffbench.rundir import DIVERGED, RESULTS, SWEEP_LOG, RunDir, runs_root, trial_dir, trials_root
 from diffbench.spec import build_spec
 from diffbench.tracking import wandb_online
@@ -144,20 +155,6 @@ def trial_overrides(command: list[str]) -> list[str]:
     return [part for part in command if "=" in part]
 
 
-def check_gpus(gpus: int) -> None:
-    if gpus <= 0:
-        return
-    import torch
-
-    available = torch.cuda.device_count()
-    if gpus > available:
-        instead = f"GPUS={available} or " if available else ""
-        raise ConfigError(
-            f"GPUS={gpus} but this machine has {available} CUDA device(s). Use {instead}GPUS=0 "
-            "(train on the CPU); nothing was started."
-        )
-
-
 def hardware_args(gpus: int) -> list[str]:
     return [] if gpus <= 0 else ["trainer.accelerator=gpu", f"trainer.devices={gpus}", "trainer=gpu"]
 
@@ -172,25 +169,35 @@ def run_trial(command: list[str], env: dict[str, str], log: Path | None) -> int:
 
 
 def run_local(
-    sweep: dict, points: list[dict[str, object]], dirs: list[Path], env: dict[str, str], jobs: int
+    sweep: dict,
+    points: list[dict[str, object]],
+    dirs: list[Path],
+    env: dict[str, str],
+    slots: list[str | None],
 ) -> list[dict]:
-    """Run every trial's command, `jobs` at a time (each with cores/jobs threads; their output
-    then goes to <trial dir>/sweep.log); finished trials return at once (run.reuse)."""
-    if jobs > 1:
-        threads = str(max(1, (os.cpu_count() or 1) // jobs))
-        env = {**env, "OMP_NUM_THREADS": threads, "DIFFBENCH_THREADS": threads}
+    """Run every trial's command, one per slot at a time (a slot is a GPU group, or None for a
+    CPU trial); each trial gets its slot's GPUs and its share of the cores, and with more than one
+    slot its output goes to <trial dir>/sweep.log. Finished trials return at once (run.reuse)."""
+    threads = cpu_share(len(slots))
+    free: queue.Queue[str | None] = queue.Queue()
+    for slot in slots:
+        free.put(slot)
     lock = threading.Lock()
     done: list[dict] = []
 
     def one(index: int) -> dict:
         point = points[index]
         label = " ".join(f"{k}={v}" for k, v in point.items())
-        log = dirs[index] / SWEEP_LOG if jobs > 1 else None
+        log = dirs[index] / SWEEP_LOG if len(slots) > 1 else None
+        slot = free.get()
         with lock:
-            where = f" (log: {log})" if log else ""
+            where = (f" on GPU {slot}" if slot is not None else "") + (f" (log: {log})" if log else "")
             print(f"[sweep] trial {index + 1}/{len(points)} started: {label}{where}", flush=True)
         start = time.perf_counter()
-        code = run_trial(trial_command(sweep, point), env, log)
+        try:
+            code = run_trial(trial_command(sweep, point), trial_env(env, slot, threads), log)
+        finally:
+            free.put(slot)
         outcome = {"point": point, "returncode": code, "seconds": time.perf_counter() - start}
         with lock:
             done.append(outcome)
@@ -204,30 +211,25 @@ def run_local(
             )
         return outcome
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
         return list(pool.map(one, range(len(points))))
 
 
-def run_wandb(sweep: dict, agents: int, gpus: int, env: dict[str, str]) -> None:
-    """Create the W&B sweep from the YAML and run one CLI agent per GPU group."""
+def run_wandb(sweep: dict, slots: list[str | None], env: dict[str, str]) -> None:
+    """Create the W&B sweep from the YAML and run one CLI agent per slot, each pinned to its GPUs.
+    More machines join the same sweep with `wandb agent <entity>/<project>/<sweep id>`."""
     import wandb
 
-    sweep_id = wandb.sweep(
-        sweep=sweep, project=env.get("WANDB_PROJECT", "diffbench"), entity=env.get("WANDB_ENTITY")
+    project = env.get("WANDB_PROJECT", "diffbench")
+    sweep_id = wandb.sweep(sweep=sweep, project=project, entity=env.get("WANDB_ENTITY"))
+    target = (
+        f"{env['WANDB_ENTITY']}/{project}/{sweep_id}" if env.get("WANDB_ENTITY") else f"{project}/{sweep_id}"
     )
-    groups = [list(range(gpus))[i::agents] for i in range(agents)] if gpus else [[] for _ in range(agents)]
-    procs = []
-    for group in groups:
-        agent_env = dict(env)
-        if group:
-            agent_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, group))
-        project = env.get("WANDB_PROJECT", "diffbench")
-        target = (
-            f"{env['WANDB_ENTITY']}/{project}/{sweep_id}"
-            if env.get("WANDB_ENTITY")
-            else f"{project}/{sweep_id}"
-        )
-        procs.append(subprocess.Popen(["wandb", "agent", target], env=agent_env))
+    print(f"[sweep] W&B sweep {target}: {len(slots)} agent(s) here; more machines: `wandb agent {target}`")
+    threads = cpu_share(len(slots))
+    procs = [
+        subprocess.Popen(["wandb", "agent", target], env=trial_env(env, slot, threads)) for slot in slots
+    ]
     for proc in procs:
         proc.wait()
 
@@ -255,6 +257,53 @@ def summary_stem(sweep: dict, rate: float | None) -> str:
     return f"{SUMMARY_NAME}-{sweep['name']}" + ("" if rate is None else f"-lr{rate:.0e}")
 
 
+LAUNCHERS = ("local", "local-jobs", "slurm")
+
+
+def slots_for(gpus: int, trials_per_gpu: int, jobs: int) -> list[str | None]:
+    """Trials that run at once: one per GPU group slot, or `jobs` CPU trials (2 by default)."""
+    if gpus <= 0:
+        return [None] * (jobs or min(2, os.cpu_count() or 1))
+    return list(gpu_slots(visible_gpus(), gpus, trials_per_gpu))
+
+
+def agent_slots(slots: list[str | None], gpus: int, agents: int) -> list[str | None]:
+    """The W&B agents started here: by default one per GPU slot (every GPU of the node busy), one on
+    the CPU; `agents` lowers it (or, on the CPU, sets it)."""
+    if gpus <= 0:
+        return [None] * (agents or 1)
+    return slots[: agents or len(slots)]
+
+
+def finish(sweep: dict, points: list[dict[str, object]], dirs: list[Path], start: float) -> int:
+    """The summary table(s) and the report of the trials, and whether any is still incomplete."""
+    for rate, subset in summary_sets(points, dirs):
+        if rate is not None:
+            print(f"[sweep] optim.lr={rate:g}")
+        print(summarize_trials(subset, trials_root(dirs[0]) / summary_stem(sweep, rate)))
+    print(f"[sweep] wall time {time.perf_counter() - start:.0f} s")
+    report_main(["--runs", str(trials_root(dirs[0])), "--out", str(runs_root(dirs[0]) / "report")])
+    incomplete = [d for d in dirs if not (d / RESULTS).is_file()]
+    if incomplete:
+        print(
+            f"[sweep] {len(incomplete)} trial(s) incomplete; run the same command again to resume them.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def trial_jobs(
+    sweep: dict, points: list[dict[str, object]], dirs: list[Path], env: dict[str, str], threads: int
+) -> list[TrialJob]:
+    """Every trial as a submitit job: the same command the local runner runs."""
+    job_env = tuple(trial_env(env, None, threads).items())
+    return [
+        TrialJob(tuple(trial_command(sweep, point)), job_env, str(d / SWEEP_LOG))
+        for point, d in zip(points, dirs)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffbench.sweep", description=__doc__)
     parser.add_argument(
@@ -268,9 +317,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, help="smoke | default | full (budget of each trial)")
     parser.add_argument("--data", default=None, help="dataset config name, e.g. digits or gmm")
     parser.add_argument("--seeds", default=None, help="a count (3 → 0,1,2) or a list (0,4,7)")
-    parser.add_argument("--gpus", type=int, default=0, help="GPUs per trial (DDP); 0 = CPU")
-    parser.add_argument("--jobs", type=int, default=0, help="local trials at once (0: 2 on CPU, 1 with GPUs)")
-    parser.add_argument("--agents", type=int, default=1, help="parallel W&B agents, GPUs split among them")
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs per trial (DDP inside a trial); 0 = CPU")
+    parser.add_argument(
+        "--trials-per-gpu", type=int, default=1, help="trials sharing one GPU (group) at once"
+    )
+    parser.add_argument("--jobs", type=int, default=0, help="CPU trials at once (0: 2 on CPU)")
+    parser.add_argument(
+        "--agents", type=int, default=0, help="W&B agents here (0: one per GPU slot, 1 on CPU)"
+    )
+    parser.add_argument(
+        "--launcher", default="local", choices=LAUNCHERS, help="local runner, local-jobs or slurm"
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="slurm: wait for the array, then write the report"
+    )
+    parser.add_argument("--partition", default=None, help="slurm: partition")
+    parser.add_argument(
+        "--time", type=int, default=240, help="slurm: minutes per trial job (requeued on timeout)"
+    )
+    parser.add_argument(
+        "--array-parallelism", type=int, default=0, help="slurm: array tasks at once (0: all)"
+    )
     parser.add_argument(
         "--args", default="", help="extra overrides for every trial, e.g. 'trainer.max_steps=500'"
     )
@@ -288,20 +355,30 @@ def main(argv: list[str] | None = None) -> int:
         sweep = apply_options(sweep, options.profile, options.data, options.seeds, extra)
         points = expand_grid(sweep)
         dirs = trial_dirs(sweep, points)
-        check_gpus(options.gpus)
+        slots = (
+            [None]
+            if options.launcher == "slurm"
+            else slots_for(options.gpus, options.trials_per_gpu, options.jobs)
+        )
     except ConfigError as error:
         print(f"diffbench.sweep: {error}", file=sys.stderr)
         return 2
-    online = not options.local and os.environ.get("WANDB_MODE", "online") == "online" and wandb_online()
     env = dict(os.environ)
+    start = time.perf_counter()
+    if options.launcher != "local":
+        return launch_jobs(options, sweep, points, dirs, env, slots, start)
+    online = not options.local and os.environ.get("WANDB_MODE", "online") == "online" and wandb_online()
     print(
         f"[sweep] {sweep['name']}: {len(points)} trials, "
-        f"{'W&B sweep' if online else 'local runner, W&B offline'}"
+        f"{'W&B sweep' if online else 'local runner, W&B offline'}, {len(slots)} at once"
     )
-    start = time.perf_counter()
     if online:
         try:
-            run_wandb(sweep, options.agents, options.gpus, env)
+            run_wandb(
+                sweep,
+                agent_slots(slots, options.gpus, options.agents),
+                env,
+            )
         except Exception as error:  # any W&B failure (auth, network, server) must not end the sweep
             print(
                 f"[sweep] W&B sweep could not start ({type(error).__name__}: {error}); "
@@ -312,22 +389,56 @@ def main(argv: list[str] | None = None) -> int:
     if not online:
         if env.get("WANDB_MODE", "online") == "online":
             env["WANDB_MODE"] = "offline"
-        jobs = options.jobs or (1 if options.gpus else min(2, os.cpu_count() or 1))
-        run_local(sweep, points, dirs, env, jobs)
-    for rate, subset in summary_sets(points, dirs):
-        if rate is not None:
-            print(f"[sweep] optim.lr={rate:g}")
-        print(summarize_trials(subset, trials_root(dirs[0]) / summary_stem(sweep, rate)))
-    print(f"[sweep] wall time {time.perf_counter() - start:.0f} s")
-    report_main(["--runs", str(trials_root(dirs[0])), "--out", str(runs_root(dirs[0]) / "report")])
-    incomplete = [d for d in dirs if not (d / RESULTS).is_file()]
-    if incomplete:
+        run_local(sweep, points, dirs, env, slots)
+    return finish(sweep, points, dirs, start)
+
+
+def launch_jobs(
+    options: argparse.Namespace,
+    sweep: dict,
+    points: list[dict[str, object]],
+    dirs: list[Path],
+    env: dict[str, str],
+    slots: list[str | None],
+    start: float,
+) -> int:
+    """The trials as submitit jobs: separate local jobs (waited for), or a SLURM job array (waited
+    for with --wait; otherwise the command says what to run when the array ends)."""
+    if env.get("WANDB_MODE", "online") == "online" and not wandb_online():
+        env["WANDB_MODE"] = "offline"
+    root = runs_root(dirs[0])
+    if options.launcher == "local-jobs":
+        print(f"[sweep] {sweep['name']}: {len(points)} trials as local jobs, {len(slots)} at once")
+        jobs = trial_jobs(sweep, points, dirs, env, cpu_share(len(slots)))
+
+        def report(index: int, job: TrialJob, state: str) -> None:
+            label = " ".join(f"{k}={v}" for k, v in points[index].items())
+            print(f"[sweep] job {index + 1}/{len(points)} {state}: {label} (log: {job.log})", flush=True)
+
+        run_local_jobs(jobs, root, slots, report)
+        return finish(sweep, points, dirs, start)
+    cpus = max(1, (os.cpu_count() or 1))
+    jobs = trial_jobs(sweep, points, dirs, env, cpus)
+    slurm = SlurmOptions(
+        options.partition, options.time, options.gpus, cpus, options.array_parallelism or len(jobs)
+    )
+    submitted = submit_slurm(jobs, root, slurm)
+    array = submitted[0].job_id.split("_")[0] if submitted else "?"
+    print(
+        f"[sweep] {sweep['name']}: {len(jobs)} trials submitted as SLURM job array {array} "
+        f"(logs under {root / 'submitit'}); preempted or timed-out trials are requeued and resume."
+    )
+    if not options.wait:
         print(
-            f"[sweep] {len(incomplete)} trial(s) incomplete; run the same command again to resume them.",
-            file=sys.stderr,
+            f"[sweep] when the array has finished: make report  (or python -m diffbench.report --runs {root})"
         )
-        return 1
-    return 0
+        return 0
+    for job in submitted:
+        try:
+            job.result()
+        except Exception as error:  # a failed trial is listed by the report, not fatal to the others
+            print(f"[sweep] job {job.job_id} failed: {error}", file=sys.stderr)
+    return finish(sweep, points, dirs, start)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""Scale-out: trials pinned to the GPUs of a node (a faked device count), W&B agents pinned to the
+same groups (without contacting W&B), and submitit's local executor running a sweep's trials as
+separate jobs — one of them killed and rerun to the same results as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY
+from diffbench.cli import sweep as sweep_cli
+from diffbench.config import ConfigError
+from diffbench.launch import THREADS, VISIBLE, gpu_slots, trial_env
+
+EIGHT = [str(i) for i in range(8)]
+
+
+@pytest.fixture
+def eight_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node with eight GPUs, as torch would report it."""
+    monkeypatch.delenv(VISIBLE, raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+
+
+def test_one_gpu_per_trial_two_trials_per_gpu_fills_every_gpu(eight_gpus: None) -> None:
+    slots = sweep_cli.slots_for(gpus=1, trials_per_gpu=2, jobs=0)
+    assert len(slots) == 16 and all(slot in EIGHT for slot in slots)
+    assert Counter(slots) == dict.fromkeys(EIGHT, 2)
+
+
+def test_two_gpus_per_trial_make_four_pairs(eight_gpus: None) -> None:
+    assert sweep_cli.slots_for(gpus=2, trials_per_gpu=1, jobs=0) == ["0,1", "2,3", "4,5", "6,7"]
+    assert sweep_cli.slots_for(gpus=3, trials_per_gpu=1, jobs=0) == ["0,1,2", "3,4,5"]  # GPUs 6, 7 idle
+
+
+def test_visible_devices_are_the_ones_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(VISIBLE, "3,5")
+    assert sweep_cli.slots_for(gpus=1, trials_per_gpu=1, jobs=0) == ["3", "5"]
+
+
+@pytest.mark.parametrize(("gpus", "per_gpu", "phrase"), [(9, 1, "GPUS=9"), (1, 0, "TRIALS_PER_GPU=0")])
+def test_combinations_that_cannot_fit_are_refused(gpus: int, per_gpu: int, phrase: str) -> None:
+    with pytest.raises(ConfigError, match=phrase):
+        gpu_slots(EIGHT, gpus, per_gpu)
+
+
+def test_a_sweep_that_cannot_fit_exits_2_before_anything(
+    eight_gpus: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sweep_cli.main(["--obj", "eps", "--gpus", "16"]) == 2
+    assert "GPUS=16" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_cpu_trials_keep_the_jobs_meaning() -> None:
+    assert sweep_cli.slots_for(gpus=0, trials_per_gpu=4, jobs=3) == [None, None, None]
+
+
+def test_trial_environment_pins_devices_and_splits_threads() -> None:
+    env = trial_env({"PATH": "/bin"}, "2,3", 4)
+    assert env[VISIBLE] == "2,3" and all(env[name] == "4" for name in THREADS) and env["PATH"] == "/bin"
+    assert VISIBLE not in trial_env({}, None, 1)
+
+
+def test_local_runner_pins_each_running_trial_to_its_own_slot(
+    eight_gpus: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Sixteen trials on eight GPUs, two per GPU: at no moment do three trials share a GPU."""
+    running: Counter[str] = Counter()
+    most: Counter[str] = Counter()
+    seen: list[str] = []
+
+    def fake_trial(command: list[str], env: dict[str, str], log: Path | None) -> int:
+        device = env[VISIBLE]
+        running[device] += 1
+        most[device] = max(most[device], running[device])
+        seen.append(device)
+        time.sleep(0.02)
+        running[device] -= 1
+        return 0
+
+    monkeypatch.setattr(sweep_cli, "run_trial", fake_trial)
+    sweep = sweep_cli.load_sweep("all")
+    points = [{"experiment": "eps_simple", "seed": s} for s in range(32)]
+    dirs = [tmp_path / f"t{i}" for i in range(32)]
+    slots = sweep_cli.slots_for(gpus=1, trials_per_gpu=2, jobs=0)
+    sweep_cli.run_local(sweep, points, dirs, {}, slots)
+    assert len(seen) == 32 and set(seen) == set(EIGHT) and max(most.values()) <= 2
+
+
+def test_wandb_agents_are_pinned_to_the_same_groups(
+    eight_gpus: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One agent per GPU slot by default, --agents lowers it; the sweep is created once and every
+    agent gets its own CUDA_VISIBLE_DEVICES (W&B is faked: nothing is contacted)."""
+    import wandb
+
+    started: list[dict[str, str]] = []
+
+    class Agent:
+        def __init__(self, command: list[str], env: dict[str, str]) -> None:
+            assert command[:2] == ["wandb", "agent"] and command[2].endswith("/abc123")
+            started.append(env)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(wandb, "sweep", lambda **kwargs: "abc123")
+    monkeypatch.setattr(sweep_cli.subprocess, "Popen", Agent)
+    for gpus, per_gpu, agents, expected in (
+        (1, 1, 0, EIGHT),
+        (2, 1, 0, ["0,1", "2,3", "4,5", "6,7"]),
+        (1, 2, 3, ["0", "0", "1"]),
+    ):
+        started.clear()
+        slots = sweep_cli.slots_for(gpus, per_gpu, 0)
+        sweep_cli.run_wandb(sweep_cli.load_sweep("all"), sweep_cli.agent_slots(slots, gpus, agents), {})
+        assert [env[VISIBLE] for env in started] == expected
+    assert sweep_cli.agent_slots([None, None], 0, 0) == [None]
+
+
+def run_sweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "diffbench.sweep", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+SMOKE = ["--obj", "eps_simple", "--profile", "smoke", "--seeds", "2"]
+LONGER = " ".join(
+    [*TINY[1:], "trainer.max_steps=30", "run.checkpoint_every=5", "trainer.val_check_interval=30"]
+)
+
+
+def final_metrics(root: Path) -> dict[str, dict]:
+    trials = sorted((root / "runs" / "trials" / "smoke-digits" / "eps_simple").iterdir())
+    return {t.name: json.loads((t / "results.json").read_text())["metrics"] for t in trials}
+
+
+def trial_processes(cwd: Path) -> list[int]:
+    """The `python -m diffbench.run` processes started from `cwd` (the trials of a sweep there)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"diffbench.run" in (entry / "cmdline").read_bytes().split(b"\0"):
+                if (entry / "cwd").resolve() == cwd.resolve():
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_local_jobs_launcher_runs_the_sweep_and_a_killed_job_resumes_to_the_same_numbers(
+    tmp_path: Path,
+) -> None:
+    """Two trials as submitit local jobs, once uninterrupted; then again with the first trial's
+    process killed after its first checkpoint (a lost node): that sweep finishes the other trial
+    and exits 1, and its rerun completes the killed one with bit-identical metrics."""
+    calm = tmp_path / "calm"
+    calm.mkdir()
+    first = run_sweep(calm, *SMOKE, "--launcher", "local-jobs", "--jobs", "1", "--args", LONGER)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "as local jobs" in first.stdout and "[report]" in first.stdout
+    assert list((calm / "runs" / "submitit").iterdir()), "submitit kept its job folders"
+    expected = final_metrics(calm)
+    assert len(expected) == 2
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    command = [sys.executable, "-m", "diffbench.sweep", *SMOKE, "--launcher", "local-jobs", "--jobs", "1"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        [*command, "--args", LONGER], cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    trial_root = killed / "runs" / "trials" / "smoke-digits" / "eps_simple"
+    deadline = time.time() + 300
+    while not list(trial_root.glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    victims = trial_processes(killed)
+    assert len(victims) == 1, "one trial at a time (--jobs 1)"
+    os.kill(victims[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1 and "1 trial(s) incomplete" in stderr.decode()
+    again = run_sweep(killed, *SMOKE, "--launcher", "local-jobs", "--jobs", "1", "--args", LONGER)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert final_metrics(killed) == expected

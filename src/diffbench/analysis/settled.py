@@ -114,6 +114,12 @@ class Status:
     reasons: tuple[str, ...] = ()
     moving: tuple[tuple[str, str, float], ...] = ()
     """(arm, per-budget metric, relative change per doubling) of every curve still moving."""
+    crossings: tuple[DeltaTrend, ...] = ()
+    """Differences heading for the other sign within one more doubling of steps."""
+
+    @staticmethod
+    def crossing_text(trend: DeltaTrend) -> str:
+        return f"{trend.label} on {trend.metric} would reach zero by about {trend.crossing:,.0f} steps"
 
     @property
     def text(self) -> str:
@@ -123,7 +129,8 @@ class Status:
         moving = [
             f"{arm} moves {100 * change:.1f}% per doubling on {metric}" for arm, metric, change in self.moving
         ]
-        return f"provisional at {self.last} steps: " + "; ".join([*self.reasons, *moving])
+        crossings = [f"{self.crossing_text(t)} at its slope per doubling" for t in self.crossings]
+        return f"provisional at {self.last} steps: " + "; ".join([*self.reasons, *crossings, *moving])
 
     @property
     def summary(self) -> str:
@@ -135,6 +142,14 @@ class Status:
                 f"(< {100 * FLAT_THRESHOLD:.0f}% per doubling)"
             )
         parts = list(self.reasons)
+        if len(self.crossings) == 1:
+            parts.append(f"{self.crossing_text(self.crossings[0])} at its slope per doubling")
+        elif self.crossings:
+            first = min(self.crossings, key=lambda t: t.crossing or 0)
+            parts.append(
+                f"{len(self.crossings)} differences heading for zero within a doubling (first: "
+                f"{self.crossing_text(first)})"
+            )
         if self.moving:
             arm, metric, change = max(self.moving, key=lambda m: m[2])
             count = len({a for a, _, _ in self.moving})
@@ -180,12 +195,9 @@ def claim_status(claim: Claim, along: dict[int, dict[int, str]], budgets: dict[i
                 f"at {last} steps the per-budget metrics say '{verdicts[last]}' where the final evaluation "
                 f"says '{claim.verdict}'"
             )
-    reasons += [
-        f"{t.label} on {t.metric} would reach zero by about {t.crossing:,.0f} steps at its slope per doubling"
-        for t in trends
-        if t.crossing is not None and t.crossing <= 2 * last
-    ]
+    crossings = tuple(t for t in trends if t.crossing is not None and t.crossing <= 2 * last)
     if unmeasured:
         reasons.append("no per-budget record for " + ", ".join(dict.fromkeys(unmeasured)))
     ordered = tuple((arm, metric, change) for (arm, metric), change in moving.items())
-    return Status(not reasons and not moving, last, verdicts, trends, tuple(reasons), ordered)
+    settled = not reasons and not moving and not crossings
+    return Status(settled, last, verdicts, trends, tuple(reasons), ordered, crossings)

@@ -640,7 +640,8 @@ def claim_detectable(claim: Claim) -> str | None:
     """The effect per part at which the claim as stated (every tested part, Holm) holds with 80%
     power at this n, beside a single comparison's: what "not shown" can and cannot rule out."""
     parts = [p for t in claim.primary for p in t.parts]
-    if claim.verdict == NOT_TESTED or not parts or any(len(p.arms) > 2 for p in parts):
+    directional = all(t.kind == DIRECTIONAL for t in claim.primary)
+    if claim.verdict == NOT_TESTED or not parts or not directional or any(len(p.arms) > 2 for p in parts):
         return None
     n = min(p.comparison.n for p in parts)
     if n < 2 or any(p.comparison.sd is None for p in parts):

@@ -18,6 +18,7 @@ LAUNCHER ?= local
 WAIT ?=
 PARTITION ?=
 TIME ?= 240
+CPUS ?= 4
 ARRAY_PARALLELISM ?= 0
 
 .PHONY: help install test test-fast run sweep report lint format clean
@@ -57,7 +58,8 @@ run: $(STAMP)
 sweep: $(STAMP)
 	$(PY) -m diffbench.sweep --obj "$(OBJ)" --profile "$(PROFILE)" --gpus "$(GPUS)" --jobs "$(JOBS)" \
 		--trials-per-gpu "$(TRIALS_PER_GPU)" --agents "$(AGENTS)" --launcher "$(LAUNCHER)" \
-		--time "$(TIME)" --array-parallelism "$(ARRAY_PARALLELISM)" $(if $(PARTITION),--partition "$(PARTITION)") \
+		--time "$(TIME)" --cpus "$(CPUS)" --array-parallelism "$(ARRAY_PARALLELISM)" \
+		$(if $(PARTITION),--partition "$(PARTITION)") \
 		$(if $(WAIT),--wait) $(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") \
 		$(if $(LR_OF),--lr-of "$(LR_OF)") --args "$(ARGS)"
 

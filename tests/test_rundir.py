@@ -10,7 +10,7 @@ import pytest
 
 from conftest import spec_of
 from diffbench import atomic
-from diffbench.core.arms import Arm, try_parse
+from diffbench.core.arms import Arm
 from diffbench.rundir import (
     EPS_MSE_BY_T,
     RESULTS,
@@ -43,7 +43,9 @@ def test_an_arm_is_a_value_that_parses_its_own_label() -> None:
         Arm("eps", "own"),
         Arm("score", "elbo"),
     ]
-    assert try_parse("unet_elbo") is None and try_parse("eps_nonsense") is None
+    for label in ("unet_elbo", "eps_nonsense"):
+        with pytest.raises(ValueError, match="unknown"):
+            Arm.parse(label)
     with pytest.raises(ValueError, match="unknown weighting"):
         Arm("eps", "vlb")
 

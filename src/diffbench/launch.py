@@ -6,16 +6,17 @@ of any launcher skips finished trials and resumes the rest from their checkpoint
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
-import sys
-import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from diffbench.config import ConfigError
 
+T = TypeVar("T")
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 THREADS = ("OMP_NUM_THREADS", "DIFFBENCH_THREADS")
 
@@ -64,25 +65,57 @@ def cpu_share(concurrent: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, concurrent))
 
 
+def run_trial(command: list[str], env: dict[str, str], log: Path | None) -> int:
+    """One trial's process; with a log file its output goes there instead of the terminal."""
+    if log is None:
+        return subprocess.call(command, env=env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        return subprocess.call(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def on_slots(count: int, slots: list[str | None], work: Callable[[int, str | None], T]) -> list[T]:
+    """work(i, slot) for every i < count, each holding one slot (a GPU group, or None for a CPU
+    trial) while it runs, so at most one piece of work per slot at a time; results in order."""
+    free: queue.Queue[str | None] = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def one(index: int) -> T:
+        slot = free.get()
+        try:
+            return work(index, slot)
+        finally:
+            free.put(slot)
+
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        return list(pool.map(one, range(count)))
+
+
 @dataclass(frozen=True)
 class TrialJob:
-    """One trial as a submitit job: the trial command in a subprocess. On preemption or timeout
-    submitit calls `checkpoint`, which requeues the same job; the trial resumes from its own
-    checkpoint (run.reuse), so nothing needs to be saved here."""
+    """One trial as a submitit job: the trial command in a subprocess, in the environment of the
+    machine it runs on plus `overrides` (W&B mode, GPUs, threads). Without a thread count it takes
+    the cores SLURM gave the task. On preemption or timeout submitit calls `checkpoint`, which
+    requeues the same job; the trial resumes from its own checkpoint (run.reuse)."""
 
     command: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
+    overrides: tuple[tuple[str, str], ...]
     log: str
 
     def __call__(self) -> int:
-        Path(self.log).parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "a") as handle:
-            code = subprocess.call(
-                list(self.command), env=dict(self.env), stdout=handle, stderr=subprocess.STDOUT
-            )
+        env = {**os.environ, **dict(self.overrides)}
+        if not any(name in env for name in THREADS):
+            env = trial_env(env, None, int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or cpu_share(1))
+        code = run_trial(list(self.command), env, Path(self.log))
         if code != 0:
             raise RuntimeError(f"trial exited with code {code}; its output is in {self.log}")
         return code
+
+    def on(self, slot: str | None, threads: int) -> TrialJob:
+        """The same job pinned to a GPU slot (or the CPU) with a thread count."""
+        overrides = trial_env(dict(self.overrides), slot, threads)
+        return TrialJob(self.command, tuple(overrides.items()), self.log)
 
     def checkpoint(self) -> Any:
         import submitit
@@ -127,34 +160,21 @@ def run_local_jobs(
     runs_root: Path,
     slots: list[str | None],
     report: Callable[[int, TrialJob, str], None],
-    poll_s: float = 0.5,
 ) -> list[str]:
     """Every trial as a separate local job through submitit's local executor, one job per slot at
-    a time (a slot is a GPU group, or None on the CPU); returns each job's final state."""
+    a time, each with its slot's GPUs and its share of the cores; returns each job's final state."""
     import submitit
 
     executor = submitit.LocalExecutor(folder=submitit_folder(runs_root))
     executor.update_parameters(timeout_min=60 * 24 * 7)
-    states = ["PENDING"] * len(jobs)
-    free, running, queue = list(slots), {}, list(range(len(jobs)))
-    while queue or running:
-        while queue and free:
-            index, slot = queue.pop(0), free.pop(0)
-            job = jobs[index]
-            if slot is not None:
-                job = TrialJob(job.command, tuple({**dict(job.env), VISIBLE: slot}.items()), job.log)
-            running[index] = (executor.submit(job), slot)
-            report(index, job, "started")
-        time.sleep(poll_s)
-        for index, (handle, slot) in list(running.items()):
-            if handle.done():
-                failed = handle.exception() is not None
-                states[index] = "FAILED" if failed else "COMPLETED"
-                report(index, jobs[index], "FAILED" if failed else "done")
-                free.append(slot)
-                del running[index]
-    return states
+    threads = cpu_share(len(slots))
 
+    def work(index: int, slot: str | None) -> str:
+        job = jobs[index].on(slot, threads)
+        handle = executor.submit(job)
+        report(index, job, "started")
+        failed = handle.exception() is not None
+        report(index, job, "FAILED" if failed else "done")
+        return "FAILED" if failed else "COMPLETED"
 
-def python_command(module: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", module, *args]
+    return on_slots(len(jobs), slots, work)

@@ -139,11 +139,6 @@ AT = "@"
 """`fd_digits@ddim-10`: a sample metric measured again with another sampler (eval.also_samplers)."""
 
 
-def sampler_tag(sampler: str, steps: int | None) -> str:
-    """`ddim-10`, `ancestral-50`; a sampler over every step of the schedule is its name alone."""
-    return f"{sampler}-{steps}" if steps else sampler
-
-
 def metric_at(metric: str, tag: str) -> str:
     return f"{metric}{AT}{tag}"
 
@@ -278,10 +273,11 @@ def upgrade(results: dict) -> dict:
     """A results.json of any schema version, in the current one."""
     if results.get("schema_version", 1) < 2:
         results = dict(results)
-        if results.get("weighting") == "simple":
-            results["weighting"] = "own"
-        if "head" in results and "weighting" in results:
-            results["arm"] = Arm(results["head"], results["weighting"]).label
+        try:
+            arm = Arm(results["head"], results["weighting"])
+            results.update(weighting=arm.weighting, arm=arm.label)
+        except (KeyError, TypeError, ValueError):
+            pass  # no usable head and weighting: the reader says so, not the upgrade
         if isinstance(results.get("metrics"), dict) and "eval_wall_time_s" in results["metrics"]:
             metrics = dict(results["metrics"])
             results["eval_wall_time_s"] = metrics.pop("eval_wall_time_s")

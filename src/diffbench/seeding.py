@@ -27,8 +27,9 @@ EVALUATION_PURPOSES = (
 
 
 def stream_seed(*keys: int) -> int:
-    """One 64-bit seed from the keys, through SeedSequence."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
+    """One 64-bit seed from the keys, through SeedSequence. The number of keys goes in first:
+    SeedSequence alone reads (0, 1) and (0, 1, 0) as one entropy, which would merge streams."""
+    return int(np.random.SeedSequence([len(keys), *(int(k) for k in keys)]).generate_state(1, np.uint64)[0])
 
 
 def stream(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -41,8 +42,9 @@ def name_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
 
 
-VALIDATION = name_key("validation")
-EVALUATION = name_key("evaluation")
+VALIDATION, EVALUATION, BATCHES, STEPS, DROPOUT, SPLIT = (
+    name_key(name) for name in ("validation", "evaluation", "batches", "steps", "dropout", "split")
+)
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,15 @@ class Streams:
 
     def batches(self, index: int) -> torch.Generator:
         """The training data's stream `index` (a shuffle's epoch, or a fresh draw's batch)."""
-        return stream(self.seed, index)
+        return stream(self.seed, BATCHES, index)
 
     def step(self, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
-        """Training step `step` on process `rank`: its t and ε (and its dropout's seed)."""
-        return stream(self.seed, step, rank, device=device)
+        """Training step `step` on process `rank`: its t and ε."""
+        return stream(self.seed, STEPS, step, rank, device=device)
+
+    def dropout_seed(self, step: int, rank: int) -> int:
+        """The seed of step `step`'s dropout masks on process `rank` (computed on the host)."""
+        return stream_seed(self.seed, DROPOUT, step, rank)
 
     def evaluation(self, purpose: str, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
         """The stream of one evaluation purpose (EVALUATION_PURPOSES) on process `rank`."""
@@ -66,6 +72,11 @@ class Streams:
                 f"unknown evaluation stream {purpose!r}; streams: {', '.join(EVALUATION_PURPOSES)}"
             )
         return stream(self.seed, EVALUATION, name_key(purpose), rank, device=device)
+
+
+def split_stream(split_seed: int, index: int) -> torch.Generator:
+    """The draw of data split `index` (train, val, test) of a dataset sampled rather than stored."""
+    return stream(split_seed, SPLIT, index)
 
 
 def validation_stream(batch: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -180,9 +180,16 @@ class SamplerSpec:
     steps: int
 
     @classmethod
-    def parse(cls, text: str) -> SamplerSpec:
+    def parse(cls, text: object) -> SamplerSpec:
         """`ddim-10` → ddim over 10 steps; a bare name (`ancestral`) runs every step."""
         name, _, steps = str(text).partition("-")
+        sampler = SAMPLERS.get(name)
+        if sampler is None or not (steps.isdigit() or (not steps and sampler.every_step)):
+            raise ConfigError(
+                f"eval.also_samplers has {text!r}, which is not a sampler setting: write <sampler>-<steps> "
+                f"with a sampler among {', '.join(SAMPLERS)} and steps from 1 to diffusion.num_timesteps "
+                "(e.g. eval.also_samplers=[ddim-10,ancestral-50]), or `ancestral` for all T steps."
+            )
         return cls(name, int(steps) if steps else 0)
 
     @property

@@ -45,7 +45,7 @@ from diffbench.core.arms import Arm
 from diffbench.core.diffusion import NoiseSchedule, q_sample
 from diffbench.core.heads import HEADS
 from diffbench.core.weightings import WEIGHTINGS, LossInputs
-from diffbench.rundir import AT, KID_METRICS, NLL_METRICS, QUALITY_METRICS, metric_at
+from diffbench.rundir import AT, KID_METRICS, NLL_METRICS, QUALITY_METRICS, base_metric, metric_at
 
 NOT_TESTED = "not tested"
 PLUMBING = "plumbing check: no verdict"
@@ -74,11 +74,7 @@ def final_metric_set(values: Values) -> MetricSet:
     """What the final evaluation measured, in the registry's order."""
     found = found_metrics(values)
     quality = tuple(m for m in QUALITY_METRICS if m in found)
-    tags = tuple(
-        sorted(
-            {m.partition(AT)[2] for m in found if quality and m.partition(AT)[0] == quality[0] and AT in m}
-        )
-    )
+    tags = tuple(sorted({m.partition(AT)[2] for m in found if quality and m != base_metric(m) == quality[0]}))
     return MetricSet(
         tuple(m for m in NLL_METRICS if m in found),
         quality,
@@ -664,16 +660,21 @@ def claim_detectable(claim: Claim) -> str | None:
 
 
 def build_claims(
-    values: Values, metrics: MetricSet, setting: Setting, budgets: dict[int, Values] | None = None
+    values: Values,
+    metrics: MetricSet,
+    setting: Setting,
+    budgets: dict[int, Values] | None = None,
+    detectable: bool = True,
 ) -> list[Claim]:
-    """The four claims on one set of values (the final evaluation, or one budget's cheap metrics)."""
+    """The four claims on one set of values (the final evaluation, or one budget's cheap metrics;
+    the claim-level detectable effect is simulated only when asked for)."""
     claims = [
         claim_likelihood(values, metrics),
         claim_samples(values, metrics),
         claim_equivalence(values, metrics, setting, budgets or {}),
         claim_snr(values, metrics, setting),
     ]
-    for claim in claims:
+    for claim in claims if detectable else ():
         claim.detectable = claim_detectable(claim)
     return claims
 
@@ -681,7 +682,10 @@ def build_claims(
 def verdicts_along(budgets: dict[int, Values], setting: Setting) -> dict[int, dict[int, str]]:
     """{step: {claim number: verdict}} from the cheap metrics measured at every budget."""
     return {
-        step: {c.number: c.verdict for c in build_claims(values, budget_metric_set(values), setting)}
+        step: {
+            c.number: c.verdict
+            for c in build_claims(values, budget_metric_set(values), setting, detectable=False)
+        }
         for step, values in sorted(budgets.items())
     }
 

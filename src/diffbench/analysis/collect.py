@@ -56,6 +56,7 @@ class Incomplete:
     arm: str = "?"
     seed: int | str = "?"
     group: str | None = None
+    diverged: bool = False
     diverged_at: int | None = None
 
 
@@ -118,8 +119,8 @@ def load_run(directory: Path) -> Run | Incomplete:
     seed = config.get("seed", "?")
     group = config_group(config)
 
-    def incomplete(reason: str, diverged_at: int | None = None) -> Incomplete:
-        return Incomplete(directory, reason, label, seed, group, diverged_at)
+    def incomplete(reason: str, diverged: bool = False, step: int | None = None) -> Incomplete:
+        return Incomplete(directory, reason, label, seed, group, diverged, step)
 
     if not (run_dir / RESULTS).is_file():
         return incomplete(f"no {RESULTS} (unfinished, interrupted or failed)")
@@ -131,7 +132,7 @@ def load_run(directory: Path) -> Run | Incomplete:
         reason = (
             f"diverged at step {step if step is not None else '?'} (non-finite training loss): no metrics"
         )
-        return incomplete(reason, step if isinstance(step, int) else -1)
+        return incomplete(reason, True, step if isinstance(step, int) else None)
     if results.get("status") != COMPLETE:
         return incomplete(f"{RESULTS} not marked complete")
     metrics, dropped = finite_metrics(results.get("metrics"))

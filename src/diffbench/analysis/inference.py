@@ -107,17 +107,26 @@ def no_spread(diffs: np.ndarray) -> np.ndarray:
     return d.std(axis=1, ddof=1) <= NO_SPREAD * np.abs(d).mean(axis=1)
 
 
-def directional_pvalues(diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The p-values (for Δ < 0, for Δ > 0) the verdicts use: the exact sign-flip test from 6 seeds
-    on (no normality assumption) and wherever the differences have no spread; the t-test otherwise
-    (below 6 seeds, at most 32 flips: too coarse to detect much)."""
+def decided_by_sign_flip(diffs: np.ndarray, permutation_from: int = PERMUTATION_MIN_N) -> np.ndarray:
+    """Rows whose verdict takes the exact sign-flip p: from `permutation_from` seeds on (6: no
+    normality assumption, and below it at most 32 flips, too coarse to detect much), and wherever
+    the differences have no spread (a t statistic would divide by zero)."""
     d = _rows(diffs)
-    if d.shape[1] >= PERMUTATION_MIN_N:
+    return np.full(len(d), d.shape[1] >= max(1, permutation_from)) | no_spread(d)
+
+
+def directional_pvalues(
+    diffs: np.ndarray, permutation_from: int = PERMUTATION_MIN_N
+) -> tuple[np.ndarray, np.ndarray]:
+    """The p-values (for Δ < 0, for Δ > 0) the verdicts use: the exact sign-flip test where
+    `decided_by_sign_flip` says so, the one-sided paired t-test otherwise."""
+    d = _rows(diffs)
+    flips = decided_by_sign_flip(d, permutation_from)
+    if flips.all():
         return sign_flip_pvalues(d)
     less, greater = t_pvalues(d)
-    flat = no_spread(d)
-    if flat.any():
-        less[flat], greater[flat] = sign_flip_pvalues(d[flat])
+    if flips.any():
+        less[flips], greater[flips] = sign_flip_pvalues(d[flips])
     return less, greater
 
 
@@ -303,7 +312,7 @@ def compare(
         interval = (float(low[0]), float(high[0]))
         less, greater = t_pvalues(d)
         p_less, p_greater = float(less[0]), float(greater[0])
-    if n >= max(1, permutation_from) or flat:
+    if n and decided_by_sign_flip(d, permutation_from)[0]:
         less, greater = sign_flip_pvalues(d)
         perm_less, perm_greater = float(less[0]), float(greater[0])
     if n >= BOOTSTRAP_MIN_N:

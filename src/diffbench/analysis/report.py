@@ -25,6 +25,7 @@ from diffbench.analysis.claims import (
     Test,
     build_claims,
     final_metric_set,
+    found_metrics,
     verdicts_along,
     weight_error_check,
 )
@@ -67,6 +68,7 @@ from diffbench.rundir import (
     TABLE_METRICS,
     VLB_TERMS,
     X0_TRAJECTORY,
+    base_metric,
     metric_info,
     sample_grid,
 )
@@ -98,12 +100,12 @@ def arm_weights(schedule: NoiseSchedule, variance: str, arms: list[Arm]) -> dict
 
 def table_metrics(values: Values) -> list[str]:
     """The registry's metrics some arm has, each followed by its sampler-tagged variants."""
-    found = {m for metrics in values.values() for m in metrics}
+    found = found_metrics(values)
     ordered = []
     for name in TABLE_METRICS:
         if name in found:
             ordered.append(name)
-        ordered += sorted(m for m in found if m.partition("@")[0] == name and m != name)
+        ordered += sorted(m for m in found if m != base_metric(m) == name)
     return ordered
 
 

@@ -60,14 +60,15 @@ def summarize_trials(run_dirs: list[Path], out_stem: Path) -> str:
     duplicates counted once), write `<stem>.md` and `<stem>.json`, return the table."""
     loaded = [load_run(d) for d in run_dirs]
     runs, duplicates = deduplicate([r for r in loaded if isinstance(r, Run)])
-    diverged = [r for r in loaded if isinstance(r, Incomplete) and r.diverged_at is not None]
+    diverged = [r for r in loaded if isinstance(r, Incomplete) and r.diverged]
     left_out = [(r.arm.label, r.seed, name) for r in runs for name in r.dropped if name in HEADLINE_METRICS]
     profiles = sorted({r.profile for r in runs}) or ["?"]
     table = aggregate(runs)
     text = format_table(table, "/".join(profiles))
     if diverged:
         text += "\ndiverged (no metrics): " + ", ".join(
-            f"{r.arm} seed {r.seed} at step {r.diverged_at}" for r in diverged
+            f"{r.arm} seed {r.seed} at step {r.diverged_at if r.diverged_at is not None else '?'}"
+            for r in diverged
         )
     if left_out:
         text += "\nnot finite, left out: " + ", ".join(f"{a} seed {s} {m}" for a, s, m in left_out)

@@ -45,25 +45,12 @@ def check_budgets(spec: RunSpec) -> None:
         f"eval.sampler_steps={ev.sampler.steps!r} must be between 1 and diffusion.num_timesteps={T}"
         f"{' (or 0 for all T steps)' if sampler.every_step else ''}.",
     )
-    for text in spec.resolved["eval"].get("also_samplers") or []:
-        check_sampler_spec(text, T)
-
-
-def check_sampler_spec(spec: object, T: int) -> None:
-    """One entry of eval.also_samplers: `<sampler>-<steps>` with steps in 1..T, or `ancestral` for
-    every step."""
-    name, _, steps = str(spec).partition("-")
-    sampler = SAMPLERS.get(name)
-    valid = sampler is not None and (
-        (steps.isdigit() and sampler.valid_steps(int(steps), T) and int(steps) > 0)
-        or (not steps and sampler.every_step)
-    )
-    need(
-        valid,
-        f"eval.also_samplers has {spec!r}, which is not a sampler setting: write <sampler>-<steps> with "
-        f"a sampler among {', '.join(SAMPLERS)} and steps between 1 and diffusion.num_timesteps={T} "
-        "(e.g. eval.also_samplers=[ddim-10,ancestral-50]), or `ancestral` for all T steps.",
-    )
+    for also in ev.also_samplers:
+        need(
+            SAMPLERS[also.name].valid_steps(also.steps, T),
+            f"eval.also_samplers has '{also.name}-{also.steps}': its steps must be between 1 and "
+            f"diffusion.num_timesteps={T}; nothing was written.",
+        )
 
 
 def check_shapes(spec: RunSpec) -> None:

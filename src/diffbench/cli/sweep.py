@@ -7,13 +7,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import queue
 import shlex
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -26,7 +24,9 @@ from diffbench.launch import (
     TrialJob,
     cpu_share,
     gpu_slots,
+    on_slots,
     run_local_jobs,
+    run_trial,
     submit_slurm,
     trial_env,
     visible_gpus,
@@ -159,15 +159,6 @@ def hardware_args(gpus: int) -> list[str]:
     return [] if gpus <= 0 else ["trainer.accelerator=gpu", f"trainer.devices={gpus}", "trainer=gpu"]
 
 
-def run_trial(command: list[str], env: dict[str, str], log: Path | None) -> int:
-    """One trial's process; with a log file its output goes there instead of the terminal."""
-    if log is None:
-        return subprocess.call(command, env=env)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as handle:
-        return subprocess.call(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
-
-
 def run_local(
     sweep: dict,
     points: list[dict[str, object]],
@@ -179,25 +170,18 @@ def run_local(
     CPU trial); each trial gets its slot's GPUs and its share of the cores, and with more than one
     slot its output goes to <trial dir>/sweep.log. Finished trials return at once (run.reuse)."""
     threads = cpu_share(len(slots))
-    free: queue.Queue[str | None] = queue.Queue()
-    for slot in slots:
-        free.put(slot)
     lock = threading.Lock()
     done: list[dict] = []
 
-    def one(index: int) -> dict:
+    def one(index: int, slot: str | None) -> dict:
         point = points[index]
         label = " ".join(f"{k}={v}" for k, v in point.items())
         log = dirs[index] / SWEEP_LOG if len(slots) > 1 else None
-        slot = free.get()
         with lock:
             where = (f" on GPU {slot}" if slot is not None else "") + (f" (log: {log})" if log else "")
             print(f"[sweep] trial {index + 1}/{len(points)} started: {label}{where}", flush=True)
         start = time.perf_counter()
-        try:
-            code = run_trial(trial_command(sweep, point), trial_env(env, slot, threads), log)
-        finally:
-            free.put(slot)
+        code = run_trial(trial_command(sweep, point), trial_env(env, slot, threads), log)
         outcome = {"point": point, "returncode": code, "seconds": time.perf_counter() - start}
         with lock:
             done.append(outcome)
@@ -211,8 +195,7 @@ def run_local(
             )
         return outcome
 
-    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        return list(pool.map(one, range(len(points))))
+    return on_slots(len(points), slots, one)
 
 
 def run_wandb(sweep: dict, slots: list[str | None], env: dict[str, str]) -> None:
@@ -294,13 +277,13 @@ def finish(sweep: dict, points: list[dict[str, object]], dirs: list[Path], start
 
 
 def trial_jobs(
-    sweep: dict, points: list[dict[str, object]], dirs: list[Path], env: dict[str, str], threads: int
+    sweep: dict, points: list[dict[str, object]], dirs: list[Path], env: dict[str, str]
 ) -> list[TrialJob]:
-    """Every trial as a submitit job: the same command the local runner runs."""
-    job_env = tuple(trial_env(env, None, threads).items())
+    """Every trial as a submitit job: the same command the local runner runs, with the settings
+    this command decided (W&B mode) on top of the environment the job finds where it runs."""
+    overrides = tuple((k, v) for k, v in env.items() if k == "WANDB_MODE")
     return [
-        TrialJob(tuple(trial_command(sweep, point)), job_env, str(d / SWEEP_LOG))
-        for point, d in zip(points, dirs)
+        TrialJob(tuple(trial_command(sweep, p)), overrides, str(d / SWEEP_LOG)) for p, d in zip(points, dirs)
     ]
 
 
@@ -409,7 +392,7 @@ def launch_jobs(
     root = runs_root(dirs[0])
     if options.launcher == "local-jobs":
         print(f"[sweep] {sweep['name']}: {len(points)} trials as local jobs, {len(slots)} at once")
-        jobs = trial_jobs(sweep, points, dirs, env, cpu_share(len(slots)))
+        jobs = trial_jobs(sweep, points, dirs, env)
 
         def report(index: int, job: TrialJob, state: str) -> None:
             label = " ".join(f"{k}={v}" for k, v in points[index].items())

@@ -56,11 +56,3 @@ class Arm:
 
     def __str__(self) -> str:
         return self.label
-
-
-def try_parse(label: str) -> Arm | None:
-    """The arm a label names, or None for a label no registry knows."""
-    try:
-        return Arm.parse(label)
-    except ValueError:
-        return None

@@ -25,7 +25,7 @@ from torch import Tensor
 from diffbench import atomic
 from diffbench.data.base import ArrayDataModule
 from diffbench.data.digits import digits_images
-from diffbench.seeding import Streams, stream
+from diffbench.seeding import Streams, split_stream
 
 # Rows evaluated together: bounds the (rows, K, D) float64 intermediates (≈ 20 MB each at K = 20, D = 64).
 ROWS_PER_CHUNK = 2048
@@ -256,7 +256,7 @@ class GMMDataModule(ArrayDataModule):
     def load_splits(self) -> dict[str, Tensor]:
         splits = {}
         for name, size in self.sizes.items():
-            generator = stream(self.split_seed, self.SPLIT_STREAMS[name])
+            generator = split_stream(self.split_seed, self.SPLIT_STREAMS[name])
             splits[name] = self.mixture.sample(size, generator).float().reshape(size, *self.image_shape)
         return splits
 

@@ -22,7 +22,12 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from diffbench.data.base import ArrayDataModule
 from diffbench.data.vision import network_available
-from diffbench.evaluation.features import EXTRACTOR_NAMES, classifier_checkpoint, to_uint8
+from diffbench.evaluation.features import (
+    EXTRACTOR_NAMES,
+    ClassifierCheckpoint,
+    classifier_checkpoint,
+    to_uint8,
+)
 
 CLASSIFIER_OF_DATASET = {"digits": "digits", "gmm": "digits", "mnist": "mnist"}
 """Which classifier's features measure each dataset; gmm samples are 8×8 digits-like images."""
@@ -98,6 +103,7 @@ def sample_quality(
     data_root: str = "data",
     batch_size: int = 256,
     split_seed: int = 0,
+    checkpoint: ClassifierCheckpoint | None = None,
 ) -> dict[str, float | int | str]:
     """Fréchet distance, KID and precision/recall of `samples` against real `reference` images.
 
@@ -107,7 +113,8 @@ def sample_quality(
     features, the classifier's test accuracy. `data_root` locates MNIST to train its classifier on
     first use; it is trained on the train split of `split_seed` when the samples are of its own
     dataset, so the reference images (that split's test images) are never its training data. The
-    caller adds the sampler's settings.
+    caller adds the sampler's settings. A `checkpoint` already resolved is used as it is (scoring
+    many sample sets against one reference loads and hashes the classifier's data once).
     """
     if dataset not in CLASSIFIER_OF_DATASET and dataset not in INCEPTION_DATASETS:
         known = ", ".join([*CLASSIFIER_OF_DATASET, *INCEPTION_DATASETS])
@@ -124,8 +131,7 @@ def sample_quality(
         extractor, weights, suffix = INCEPTION_EXTRACTOR, resolve_inception_weights(inception_weights), ""
     else:
         classifier = CLASSIFIER_OF_DATASET[dataset]
-        own = split_seed if classifier == dataset else 0
-        checkpoint = classifier_checkpoint(classifier, root=data_root, split_seed=own)
+        checkpoint = checkpoint or dataset_classifier(dataset, data_root, split_seed)
         extractor, weights, suffix = EXTRACTOR_NAMES[classifier], str(checkpoint.path), f"_{classifier}"
         record["classifier_test_accuracy"] = checkpoint.test_accuracy
     kid_subset_size = min(KID_SUBSET_SIZE, len(samples), len(reference))
@@ -157,17 +163,31 @@ def sample_quality(
     return record
 
 
+def dataset_classifier(dataset: str, data_root: str, split_seed: int) -> ClassifierCheckpoint:
+    """The classifier whose features score `dataset`: trained on the train split of `split_seed`
+    when the samples are of its own dataset (gmm borrows the digits classifier of split 0)."""
+    classifier = CLASSIFIER_OF_DATASET[dataset]
+    return classifier_checkpoint(
+        classifier, root=data_root, split_seed=split_seed if classifier == dataset else 0
+    )
+
+
 def datamodule_scorer(
     datamodule: ArrayDataModule, dataset: str, reference_split: str, inception_weights: str | None = None
 ) -> Callable[[Tensor], dict]:
     """`sample_quality` of any images against the datamodule's real `reference_split`, with the
-    classifier of the datamodule's own split."""
+    classifier of the datamodule's own split, resolved once for every set the scorer scores."""
+    root = getattr(datamodule, "root", "data")
+    checkpoint = (
+        dataset_classifier(dataset, root, datamodule.split_seed) if dataset in CLASSIFIER_OF_DATASET else None
+    )
     return functools.partial(
         sample_quality,
         reference=datamodule.split(reference_split),
         dataset=dataset,
         num_levels=datamodule.num_levels,
         inception_weights=inception_weights,
-        data_root=getattr(datamodule, "root", "data"),
+        data_root=root,
         split_seed=datamodule.split_seed,
+        checkpoint=checkpoint,
     )

@@ -127,7 +127,7 @@ class DiffusionModule(L.LightningModule):
         )
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         logging = self.trainer._logger_connector.should_update_logs if self._trainer else True
-        with self.dropout_rng(generator):
+        with self.dropout_rng():
             terms = self.loss_terms(x0, t, eps, terms_per_draw, diagnostics=logging)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
@@ -137,16 +137,15 @@ class DiffusionModule(L.LightningModule):
         return loss.float()
 
     @contextlib.contextmanager
-    def dropout_rng(self, generator: torch.Generator) -> Iterator[None]:
-        """For a network with dropout, a fork of torch's generator seeded from the step's stream
-        and restored afterwards; for one without, nothing to do."""
+    def dropout_rng(self) -> Iterator[None]:
+        """For a network with dropout, a fork of torch's generator seeded for this step and
+        process (on the host: no device sync) and restored afterwards; without dropout, nothing."""
         if not self.has_dropout:
             yield
             return
-        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            torch.manual_seed(self.streams.dropout_seed(self.global_step, self.global_rank))
             yield
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -193,3 +194,64 @@ def test_local_jobs_launcher_runs_the_sweep_and_a_killed_job_resumes_to_the_same
     again = run_sweep(killed, *SMOKE, "--launcher", "local-jobs", "--jobs", "1", "--args", LONGER)
     assert again.returncode == 0, again.stderr[-3000:]
     assert final_metrics(killed) == expected
+
+
+def test_the_makefile_sweep_line_is_one_the_sweep_command_reads() -> None:
+    """`make -n sweep` prints the command `make sweep` would run: every option it passes exists."""
+    printed = subprocess.run(
+        ["make", "-n", "sweep", "OBJ=all", "LAUNCHER=slurm", "PARTITION=gpu", "WAIT=1", "SEEDS=2"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    ).stdout
+    line = next(row for row in printed.replace("\\\n", " ").splitlines() if "-m diffbench.sweep" in row)
+    words = shlex.split(line[line.index("-m diffbench.sweep") + len("-m diffbench.sweep") :])
+    captured: dict[str, object] = {}
+
+    def record(options: object, *rest: object) -> int:
+        captured.update(vars(options))
+        return 0
+
+    original = sweep_cli.launch_jobs
+    try:
+        sweep_cli.launch_jobs = record  # type: ignore[assignment]
+        assert sweep_cli.main(words) == 0
+    finally:
+        sweep_cli.launch_jobs = original
+    assert captured["launcher"] == "slurm" and captured["partition"] == "gpu" and captured["wait"] is True
+    assert captured["cpus"] == 4 and captured["time"] == 240 and captured["seeds"] == "2"
+
+
+def test_slurm_launcher_submits_one_array_and_says_what_to_run_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a cluster: submitit's executor is replaced by a recorder. Every trial is one job of
+    the array, each the very trial command; the command prints the job id and the report line."""
+    submitted: dict[str, object] = {}
+
+    class Job:
+        def __init__(self, index: int) -> None:
+            self.job_id = f"4242_{index}"
+
+    def submit(jobs: list, root: Path, options: object) -> list:
+        submitted.update(jobs=jobs, root=root, options=options)
+        return [Job(i) for i in range(len(jobs))]
+
+    monkeypatch.setattr(sweep_cli, "submit_slurm", submit)
+    monkeypatch.chdir(tmp_path)
+    args = ["--obj", "eps", "--seeds", "2", "--launcher", "slurm", "--gpus", "1", "--partition", "a100"]
+    assert sweep_cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "SLURM job array 4242" in printed and "make report" in printed
+    jobs, options = submitted["jobs"], submitted["options"]
+    assert len(jobs) == 4 and all(
+        "diffbench.run" in job.command and "run.reuse=true" in job.command for job in jobs
+    )
+    assert (options.partition, options.gpus_per_trial, options.cpus_per_trial, options.parallelism) == (
+        "a100",
+        1,
+        4,
+        4,
+    )
+    assert all(dict(job.overrides).get("WANDB_MODE") for job in jobs)

@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--array-parallelism", type=int, default=0, help="slurm: array tasks at once (0: all)"
     )
+    parser.add_argument("--cpus", type=int, default=4, help="slurm: CPU cores per trial (its torch threads)")
     parser.add_argument(
         "--args", default="", help="extra overrides for every trial, e.g. 'trainer.max_steps=500'"
     )
@@ -400,10 +401,9 @@ def launch_jobs(
 
         run_local_jobs(jobs, root, slots, report)
         return finish(sweep, points, dirs, start)
-    cpus = max(1, (os.cpu_count() or 1))
-    jobs = trial_jobs(sweep, points, dirs, env, cpus)
+    jobs = trial_jobs(sweep, points, dirs, env)
     slurm = SlurmOptions(
-        options.partition, options.time, options.gpus, cpus, options.array_parallelism or len(jobs)
+        options.partition, options.time, options.gpus, options.cpus, options.array_parallelism or len(jobs)
     )
     submitted = submit_slurm(jobs, root, slurm)
     array = submitted[0].job_id.split("_")[0] if submitted else "?"

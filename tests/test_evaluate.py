@@ -80,7 +80,10 @@ def test_evaluate_cli_checks_its_overrides_before_evaluating(
     results.json is untouched."""
     train(spec_of(["experiment=eps_simple", *TINY, f"run.dir={tmp_path}"]))
     before = (tmp_path / "results.json").read_bytes()
-    for override, phrase in (("steps=0", "eval.sampler_steps=0"), ("sampler=heun", "not a sampler")):
+    for override, phrase in (
+        ("steps=0", "eval.sampler_steps=0"),
+        ("sampler=heun", "eval.sampler must be one of"),
+    ):
         assert evaluate_main([f"run_dir={tmp_path}", override]) == 2
         assert phrase in capsys.readouterr().err
     assert (tmp_path / "results.json").read_bytes() == before

@@ -22,6 +22,7 @@ LAYERS = {
     "sampling": 2,
     "rundir": 2,
     "spec": 2,
+    "schema": 2,
     "core": 1,
     "data": 1,
     "config": 0,

@@ -46,6 +46,14 @@ def find_choice(group: str, name: str) -> Path | None:
 
 
 def load_choice(group: str, name: str) -> DictConfig:
+    """A group's file by name (a name, never a path), as a mapping of settings."""
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
+        raise ConfigError(
+            f"{group}={name!r} is not a {group} name: {group}= takes the name of a YAML file in "
+            f"{' or '.join(str(d) for d in group_dirs(group))}, without a path or .yaml "
+            f"(e.g. {group}={available(group)[0] if available(group) else '…'}); "
+            "to use your own file, put it there."
+        )
     path = find_choice(group, name)
     if path is None:
         folders = " or ".join(str(d) for d in group_dirs(group))
@@ -56,11 +64,18 @@ def load_choice(group: str, name: str) -> DictConfig:
             f"or add {name}.yaml to {folders}."
         )
     try:
-        return OmegaConf.load(path)
+        loaded = OmegaConf.load(path)
     except yaml.YAMLError as error:
         raise ConfigError(
             f"{path} is not valid YAML ({error}); fix the file or pick another {group}."
         ) from error
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            f"{path} holds a YAML {type(loaded).__name__.replace('Config', '').lower()}, not a mapping of "
+            "settings (key: value lines such as `optim: {lr: 2.0e-4}`); "
+            f"fix the file or pick another {group}."
+        )
+    return loaded
 
 
 def parse_value(raw: str) -> object:
@@ -131,21 +146,36 @@ def known_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def apply_value(cfg: DictConfig, key: str, value: object) -> None:
-    add = key.startswith("+")
+def apply_value(cfg: DictConfig, key: str, value: object, source: str | None = None) -> None:
+    """Set one dotted key, refusing a key the config does not have (with the nearest ones named)
+    and a value of another type than the default's. `source` names the preset it came from."""
+    add = key.startswith("+") and source is None
     key = key.lstrip("+")
+    where = f" in {source}" if source else ""
     missing = object()
     old = OmegaConf.select(cfg, key, default=missing)
     if old is missing and not add:
         close = difflib.get_close_matches(key, known_keys(cfg), n=3)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        how = "fix the key" if source else f"use +{key}=… to add a new key on purpose"
         raise ConfigError(
-            f"unknown config key {key!r}.{hint} Use +{key}=… to add a new key on purpose; "
+            f"unknown config key {key!r}{where}.{hint} Check the spelling or {how}; "
             "README's 'Configuration' section lists the knobs."
         )
     if old is not missing:
-        check_type(key, old, value)
+        check_type(key + where, old, value)
     OmegaConf.update(cfg, key, value, force_add=True)
+
+
+def leaves(data: object, prefix: str = "") -> list[tuple[str, object]]:
+    """{"a": {"b": 1}} → [("a.b", 1)]; lists are values, not branches."""
+    if not isinstance(data, dict) or not data:
+        return [(prefix, data)] if prefix else []
+    return [
+        item
+        for key, value in data.items()
+        for item in leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    ]
 
 
 def compose(args: list[str]) -> DictConfig:
@@ -156,7 +186,14 @@ def compose(args: list[str]) -> DictConfig:
     experiment = None
     if "experiment" in choices:
         experiment = load_choice("experiment", choices["experiment"])
-        defaults.update(OmegaConf.to_container(experiment.pop("defaults", OmegaConf.create())))
+        preset_defaults = OmegaConf.to_container(experiment.pop("defaults", OmegaConf.create()))
+        if not isinstance(preset_defaults, dict) or not set(preset_defaults) <= set(GROUPS):
+            raise ConfigError(
+                f"experiment {choices['experiment']}: its defaults: must map groups to names "
+                f"(e.g. `defaults: {{data: gmm, model: unet_small}}`, groups {', '.join(GROUPS)}); "
+                "a Hydra-style list or another key is not read."
+            )
+        defaults.update(preset_defaults)
     defaults.update({k: v for k, v in choices.items() if k != "experiment"})
     global_sections = []
     for group in GROUPS:
@@ -168,7 +205,9 @@ def compose(args: list[str]) -> DictConfig:
     cfg = OmegaConf.merge(cfg, load_choice("profile", profile))
     cfg.profile = profile
     if experiment is not None:
-        cfg = OmegaConf.merge(cfg, experiment)
+        source = f"preset {choices['experiment']}"
+        for key, value in leaves(OmegaConf.to_container(experiment)):
+            apply_value(cfg, key, value, source)
         cfg.experiment = choices["experiment"]
     for key, value in values:
         apply_value(cfg, key, value)

@@ -4,133 +4,21 @@ config tree, so a setting is read in one place and a reader can follow it by its
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, get_args
+from typing import Any
 
-from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf
 
 from diffbench.config import ConfigError
 from diffbench.core.arms import Arm
-from diffbench.core.diffusion import SCHEDULES, VarianceType
-from diffbench.core.heads import HEADS
-from diffbench.core.weightings import WEIGHTINGS
+from diffbench.core.diffusion import VarianceType
 from diffbench.sampling.samplers import SAMPLERS
+from diffbench.schema import validate
 from diffbench.seeding import Streams
-
-VARIANCES = ("small", "large")
-PRECISIONS = tuple(dict.fromkeys(str(p) for group in get_args(_PRECISION_INPUT) for p in get_args(group)))
-
-
-def integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def positive_int(value: object) -> bool:
-    return integer(value) and value > 0  # type: ignore[operator]
-
-
-def count(value: object) -> bool:
-    """0 or a positive integer."""
-    return integer(value) and value >= 0  # type: ignore[operator]
-
-
-Rule = tuple[str, Callable[[Any], bool], str]
-RULES: tuple[Rule, ...] = (
-    (
-        "objective.head",
-        HEADS.__contains__,
-        f"head={{value!r}} is not a head; choose one of {', '.join(HEADS)} (e.g. head=eps).",
-    ),
-    (
-        "objective.weighting",
-        lambda w: w != "simple",
-        "weighting=simple is now called weighting=own (the head's own unweighted MSE); "
-        "the eps_simple, x0_simple and score_simple presets keep their names.",
-    ),
-    (
-        "objective.weighting",
-        WEIGHTINGS.__contains__,
-        f"weighting={{value!r}} is not a weighting; choose one of {', '.join(WEIGHTINGS)} "
-        "(docs/math.md lists what each one weighs).",
-    ),
-    (
-        "diffusion.schedule",
-        SCHEDULES.__contains__,
-        f"diffusion.schedule={{value!r}} is not a noise schedule; choose one of {', '.join(SCHEDULES)}.",
-    ),
-    *(
-        (
-            key,
-            VARIANCES.__contains__,
-            f"{key}={{value!r}}: the reverse-process variance is 'small' (β̃_t, the posterior's) or "
-            "'large' (β_t); nothing else is implemented.",
-        )
-        for key in ("diffusion.variance", "sample.variance")
-    ),
-    (
-        "eval.sampler",
-        SAMPLERS.__contains__,
-        f"eval.sampler={{value!r}} is not a sampler; choose one of {', '.join(SAMPLERS)}.",
-    ),
-    (
-        "trainer.precision",
-        lambda p: str(p) in PRECISIONS,
-        f"trainer.precision={{value!r}} is not a Lightning precision; use one of {', '.join(PRECISIONS)} "
-        "(32-true on CPU, bf16-mixed on recent GPUs).",
-    ),
-    (
-        "diffusion.num_timesteps",
-        lambda T: positive_int(T) and T >= 2,
-        "diffusion.num_timesteps={value!r} must be an integer of at least 2.",
-    ),
-    (
-        "trainer.max_steps",
-        positive_int,
-        "trainer.max_steps={value!r} must be a positive integer: a run with no training step would "
-        "evaluate an untrained network as if it were a result.",
-    ),
-    ("data.batch_size", positive_int, "data.batch_size={value!r} must be a positive integer."),
-    ("data.eval_batch_size", positive_int, "data.eval_batch_size={value!r} must be a positive integer."),
-    (
-        "seed",
-        count,
-        "seed={value!r} must be a non-negative integer (it seeds the initialisation, the batch order and "
-        "the noise).",
-    ),
-    ("optim.lr", lambda lr: lr > 0, "optim.lr={value!r} must be positive."),
-    ("optim.ema_decay", lambda d: 0 <= d < 1, "optim.ema_decay={value!r} must be in [0, 1)."),
-    ("run.checkpoint_every", positive_int, "run.checkpoint_every={value!r} must be a positive integer."),
-    (
-        "trainer.val_check_interval",
-        positive_int,
-        "trainer.val_check_interval={value!r} must be a positive integer (steps between validations).",
-    ),
-    ("sample.num_images", count, "sample.num_images={value!r} must be 0 (no grid) or a positive integer."),
-    ("eval.budget_base", lambda b: b >= 0, "eval.budget_base={value!r} must be 0 or positive."),
-    (
-        "eval.budget_samples",
-        lambda n: n == 0 or n >= 4,
-        "eval.budget_samples={value!r} must be 0 (none) or at least 4.",
-    ),
-)
-"""The rules of single settings: (key, valid, one-paragraph message). Rules that relate two
-settings (a step count and the schedule's length, the model and the data) are `cli/checks.py`'s."""
-
-
-def lookup(data: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        data = data[part]
-    return data
-
-
-def validate(resolved: dict[str, Any]) -> None:
-    """Every single-setting rule, in order; the first broken one is the error."""
-    for key, valid, message in RULES:
-        value = lookup(resolved, key)
-        if not valid(value):
-            raise ConfigError(message.format(value=value))
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -279,8 +167,8 @@ class RunSpec:
 
 
 def build_spec(cfg: DictConfig) -> RunSpec:
-    """The one place config keys become typed settings, each checked by its rule first (a
-    ConfigError names the key, the value and what to do)."""
+    """The one place config keys become typed settings, every one checked against `schema.SCHEMA`
+    first (a ConfigError names the key, the value, what it must be and an example)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     validate(resolved)

@@ -255,3 +255,24 @@ def test_slurm_launcher_submits_one_array_and_says_what_to_run_next(
         4,
     )
     assert all(dict(job.overrides).get("WANDB_MODE") for job in jobs)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_sweep_stops_its_trials_in_order_and_leaves_no_orphan(tmp_path: Path) -> None:
+    """SIGTERM to the sweep: the running trial gets it too, saves its step and exits; no further
+    trial starts; the sweep exits 143 once its trial has; the same command then finishes both."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "diffbench.sweep", *SMOKE, "--jobs", "1", "--args", LONGER]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    trial_root = tmp_path / "runs" / "trials" / "smoke-digits" / "eps_simple"
+    deadline = time.time() + 300
+    while not list(trial_root.glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr.decode()[-2000:]
+    assert "stopped by SIGTERM" in stderr.decode() and not trial_processes(tmp_path)
+    assert not list(trial_root.glob("*/results.json")) and len(list(trial_root.iterdir())) == 1
+    again = run_sweep(tmp_path, *SMOKE, "--jobs", "1", "--args", LONGER)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(final_metrics(tmp_path)) == 2

@@ -103,3 +103,25 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path: Path, reference: dic
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step0000006.ckpt cannot be loaded" in proc.stdout
     assert numbers(json.loads((run_dir / "results.json").read_text())) == reference
+
+
+def test_sigterm_checkpoints_the_step_it_stopped_at_and_resumes_to_the_same_numbers(
+    tmp_path: Path, reference: dict
+) -> None:
+    """SIGTERM (a scheduler's preemption) is a stop, not a success: the run saves the step it
+    stopped at, exits with 143 and no results.json, and the same command resumes it bit for bit."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(run_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints/step0000002.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    message = stderr.decode()
+    assert proc.returncode == 143, message[-2000:]
+    assert "stopped by SIGTERM at step" in message and "Run the same command again" in message
+    stopped_at = int(message.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert not (run_dir / "results.json").exists()
+    _, step, _ = RunDir(run_dir).latest_checkpoint()
+    assert step == stopped_at >= 2
+    assert numbers(finish(run_dir)) == reference

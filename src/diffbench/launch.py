@@ -5,9 +5,12 @@ of any launcher skips finished trials and resumes the rest from their checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,13 +68,49 @@ def cpu_share(concurrent: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, concurrent))
 
 
+STOP = threading.Event()
+"""Set when the sweep was asked to stop: no further trial starts."""
+STOP_SIGNALS: list[int] = []
+_RUNNING: set[subprocess.Popen] = set()
+_GUARD = threading.Lock()
+NOT_STARTED = -1
+
+
 def run_trial(command: list[str], env: dict[str, str], log: Path | None) -> int:
-    """One trial's process; with a log file its output goes there instead of the terminal."""
-    if log is None:
-        return subprocess.call(command, env=env)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as handle:
-        return subprocess.call(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    """One trial's process, in a session of its own (a Ctrl-C reaches the sweep, which stops the
+    trials in order); with a log file its output goes there instead of the terminal. Returns its
+    exit code, or NOT_STARTED once the sweep is stopping."""
+    if STOP.is_set():
+        return NOT_STARTED
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") if log is not None else contextlib.nullcontext() as handle:
+        output = {"stdout": handle, "stderr": subprocess.STDOUT} if handle is not None else {}
+        proc = subprocess.Popen(command, env=env, start_new_session=True, **output)
+        with _GUARD:
+            _RUNNING.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with _GUARD:
+                _RUNNING.discard(proc)
+
+
+def forward_stop_signals() -> None:
+    """SIGTERM or SIGINT to the sweep stops it in order: no further trial starts, and every running
+    trial gets SIGTERM, which makes it save the step it is at and exit (the same command resumes
+    it); the sweep waits for them."""
+
+    def stop(signum: int, frame: object) -> None:
+        STOP.set()
+        STOP_SIGNALS.append(signum)
+        with _GUARD:
+            running = list(_RUNNING)
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
 
 
 def on_slots(count: int, slots: list[str | None], work: Callable[[int, str | None], T]) -> list[T]:

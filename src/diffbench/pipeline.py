@@ -10,11 +10,13 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import wandb
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffbench.core.unet import count_parameters
 from diffbench.data.base import ArrayDataModule
@@ -26,6 +28,7 @@ from diffbench.rundir import (
     CURVES,
     DIVERGED,
     IMAGES,
+    LAST_CHECKPOINT,
     SAMPLE_GRID,
     RunDir,
     config_hash,
@@ -36,7 +39,7 @@ from diffbench.sampling.samplers import ddpm_ancestral
 from diffbench.spec import RunSpec
 from diffbench.train.budgets import BudgetEvaluation
 from diffbench.train.build import build_datamodule, build_module, build_trainer
-from diffbench.train.callbacks import StopOnDivergence, keep_previous_metrics
+from diffbench.train.callbacks import CheckpointOnStop, StopOnDivergence, keep_previous_metrics
 from diffbench.train.module import DiffusionModule
 
 
@@ -61,11 +64,15 @@ def wandb_started(trainer: L.Trainer) -> bool:
     return run is not None
 
 
-def watched_steps(spec: RunSpec, budget: list[int]) -> set[int]:
-    """Steps at which something is measured or saved: a diverged network must not reach them."""
-    steps = spec.max_steps
+class Stopped(Exception):
+    """The run was asked to stop (SIGTERM) and saved its checkpoint: a rerun resumes it."""
+
+
+def watched(spec: RunSpec, budget: list[int]) -> Callable[[int], bool]:
+    """Whether something is measured or saved at a step: a diverged network must not reach it."""
+    budgets = set(budget)
     every = (spec.output.checkpoint_every, spec.trainer["val_check_interval"])
-    return set(budget) | {s for interval in every for s in range(interval, steps + 1, interval)}
+    return lambda step: step in budgets or any(step % interval == 0 for interval in every)
 
 
 def draw_samples(spec: RunSpec, module: DiffusionModule, path: Path, shape: tuple[int, ...]) -> dict:
@@ -110,11 +117,12 @@ def train(spec: RunSpec) -> dict:
     budgets = BudgetEvaluation(
         steps, lambda module: measure_budget(module, datamodule, spec), run_dir.write_budgets
     )
-    divergence = StopOnDivergence(spec.trainer["log_every_n_steps"], watched_steps(spec, steps))
-    trainer = build_trainer(spec, run_dir.path, [divergence, budgets])
+    divergence = StopOnDivergence(spec.trainer["log_every_n_steps"], watched(spec, steps))
+    callbacks = [divergence, budgets, CheckpointOnStop(run_dir.checkpoints / LAST_CHECKPOINT)]
+    trainer = build_trainer(spec, run_dir.path, callbacks)
     if trainer.is_global_zero and not wandb_started(trainer):
         os.environ["WANDB_MODE"] = "offline"
-        trainer = build_trainer(spec, run_dir.path, [divergence, budgets])
+        trainer = build_trainer(spec, run_dir.path, callbacks)
     with run_dir.exclusive() if trainer.is_global_zero else contextlib.nullcontext():
         return fit_and_evaluate(spec, run_dir, datamodule, module, trainer, budgets, divergence)
 
@@ -147,7 +155,13 @@ def fit_and_evaluate(
     for logger in trainer.loggers:
         logger.log_hyperparams({"num_params": num_params})
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last else None, weights_only=True)
+    except SIGTERMException:
+        raise Stopped(
+            f"stopped by SIGTERM at step {trainer.global_step} of {spec.max_steps}; its checkpoint is in "
+            f"{run_dir.checkpoints}. Run the same command again to resume it exactly from there."
+        ) from None
     train_seconds = time.perf_counter() - start
     identity = {
         "experiment": spec.experiment,

@@ -11,8 +11,11 @@ from diffbench.cli.checks import check_settings
 from diffbench.config import ConfigError, compose
 from diffbench.data.vision import DatasetMissingError
 from diffbench.evaluation.fidelity import InceptionWeightsMissingError
-from diffbench.pipeline import train
+from diffbench.pipeline import Stopped, train
 from diffbench.train.build import set_threads
+
+STOPPED = 128 + 15
+"""Exit code of a run stopped by SIGTERM (the shell's convention for a process ended by signal 15)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetMissingError, InceptionWeightsMissingError) as error:
         print(f"diffbench.run: {error}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"diffbench.run: {stop}", file=sys.stderr)
+        return STOPPED
     return 0
 
 

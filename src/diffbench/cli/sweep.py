@@ -8,6 +8,7 @@ import argparse
 import itertools
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -17,12 +18,16 @@ from pathlib import Path
 import yaml
 
 from diffbench.analysis.summary import summarize_trials
+from diffbench.cli.checks import check_settings
 from diffbench.cli.report import main as report_main
 from diffbench.config import ConfigError, available, compose, find_choice
 from diffbench.launch import (
+    STOP,
+    STOP_SIGNALS,
     SlurmOptions,
     TrialJob,
     cpu_share,
+    forward_stop_signals,
     gpu_slots,
     on_slots,
     run_local_jobs,
@@ -32,7 +37,6 @@ from diffbench.launch import (
     visible_gpus,
 )
 from diffbench.rundir import DIVERGED, RESULTS, SWEEP_LOG, RunDir, runs_root, trial_dir, trials_root
-from diffbench.spec import build_spec
 from diffbench.tracking import wandb_online
 
 SUMMARY_NAME = "summary"
@@ -90,17 +94,33 @@ def load_sweep(obj: str, lr_of: str = "all") -> dict:
     )
 
 
+MAX_SEEDS = 1000
+"""More seeds than any sweep here needs: a larger count is a typo (and would compose for hours)."""
+MAX_TRIALS = 20_000
+
+
 def parse_seeds(seeds: str) -> list[int]:
-    """`3` means seeds 0, 1, 2; `0,5,7` lists them; anything selecting no seed is refused."""
+    """`3` means seeds 0, 1, 2; `0,5,7` lists them; anything selecting no seed, a seed twice or more
+    than MAX_SEEDS seeds is refused."""
     try:
         values = [int(s) for s in seeds.replace(" ", "").split(",") if s]
     except ValueError:
         values = []
-    chosen = list(range(values[0])) if len(values) == 1 and "," not in seeds else values
-    if not chosen or min(chosen) < 0:
+    if len(values) == 1 and "," not in seeds:
+        chosen = list(range(values[0])) if 0 < values[0] <= MAX_SEEDS else []
+    else:
+        chosen = values
+    if not chosen or min(chosen) < 0 or len(chosen) > MAX_SEEDS:
         raise ConfigError(
-            f"SEEDS={seeds!r} selects no seeds: give a positive count (SEEDS=3 runs seeds 0, 1, 2) "
-            "or a comma-separated list of non-negative seeds (SEEDS=0,5,7); nothing was started."
+            f"SEEDS={seeds!r} selects no usable seeds: give a count from 1 to {MAX_SEEDS} (SEEDS=3 runs "
+            "seeds 0, 1, 2) or a comma-separated list of non-negative seeds (SEEDS=0,5,7); "
+            "nothing was started."
+        )
+    twice = sorted({s for s in chosen if chosen.count(s) > 1})
+    if twice:
+        raise ConfigError(
+            f"SEEDS={seeds!r} names seed {', '.join(map(str, twice))} more than once: one seed is one run "
+            "(the same numbers twice would be counted as two); nothing was started."
         )
     return chosen
 
@@ -218,8 +238,20 @@ def run_wandb(sweep: dict, slots: list[str | None], env: dict[str, str]) -> None
 
 
 def trial_dirs(sweep: dict, points: list[dict[str, object]]) -> list[Path]:
-    """Where each grid point's run lives: named by its resolved config (see run.reuse)."""
-    return [trial_dir(build_spec(compose(trial_overrides(trial_command(sweep, point))))) for point in points]
+    """Where each grid point's run lives (named by its resolved config, see run.reuse), every
+    trial checked as the run command would check it, so a setting any trial rejects stops the
+    sweep before the first one starts."""
+    if len(points) > MAX_TRIALS:
+        raise ConfigError(f"the sweep has {len(points)} trials, more than {MAX_TRIALS}; nothing was started.")
+    dirs = []
+    for point in points:
+        try:
+            spec = check_settings(compose(trial_overrides(trial_command(sweep, point))))
+        except ConfigError as error:
+            label = " ".join(f"{k}={v}" for k, v in point.items())
+            raise ConfigError(f"trial {label} would be refused: {error}") from None
+        dirs.append(trial_dir(spec))
+    return dirs
 
 
 def summary_sets(points: list[dict[str, object]], dirs: list[Path]) -> list[tuple[float | None, list[Path]]]:
@@ -373,7 +405,16 @@ def main(argv: list[str] | None = None) -> int:
     if not online:
         if env.get("WANDB_MODE", "online") == "online":
             env["WANDB_MODE"] = "offline"
+        forward_stop_signals()
         run_local(sweep, points, dirs, env, slots)
+    if STOP.is_set():
+        signum = STOP_SIGNALS[0]
+        print(
+            f"[sweep] stopped by {signal.Signals(signum).name}: the running trials saved their step and "
+            "stopped, no further trial started; run the same command again to resume them.",
+            file=sys.stderr,
+        )
+        return 128 + signum
     return finish(sweep, points, dirs, start)
 
 

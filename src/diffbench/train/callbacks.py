@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +13,19 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffbench import atomic
 
 
 class StopOnDivergence(Callback):
-    """Stop training at a non-finite loss. Checked every `every` steps, at each step in `watch`
+    """Stop training at a non-finite loss. Checked every `every` steps, at each step `watch` names
     (where something is measured or saved) and at the last step: one host sync each, not one
     per step. Every process takes the same decision, so DDP stops together."""
 
-    def __init__(self, every: int, watch: Iterable[int] = ()) -> None:
+    def __init__(self, every: int, watch: Callable[[int], bool] = lambda step: False) -> None:
         self.every = max(1, every)
-        self.watch = set(watch)
+        self.watch = watch
         self.step: int | None = None
         """The step at which the loss was found non-finite; None while training is healthy."""
 
@@ -32,13 +33,28 @@ class StopOnDivergence(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every and step not in self.watch and step < (trainer.max_steps or 0):
+        if step % self.every and not self.watch(step) and step < (trainer.max_steps or 0):
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         bad = loss is not None and not bool(torch.isfinite(loss.detach()).all())
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             self.step = step
             trainer.should_stop = True
+
+
+class CheckpointOnStop(Callback):
+    """SIGTERM (how SLURM preempts, how `kill` stops a job) makes Lightning stop after a whole
+    training step; this saves that step's checkpoint at once (every process takes part), so the
+    same command resumes from it, bit for bit, instead of from the last periodic checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
 
 
 class FlushCSVOnCheckpoint(Callback):

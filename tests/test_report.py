@@ -321,7 +321,7 @@ def test_incomplete_runs_are_listed_not_fatal(built: tuple[Path, dict, str]) -> 
     out, payload, _ = built
     reasons = {Path(i["directory"]).name: i["reason"] for i in payload["incomplete"]}
     assert {"s9-half", "s8-unfinished"} <= set(reasons)
-    assert "unreadable" in reasons["s9-half"] and "no results.json" in reasons["s8-unfinished"]
+    assert "not valid JSON" in reasons["s9-half"] and "no results.json" in reasons["s8-unfinished"]
     assert payload["runs"] == 24
     page = (out / "report.html").read_text()
     assert "Incomplete runs" in page and "s9-half" in page
@@ -638,3 +638,30 @@ def test_a_closing_gap_gives_its_zero_crossing_as_an_extrapolation(tmp_path: Pat
         "provisional at 100 steps: eps_elbo − eps_simple on val_vlb_bpd would reach zero by about 200 steps "
         "at its slope per doubling"
     )
+
+
+@pytest.mark.parametrize(("version", "phrase"), [("2", "'2'"), (None, "None"), (99, "99"), (True, "True")])
+def test_an_unknown_schema_version_is_listed_with_its_reason(
+    tmp_path: Path, version: object, phrase: str
+) -> None:
+    """A results.json that is not a known schema version is unreadable, said so, and never raised
+    on; a budget row without a usable step is passed over; neither stops the report or the summary."""
+    good = write_fabricated(tmp_path, Arm("eps", "own"), 0, metrics_for(0))
+    odd = write_fabricated(
+        tmp_path, Arm("eps", "elbo"), 0, metrics_for(0), [{"step": None, "val_vlb_bpd": 3.0}]
+    )
+    results = json.loads((odd / "results.json").read_text())
+    (odd / "results.json").write_text(json.dumps({**results, "schema_version": version}))
+    runs, listed = scan(tmp_path)
+    assert [r.directory for r in runs] == [good]
+    (problem,) = listed
+    assert f"schema_version {phrase} is not one this diffbench reads" in problem.reason
+    assert "newer version" in problem.reason
+    assert report_cli.main(["--runs", str(tmp_path), "--no-figures"]) == 0
+    summarize_trials([good, odd], tmp_path / "summary")
+    table = json.loads((tmp_path / "summary.json").read_text())["table"]
+    assert list(table) == ["eps_simple"]
+    results["budgets"] = [{"step": None, "val_vlb_bpd": 3.0}, {"step": 100, "val_vlb_bpd": 2.0}]
+    (odd / "results.json").write_text(json.dumps(results))
+    (run,) = [r for r in scan(tmp_path)[0] if r.directory == odd]
+    assert [row["step"] for row in run.budgets] == [100]

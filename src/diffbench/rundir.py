@@ -269,9 +269,20 @@ def make_run_dir(spec: RunSpec) -> Path:
     return run_dir.resolve()
 
 
+class UnknownSchema(ValueError):
+    """A results.json this version cannot read: its schema version is not a known one."""
+
+
 def upgrade(results: dict) -> dict:
-    """A results.json of any schema version, in the current one."""
-    if results.get("schema_version", 1) < 2:
+    """A results.json of any schema version, in the current one; UnknownSchema for a version that
+    is not an integer from 1 to SCHEMA_VERSION (a newer diffbench's file, or a damaged one)."""
+    version = results.get("schema_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        raise UnknownSchema(
+            f"schema_version {version!r} is not one this diffbench reads (1 to {SCHEMA_VERSION}): written by "
+            "a newer version, or damaged"
+        )
+    if version < 2:
         results = dict(results)
         try:
             arm = Arm(results["head"], results["weighting"])
@@ -318,11 +329,22 @@ class RunDir:
 
     def read_results(self) -> dict | None:
         """results.json in the current schema, whatever its status; None when missing or broken."""
+        return self.read_results_or_reason()[0]
+
+    def read_results_or_reason(self) -> tuple[dict | None, str | None]:
+        """results.json in the current schema, or None and why it cannot be read."""
         try:
             results = json.loads((self.path / RESULTS).read_text())
-        except (OSError, ValueError):
-            return None
-        return upgrade(results) if isinstance(results, dict) else None
+        except OSError as error:
+            return None, f"{RESULTS} cannot be read ({error.strerror or error})"
+        except ValueError:
+            return None, f"{RESULTS} is not valid JSON (half-written or damaged)"
+        if not isinstance(results, dict):
+            return None, f"{RESULTS} holds a JSON {type(results).__name__}, not an object"
+        try:
+            return upgrade(results), None
+        except UnknownSchema as error:
+            return None, f"{RESULTS} unreadable: {error}"
 
     def complete_results(self) -> dict | None:
         results = self.read_results()

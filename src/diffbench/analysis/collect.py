@@ -124,9 +124,9 @@ def load_run(directory: Path) -> Run | Incomplete:
 
     if not (run_dir / RESULTS).is_file():
         return incomplete(f"no {RESULTS} (unfinished, interrupted or failed)")
-    results = run_dir.read_results()
+    results, problem = run_dir.read_results_or_reason()
     if results is None:
-        return incomplete(f"{RESULTS} unreadable")
+        return incomplete(problem or f"{RESULTS} unreadable")
     if results.get("status") == DIVERGED:
         step = results.get("diverged_at_step")
         reason = (
@@ -163,9 +163,15 @@ def load_run(directory: Path) -> Run | Incomplete:
         directory=directory,
         dropped=dropped,
         created=(directory / RESULTS).stat().st_mtime,
-        budgets=[row for row in results.get("budgets") or [] if isinstance(row, dict) and "step" in row],
+        budgets=[
+            row for row in results.get("budgets") or [] if isinstance(row, dict) and is_step(row.get("step"))
+        ],
         optimisation=results.get("optimisation") or {},
     )
+
+
+def is_step(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def where(run: Run) -> str:

@@ -1,6 +1,6 @@
-"""The rules between settings a run could only trip over after training (single settings are
-checked as the spec is built, `spec.RULES`): each failure is one paragraph that names the keys,
-the values and what to do, and nothing has been trained or written yet."""
+"""The rules between settings (single settings are checked as the spec is built, `schema.SCHEMA`):
+each failure is one paragraph that names the keys, the values and what to do, and nothing has
+been trained or written yet."""
 
 from __future__ import annotations
 
@@ -106,16 +106,99 @@ def check_run_dir(spec: RunSpec) -> None:
     )
 
 
-CHECKS: tuple[Callable[[RunSpec], None], ...] = (check_budgets, check_shapes, check_run_dir)
+def check_model(spec: RunSpec) -> None:
+    """The U-Net's widths must split into its GroupNorm groups and attention heads."""
+    model = spec.model
+    for mult in model["channel_mult"]:
+        channels = model["base_channels"] * mult
+        groups = min(model["norm_groups"], channels)
+        need(
+            channels % groups == 0,
+            f"model.base_channels={model['base_channels']} × channel_mult {mult} = {channels} channels do "
+            f"not split into model.norm_groups={model['norm_groups']} groups; choose widths the groups "
+            "divide.",
+        )
+        need(
+            channels % model["num_heads"] == 0 or not model["attention_resolutions"],
+            f"model.num_heads={model['num_heads']} does not divide {channels} channels of an attention "
+            "level; choose a divisor (num_heads=1 always works).",
+        )
 
 
-def check_settings(cfg: DictConfig) -> RunSpec:
+def check_data(spec: RunSpec) -> None:
+    """Splits that leave training images, and batches no larger than the training split."""
+    options, name = spec.data.options, spec.data.name
+    held_out = options.get("val_fraction", 0.0) + options.get("test_fraction", 0.0)
+    need(
+        held_out < 1,
+        f"data.val_fraction + data.test_fraction = {held_out:g} leaves no training images; keep the sum "
+        "below 1.",
+    )
+    if name == "digits":
+        train = int(1797 * (1 - held_out))
+    elif name == "gmm" and not options.get("fresh_samples", True):
+        train = options.get("num_train", 0)
+    else:
+        return
+    need(
+        spec.data.batch_size <= train,
+        f"data.batch_size={spec.data.batch_size} is larger than the {train} training images of data={name}; "
+        "a batch would repeat images within itself. Use at most that many.",
+    )
+
+
+def check_hardware(spec: RunSpec) -> None:
+    """GPU settings need a GPU: refused on a machine without one, with the CPU setting to use."""
+    trainer = spec.trainer
+    wants_gpu = str(trainer.get("accelerator")) in ("gpu", "cuda")
+    if not wants_gpu and not str(trainer.get("precision")).startswith("16"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if wants_gpu:
+        raise ConfigError(
+            f"trainer.accelerator={trainer['accelerator']} asks for a GPU and this machine has none; drop "
+            "trainer=gpu (or set trainer.accelerator=cpu) to train on the CPU, or run on a machine with CUDA."
+        )
+    raise ConfigError(
+        f"trainer.precision={trainer['precision']} is GPU half precision; on the CPU Lightning would run "
+        "bf16 instead without saying so. Use trainer.precision=32-true (or bf16-mixed) on the CPU."
+    )
+
+
+def check_output(spec: RunSpec) -> None:
+    """run.root must be a folder this user can create or write in."""
+    root = Path(spec.output.root)
+    need(not root.exists() or root.is_dir(), f"run.root={root} is a file, not a folder; choose another path.")
+    parent = next((p for p in (root, *root.parents) if p.exists()), Path("."))
+    need(
+        os.access(parent, os.W_OK),
+        f"run.root={root}: {parent} is not writable; choose a folder you can write (run.root=…).",
+    )
+
+
+CHECKS: tuple[Callable[[RunSpec], None], ...] = (
+    check_budgets,
+    check_shapes,
+    check_model,
+    check_data,
+    check_hardware,
+    check_output,
+    check_run_dir,
+)
+
+
+def check_settings(cfg: DictConfig, here: bool = True) -> RunSpec:
     """The run spec of the composed config (every single setting checked as it is built), then the
     rules between settings, the run directory, and the offline Inception weights a CIFAR-10
-    evaluation needs; the spec is what the run takes."""
+    evaluation needs; the spec is what the run takes. With `here` false (trials a cluster will run)
+    this machine's hardware is not asked about."""
     spec = build_spec(cfg)
     for check in CHECKS:
-        check(spec)
+        if here or check is not check_hardware:
+            check(spec)
     if spec.evaluation.enabled and spec.data.name in INCEPTION_DATASETS:
         resolve_inception_weights(spec.evaluation.inception_weights)
     return spec

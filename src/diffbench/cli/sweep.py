@@ -237,7 +237,7 @@ def run_wandb(sweep: dict, slots: list[str | None], env: dict[str, str]) -> None
         proc.wait()
 
 
-def trial_dirs(sweep: dict, points: list[dict[str, object]]) -> list[Path]:
+def trial_dirs(sweep: dict, points: list[dict[str, object]], here: bool = True) -> list[Path]:
     """Where each grid point's run lives (named by its resolved config, see run.reuse), every
     trial checked as the run command would check it, so a setting any trial rejects stops the
     sweep before the first one starts."""
@@ -246,7 +246,7 @@ def trial_dirs(sweep: dict, points: list[dict[str, object]]) -> list[Path]:
     dirs = []
     for point in points:
         try:
-            spec = check_settings(compose(trial_overrides(trial_command(sweep, point))))
+            spec = check_settings(compose(trial_overrides(trial_command(sweep, point))), here)
         except ConfigError as error:
             label = " ".join(f"{k}={v}" for k, v in point.items())
             raise ConfigError(f"trial {label} would be refused: {error}") from None
@@ -370,12 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(options.obj, options.lr_of or "all")
         sweep = apply_options(sweep, options.profile, options.data, options.seeds, extra)
         points = expand_grid(sweep)
-        dirs = trial_dirs(sweep, points)
         slots = (
             [None]
             if options.launcher == "slurm"
             else slots_for(options.gpus, options.trials_per_gpu, options.jobs)
         )
+        dirs = trial_dirs(sweep, points, here=options.launcher != "slurm")
     except ConfigError as error:
         print(f"diffbench.sweep: {error}", file=sys.stderr)
         return 2

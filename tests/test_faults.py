@@ -11,13 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY
 from diffbench.analysis.collect import Incomplete, load_run
 from diffbench.cli import evaluate as evaluate_cli
+from diffbench.cli import report as report_cli
 from diffbench.cli import run as run_cli
+from diffbench.cli import sweep as sweep_cli
 from diffbench.config import ConfigError
-from diffbench.rundir import RunDir
+from diffbench.rundir import RESULTS, RunDir
 
 pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
 
@@ -69,10 +72,45 @@ BAD_INPUTS = [
     (["model.channel_mult=[1,2,2,2,2]"], "halves the image 4 time(s)"),
     (["data=imagenet"], "imagenet"),
     (["model=unet_huge"], "unet_huge"),
+    (["run.dir=123"], "run.dir must be null or a path"),
+    (["run.root="], "run.root must be a path"),
+    (["run.dir=~/x"], "without a leading ~"),
+    (["run.root=/proc/diffbench"], "/proc is not writable"),
+    (["seed=4294967296"], "seed must be an integer between 0 and 4294967295"),
+    (["seed=1.5"], "seed expects a int"),
+    (["speed.threads=-1"], "speed.threads must be an integer between 0"),
+    (["optim.weight_decay=nan"], "optim.weight_decay must be a finite number in [0, 10]"),
+    (["optim.lr=inf"], "optim.lr must be a finite number above 0"),
+    (["data.val_fraction=2"], "data.val_fraction must be a finite number in (0, 1)"),
+    (["data.batch_size=" + "1" + "0" * 30], "data.batch_size must be an integer between 1 and 100000"),
+    (["trainer.max_steps=" + "1" + "0" * 30], "trainer.max_steps must be an integer between 1 and"),
+    (["model.base_channels=0"], "model.base_channels must be an integer between 1"),
+    (["model.dropout=2"], "model.dropout must be a finite number in [0, 1)"),
+    (["model.num_heads=3"], "does not divide"),
+    (["trainer.devices=0"], "trainer.devices must be an integer between 1"),
+    (["eval.sample_batch_size=0"], "eval.sample_batch_size must be an integer between 1"),
+    (["eval.reference_split=bogus"], "eval.reference_split must be one of train, val, test"),
+    (["eval.ode_rtol=-1"], "eval.ode_rtol must be a finite number in (0, 1)"),
+    (["eval.ddim_eta=nan"], "eval.ddim_eta must be a finite number in [0, 1]"),
+    (["wandb.entity=team/project"], "wandb.entity must be null or a W&B name"),
+    (["wandb.mode=sometimes"], "wandb.mode must be one of auto, online, offline, disabled"),
+    (["optim.lr=[1"], "cannot read the value of optim.lr='[1'"),
+    (["experiment=../experiments/eps_simple"], "is not a name: experiment= takes the name"),
+    (["experiment=/etc/hostname"], "is not a name: experiment= takes the name"),
+    (["trainer.precision=16-mixed"], "trainer.precision=32-true"),
+    pytest.param(
+        ["trainer=gpu"],
+        "trainer.accelerator=cpu",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused on machines without CUDA"),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("args", "phrase"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def case_id(case: tuple | object) -> str:
+    return " ".join(case.values[0] if hasattr(case, "values") else case[0])[:60]
+
+
+@pytest.mark.parametrize(("args", "phrase"), BAD_INPUTS, ids=[case_id(c) for c in BAD_INPUTS])
 def test_bad_input_is_one_paragraph_and_exit_2_with_nothing_written(
     args: list[str],
     phrase: str,
@@ -106,6 +144,34 @@ def test_run_dir_that_is_a_file_and_a_broken_preset_are_refused(
     err = capsys.readouterr().err
     assert "broken" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "presets"]
+
+
+BAD_PRESETS = [
+    ("objective: {head: eps, weighting: own}\ntraner: {max_steps: 5}\n", "unknown config key 'traner"),
+    ("objective: {head: eps}\ntrainer: {max_stepz: 5}\n", "Did you mean trainer.max_steps"),
+    ("- objective\n- trainer\n", "not a mapping of settings"),
+    ("defaults:\n  - data: gmm\n", "a Hydra-style list"),
+    ("defaults: {dataset: gmm}\n", "must map groups to names"),
+    ("optim: {lr: fast}\n", "optim.lr='fast' in preset mine has the wrong type"),
+    ("optim: {lr: -1.0e-3}\n", "optim.lr must be a finite number above 0"),
+    ("objective: {head: eps\n", "is not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("text", "phrase"), BAD_PRESETS, ids=[p for _, p in BAD_PRESETS])
+def test_a_preset_is_checked_as_the_command_line_is(
+    text: str, phrase: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "mine.yaml").write_text(text)
+    monkeypatch.setenv("DIFFBENCH_EXPERIMENTS", str(presets))
+    monkeypatch.chdir(tmp_path)
+    assert run_cli.main(["experiment=mine"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert phrase in err and "mine" in err, err
+    assert "Traceback" not in err and "\n\n" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["presets"], "nothing written"
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -158,6 +224,56 @@ def test_second_writer_is_refused_while_the_lock_is_held(
     assert "another diffbench process" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["sampler=heun"], "eval.sampler must be one of"),
+        (["num_samples=2"], "at least 4 samples"),
+        (["steps=5000"], "eval.sampler_steps=5000"),
+        (["eval.ode_rtol=0"], "eval.ode_rtol must be a finite number"),
+        (["eval.reference_split=bogus"], "eval.reference_split must be one of"),
+        (["model.base_channels=8"], "model.base_channels cannot be changed by evaluate"),
+        (["experiment=x0_simple"], "experiment cannot be changed by evaluate"),
+        (["eval.enabled=false"], "eval.enabled cannot be changed by evaluate"),
+        (["steps=[1"], "cannot read the value of steps"),
+    ],
+)
+def test_evaluate_checks_its_overrides_before_any_work(
+    args: list[str], phrase: str, finished: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = snapshot(finished)
+    assert evaluate_cli.main([f"run_dir={finished}", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert phrase in err and err.startswith("diffbench.evaluate: ") and "\n\n" not in err, err
+    assert snapshot(finished) == before
+
+
+def test_evaluate_leaves_a_read_only_results_file_alone(
+    finished: Path, capsys: pytest.CaptureFixture
+) -> None:
+    results = finished / RESULTS
+    before = snapshot(finished)
+    os.chmod(results, 0o444)
+    try:
+        assert evaluate_cli.main([f"run_dir={finished}", "num_samples=8"]) == 2
+    finally:
+        os.chmod(results, 0o644)
+    assert "is read-only" in capsys.readouterr().err
+    assert snapshot(finished) == before
+
+
+def test_report_out_that_cannot_be_a_folder_is_refused(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "afile").write_text("keep me\n")
+    refusals = [(tmp_path / "afile", "afile is a file"), (Path("/proc/diffbench"), "/proc is not writable")]
+    for out, reason in refusals:
+        assert report_cli.main(["--runs", str(finished.parent), "--out", str(out)]) == 2
+        assert reason in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+    assert (tmp_path / "afile").read_text() == "keep me\n"
+
+
 def test_partial_run_is_not_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
     proc = run(["experiment=eps_simple", *TINY, "eval.enabled=false", f"run.dir={run_dir}"], tmp_path)
@@ -188,3 +304,74 @@ def test_diverged_arm_stops_cleanly_and_is_listed_not_averaged(tmp_path: Path) -
     assert isinstance(listed, Incomplete) and "diverged at step" in listed.reason
     again = run([*diverging, f"run.dir={run_dir}"], tmp_path)
     assert again.returncode == 0 and "already diverged" in again.stdout
+
+
+SWEEP_HEAD = (
+    "name: mine\nprogram: diffbench.run\nmethod: grid\n"
+    "command: ['${interpreter}', -m, '${program}', '${args_no_hyphens}']\n"
+)
+RATES = [1e-4 * (i + 1) for i in range(200)]
+BAD_SWEEPS = [
+    (
+        SWEEP_HEAD + "parameters: {experiment: {value: eps_simple}, seed: {values: [0, 4294967296]}}\n",
+        "trial experiment=eps_simple seed=4294967296 would be refused: seed=4294967296 is not valid",
+    ),
+    (
+        SWEEP_HEAD + "parameters: {experiment: {value: eps_simple}, optim.lr: {values: [1.0e-3, -1.0]}}\n",
+        "trial experiment=eps_simple optim.lr=-1.0 would be refused",
+    ),
+    (
+        SWEEP_HEAD + f"parameters: {{seed: {{values: {list(range(200))}}}, optim.lr: {{values: {RATES}}}}}\n",
+        "has 40000 trials, more than 20000",
+    ),
+    (SWEEP_HEAD + "parameters: {seed: {values: []}}\n", "parameter 'seed' has neither value: nor"),
+    (SWEEP_HEAD, "it has no parameters"),
+    ("- name\n- command\n", "it is not a mapping of sweep settings"),
+    (SWEEP_HEAD + "parameters: {seed: [0, 1\n", "is not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("text", "phrase"), BAD_SWEEPS, ids=[p[:40] for _, p in BAD_SWEEPS])
+def test_a_sweep_checks_every_trial_before_starting_any(
+    text: str, phrase: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "mine.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert sweep_cli.main(["--obj", "mine", "--local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert phrase in err and err.startswith("diffbench.sweep: ") and "Traceback" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["sweeps"], "no trial started, nothing written"
+
+
+@pytest.mark.parametrize(
+    ("seeds", "phrase"),
+    [("0,0", "names seed 0 more than once"), ("1001", "a count from 1 to 1000"), ("-3", "no usable")],
+)
+def test_sweep_seed_lists_that_would_miscount_are_refused(
+    seeds: str, phrase: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sweep_cli.main(["--obj", "eps_simple", "--seeds", seeds, "--local"]) == 2
+    assert phrase in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_names_for_one_run_run_and_count_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "also_eps_simple.yaml").write_text("objective: {name: also, head: eps, weighting: own}\n")
+    monkeypatch.setenv("DIFFBENCH_EXPERIMENTS", str(presets))
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_cli.read_sweep(sweep_cli.sweeps_dir() / "all.yaml")
+    sweep["parameters"]["experiment"] = {"values": ["eps_simple", "also_eps_simple", "x0_simple"]}
+    points = sweep_cli.expand_grid(sweep)
+    kept, dirs = sweep_cli.distinct_trials(points, sweep_cli.trial_dirs(sweep, points))
+    assert len(points) == 9 and len(kept) == len(set(dirs)) == 6
+    assert {p["experiment"] for p in kept} == {"eps_simple", "x0_simple"}
+    assert (
+        "experiment=also_eps_simple seed=0 profile=default data=digits is the same run as"
+        in capsys.readouterr().out
+    )

@@ -125,3 +125,31 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_resumes_to_the_same_numb
     _, step, _ = RunDir(run_dir).latest_checkpoint()
     assert step == stopped_at >= 2
     assert numbers(finish(run_dir)) == reference
+
+
+def test_sigterm_during_the_evaluation_stops_it_and_the_rerun_evaluates(tmp_path: Path) -> None:
+    """Past `trainer.fit`, Lightning only notes a SIGTERM; the run must still stop (143, no
+    results.json) rather than evaluate to the end and exit 0, and the rerun evaluates the same
+    network to the same numbers."""
+    run_dir = tmp_path / "run"
+    args = [*command(run_dir), "eval.vlb_timesteps=0"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    while b"VLB terms" not in seen and proc.poll() is None:
+        seen = seen[-64:] + os.read(proc.stderr.fileno(), 4096)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    message = stderr.decode()
+    assert proc.returncode == 143, message[-2000:]
+    assert "stopped by SIGTERM after training, while evaluating" in message
+    assert not (run_dir / "results.json").exists()
+    assert RunDir(run_dir).latest_checkpoint()[1] == STEPS
+    rerun = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    uninterrupted = subprocess.run(
+        [*command(tmp_path / "whole"), "eval.vlb_timesteps=0"], env=ENV, capture_output=True, timeout=600
+    )
+    assert uninterrupted.returncode == 0
+    assert numbers(json.loads((run_dir / "results.json").read_text())) == numbers(
+        json.loads((tmp_path / "whole" / "results.json").read_text())
+    )

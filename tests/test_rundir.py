@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import spec_of
 from diffbench import atomic
+from diffbench.config import ConfigError
 from diffbench.core.arms import Arm
 from diffbench.rundir import (
     EPS_MSE_BY_T,
@@ -104,6 +108,49 @@ def test_concurrent_writers_use_distinct_temporary_files(tmp_path: Path) -> None
         first.write_text("a")
         second.write_text("b")
     assert target.read_text() == "a"
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_new_files_follow_the_umask_and_replacements_keep_their_mode(tmp_path: Path, umask_022: None) -> None:
+    new = tmp_path / "new.json"
+    atomic.write_json(new, {})
+    plain = tmp_path / "plain.txt"
+    plain.write_text("as open() makes it")
+    assert stat.S_IMODE(new.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+    atomic.save_with(new, lambda tmp: torch.save({"w": 1}, tmp))
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644
+    os.chmod(new, 0o640)
+    atomic.write_text(new, "replaced")
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640 and new.read_text() == "replaced"
+    os.umask(0o077)
+    private = tmp_path / "private.txt"
+    atomic.write_text(private, "x")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+
+
+def test_a_read_only_file_is_not_replaced_even_by_root(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    atomic.write_json(target, {"keep": True})
+    os.chmod(target, 0o444)
+    with pytest.raises(ConfigError, match="read-only"):
+        atomic.write_json(target, {"keep": False})
+    assert json.loads(target.read_text()) == {"keep": True}
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_writable_folder_is_tried_not_read_from_permission_bits(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    assert atomic.writable_folder(tmp_path / "new" / "deeper")
+    assert not atomic.writable_folder(tmp_path / "afile" / "sub")
+    assert "afile is a file" in atomic.unwritable_reason(tmp_path / "afile" / "sub")
+    assert not atomic.writable_folder(Path("/proc/diffbench-test"))
+    assert os.listdir(tmp_path) == ["afile"], "the probe leaves nothing behind"
 
 
 def test_trial_dir_is_named_by_arm_seed_and_config(tmp_path: Path) -> None:

@@ -3,16 +3,21 @@ and a sweep whose W&B side fails runs its trials locally."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import TINY
+from diffbench import tracking
 from diffbench.cli import sweep as sweep_cli
 from diffbench.tracking import wandb_mode, wandb_server_answers
 
@@ -26,14 +31,56 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_probe_sees_a_listening_server_and_not_a_closed_port(monkeypatch: pytest.MonkeyPatch) -> None:
+class Answer(http.server.BaseHTTPRequestHandler):
+    """Answers a POST to /graphql with the class's status, anything else with 404."""
+
+    status = 200
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(self.status if self.path == tracking.GRAPHQL else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server(status: int) -> Iterator[int]:
+    handler = type("Handler", (Answer,), {"status": status})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_probe_needs_an_answer_below_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    for status, online in ((200, True), (401, True), (500, False), (503, False)):
+        with http_server(status) as port:
+            monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+            assert wandb_server_answers(timeout=2.0) is online, status
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    assert not wandb_server_answers(timeout=2.0)
+
+
+def test_a_silent_server_means_offline_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts the connection and never answers (the case that used to cost each
+    run about 90 s): offline once the probe's bound has passed."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
         monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
-        assert wandb_server_answers(timeout=2.0)
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
-    assert not wandb_server_answers(timeout=2.0)
+        monkeypatch.setattr(tracking, "PROBE_SECONDS", 1.0)
+        start = time.perf_counter()
+        assert wandb_mode("auto") == "offline"
+        assert time.perf_counter() - start < 2.0
 
 
 def test_probe_gives_up_in_bounded_time_when_the_connect_hangs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,11 +142,9 @@ def test_seeds_selecting_nothing_exit_2_before_anything_runs(
 def test_run_with_a_rejected_key_logs_offline_instead(tmp_path: Path) -> None:
     """Credentials and a server that answers, but a key W&B rejects: the run says so and finishes
     with an offline W&B run instead of a traceback."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
+    with http_server(200) as port:
         env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-        env.update(WANDB_API_KEY="abc", WANDB_BASE_URL=f"http://127.0.0.1:{server.getsockname()[1]}")
+        env.update(WANDB_API_KEY="abc", WANDB_BASE_URL=f"http://127.0.0.1:{port}")
         command = [
             sys.executable,
             "-m",
@@ -113,3 +158,31 @@ def test_run_with_a_rejected_key_logs_offline_instead(tmp_path: Path) -> None:
     assert "W&B could not start a run" in proc.stderr and "logging offline instead" in proc.stderr
     (run_dir,) = (tmp_path / "runs" / "eps_simple").iterdir()
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_a_run_against_a_silent_server_goes_offline_within_the_bound(tmp_path: Path) -> None:
+    """Logged in, and the server accepts connections but never answers: the run spends the probe's
+    bound, says so in one line, and trains offline; before, each run waited about 90 s."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+        env.update(WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{server.getsockname()[1]}")
+        command = [
+            sys.executable,
+            "-m",
+            "diffbench.run",
+            "experiment=eps_simple",
+            *TINY,
+            "eval.enabled=false",
+        ]
+        start = time.perf_counter()
+        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notices = [line for line in proc.stderr.splitlines() if "gave no usable answer" in line]
+    assert len(notices) == 1 and f"within {tracking.PROBE_SECONDS:g} s; logging offline" in notices[0]
+    assert "could not start a run" not in proc.stderr, "wandb.init was never asked to go online"
+    (run_dir,) = (tmp_path / "runs" / "eps_simple").iterdir()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert elapsed < 60, f"{elapsed:.0f} s: the silent server held the run up"

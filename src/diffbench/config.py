@@ -45,11 +45,18 @@ def find_choice(group: str, name: str) -> Path | None:
     return next((d / f"{name}.yaml" for d in group_dirs(group) if (d / f"{name}.yaml").is_file()), None)
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML parser error on one line: what was wrong and where (its own text spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or 'not valid YAML'}{where}"
+
+
 def load_choice(group: str, name: str) -> DictConfig:
     """A group's file by name (a name, never a path), as a mapping of settings."""
     if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
         raise ConfigError(
-            f"{group}={name!r} is not a {group} name: {group}= takes the name of a YAML file in "
+            f"{group}={name!r} is not a name: {group}= takes the name of a YAML file in "
             f"{' or '.join(str(d) for d in group_dirs(group))}, without a path or .yaml "
             f"(e.g. {group}={available(group)[0] if available(group) else '…'}); "
             "to use your own file, put it there."
@@ -67,7 +74,7 @@ def load_choice(group: str, name: str) -> DictConfig:
         loaded = OmegaConf.load(path)
     except yaml.YAMLError as error:
         raise ConfigError(
-            f"{path} is not valid YAML ({error}); fix the file or pick another {group}."
+            f"{path} is not valid YAML ({yaml_problem(error)}); fix the file or pick another {group}."
         ) from error
     if not isinstance(loaded, DictConfig):
         raise ConfigError(
@@ -78,9 +85,16 @@ def load_choice(group: str, name: str) -> DictConfig:
     return loaded
 
 
-def parse_value(raw: str) -> object:
+def parse_value(raw: str, key: str = "") -> object:
     """YAML scalars and lists, plus numbers YAML 1.1 leaves as strings (`2e-4`)."""
-    value = yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"cannot read the value of {key or 'an argument'}={raw!r} ({yaml_problem(error)}); "
+            "write a number, a word, or a list in brackets such as [1,2,2], and quote text that holds "
+            "brackets or colons."
+        ) from error
     if isinstance(value, str):
         try:
             return float(value)
@@ -104,13 +118,13 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, ob
         if key in (*GROUPS, "experiment", "profile"):
             choices[key] = raw
         elif key in SHORTCUTS:
-            values.append((SHORTCUTS[key], parse_value(raw)))
+            values.append((SHORTCUTS[key], parse_value(raw, key)))
         else:
-            values.append((key, parse_value(raw)))
+            values.append((key, parse_value(raw, key)))
     return choices, values
 
 
-def check_type(key: str, old: object, new: object) -> None:
+def check_type(key: str, old: object, new: object, where: str = "") -> None:
     """Reject an override whose type cannot stand in for the default's."""
     if old is None or new is None:
         return
@@ -131,7 +145,7 @@ def check_type(key: str, old: object, new: object) -> None:
         valid = ok.get(type(old), lambda v: True)(new)
     if not valid:
         raise ConfigError(
-            f"{key}={new!r} has the wrong type: {key} expects a {type(old).__name__} "
+            f"{key}={new!r}{where} has the wrong type: {key} expects a {type(old).__name__} "
             f"(default {old!r}), got a {type(new).__name__}."
         )
 
@@ -163,7 +177,7 @@ def apply_value(cfg: DictConfig, key: str, value: object, source: str | None = N
             "README's 'Configuration' section lists the knobs."
         )
     if old is not missing:
-        check_type(key + where, old, value)
+        check_type(key, old, value, where)
     OmegaConf.update(cfg, key, value, force_add=True)
 
 
@@ -176,6 +190,13 @@ def leaves(data: object, prefix: str = "") -> list[tuple[str, object]]:
         for key, value in data.items()
         for item in leaves(value, f"{prefix}.{key}" if prefix else str(key))
     ]
+
+
+def preset_settings(name: str) -> list[tuple[str, object]]:
+    """The dotted settings an experiment preset writes ([] when there is no such preset)."""
+    if find_choice("experiment", name) is None:
+        return []
+    return leaves(OmegaConf.to_container(load_choice("experiment", name)))
 
 
 def compose(args: list[str]) -> DictConfig:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import lightning as L
 import wandb
@@ -178,6 +180,48 @@ def fit_and_evaluate(
     }
     if divergence.step is not None:
         return record_divergence(spec, run_dir, trainer, module, budgets, identity, divergence.step)
+    stop = (
+        f"stopped by SIGTERM after training, while evaluating; the trained network is in "
+        f"{run_dir.checkpoints}. Run the same command again to evaluate it."
+    )
+    if trainer.received_sigterm:  # it came as fit was ending: Lightning noted it and finished
+        raise Stopped(stop)
+    with stopping_on_sigterm(stop):
+        return evaluate_and_record(
+            spec, run_dir, datamodule, module, trainer, budgets, identity, train_seconds
+        )
+
+
+@contextlib.contextmanager
+def stopping_on_sigterm(message: str) -> Iterator[None]:
+    """Outside `trainer.fit` Lightning only notes a SIGTERM and carries on, so a stop during the
+    evaluation would finish it and exit 0: here the signal raises `Stopped` instead (Lightning's
+    own handler, inside `trainer.validate`, calls this one too)."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise Stopped(message)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except SIGTERMException:
+        raise Stopped(message) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def evaluate_and_record(
+    spec: RunSpec,
+    run_dir: RunDir,
+    datamodule: ArrayDataModule,
+    module: DiffusionModule,
+    trainer: L.Trainer,
+    budgets: BudgetEvaluation,
+    identity: dict,
+    train_seconds: float,
+) -> dict:
+    """The final validation, the evaluation and the sample grid of a trained network; rank zero
+    writes results.json last."""
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     module.to(trainer.strategy.root_device)
     evaluation, eval_seconds = (

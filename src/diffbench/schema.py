@@ -12,7 +12,7 @@ from typing import Any, get_args
 
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 
-from diffbench.config import ConfigError
+from diffbench.config import ConfigError, preset_settings
 from diffbench.core.diffusion import SCHEDULES
 from diffbench.core.heads import HEADS
 from diffbench.core.weightings import WEIGHTINGS
@@ -80,6 +80,11 @@ def choice(*options: object) -> Field:
 
 BOOL = Field(lambda v: isinstance(v, bool), "true or false", "true")
 TEXT = Field(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string", "name")
+WANDB_NAME = Field(
+    lambda v: isinstance(v, str) and v != "" and not any(c.isspace() or c in "/\\#?%:" for c in v),
+    "a W&B name: no spaces and none of / \\ # ? % :",
+    "diffbench",
+)
 
 
 def optional(field: Field) -> Field:
@@ -160,8 +165,8 @@ SCHEMA: dict[str, Field] = {
     "run.dir": path_text(optional_value=True),
     "run.reuse": BOOL,
     "run.checkpoint_every": integer(1, STEP_LIMIT),
-    "wandb.project": TEXT,
-    "wandb.entity": optional(TEXT),
+    "wandb.project": WANDB_NAME,
+    "wandb.entity": optional(WANDB_NAME),
     "wandb.mode": choice("auto", "online", "offline", "disabled"),
     "trainer.name": TEXT,
     "trainer.accelerator": choice("auto", "cpu", "gpu", "cuda"),
@@ -217,6 +222,13 @@ def flat_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+def origin(resolved: dict[str, Any], key: str, value: object) -> str:
+    """' in preset NAME' when the experiment preset sets this value, so a user who typed nothing
+    wrong is sent to the file that did."""
+    name = resolved.get("experiment")
+    return f" in preset {name}" if name and (key, value) in preset_settings(name) else ""
+
+
 def validate(resolved: dict[str, Any]) -> None:
     """Every setting against its rule; the first broken one is the error."""
     for key, value in flat_items(resolved):
@@ -233,6 +245,6 @@ def validate(resolved: dict[str, Any]) -> None:
             )
         if not field.valid(value):
             raise ConfigError(
-                f"{key}={value!r} is not valid: {key} must be {field.must} (e.g. {key}={field.example}); "
-                "nothing was trained or written."
+                f"{key}={value!r}{origin(resolved, key, value)} is not valid: {key} must be {field.must} "
+                f"(e.g. {key}={field.example}); nothing was trained or written."
             )

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import http.client
 import netrc
 import os
-import socket
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
 
-PROBE_SECONDS = 3.0
-"""How long the W&B server gets to accept a connection before a run goes offline."""
+PROBE_SECONDS = 5.0
+"""How long the W&B server gets to accept a connection and answer a request before a run goes
+offline; wandb's own start is then bounded by INIT_SECONDS, so a silent server costs a run at
+most about ten seconds."""
+INIT_SECONDS = 5
+GRAPHQL = "/graphql"
 
 
 def has_wandb_credentials() -> bool:
@@ -25,23 +30,33 @@ def has_wandb_credentials() -> bool:
     return any("wandb" in host for host in hosts)
 
 
-def wandb_server_answers(timeout: float = PROBE_SECONDS) -> bool:
-    """Whether $WANDB_BASE_URL (default api.wandb.ai) accepts a TCP connection within `timeout`
-    seconds, DNS included: credentials without a network must mean offline, not wandb.init's
-    ~100 s hang. The probe runs in a daemon thread because name lookup ignores socket timeouts."""
+def wandb_server_answers(timeout: float | None = None) -> bool:
+    """Whether $WANDB_BASE_URL (default api.wandb.ai) answers a GraphQL request, the endpoint
+    wandb.init needs first, within `timeout` seconds (DNS, connection and answer), with a status
+    below 500 (401 for a bad key is an answer): credentials without a network, a server that
+    accepts and never answers, or one that fails must all mean offline, not wandb.init's 90 s wait.
+    The probe runs in a daemon thread because name lookup ignores socket timeouts."""
+    timeout = PROBE_SECONDS if timeout is None else timeout
     url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     host = url.hostname or "api.wandb.ai"
-    port = url.port or (80 if url.scheme == "http" else 443)
+    https = url.scheme != "http"
+    port = url.port or (443 if https else 80)
     answered = threading.Event()
 
-    def connect() -> None:
+    def ask() -> None:
+        connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        connection = connection_class(host, port, timeout=timeout)
         try:
-            with socket.create_connection((host, port), timeout=timeout):
+            body = b'{"query": "{ __typename }"}'
+            connection.request("POST", GRAPHQL, body=body, headers={"Content-Type": "application/json"})
+            if connection.getresponse().status < 500:
                 answered.set()
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
+        finally:
+            connection.close()
 
-    probe = threading.Thread(target=connect, daemon=True)
+    probe = threading.Thread(target=ask, daemon=True)
     probe.start()
     probe.join(timeout)
     return answered.is_set()
@@ -60,7 +75,26 @@ def wandb_mode(requested: str = "auto") -> str:
         return env
     if requested != "auto":
         return requested
-    return "online" if wandb_online() else "offline"
+    if not has_wandb_credentials():
+        return "offline"
+    if wandb_server_answers():
+        return "online"
+    server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    print(
+        f"[diffbench] W&B: {server} gave no usable answer within {PROBE_SECONDS:g} s; logging offline "
+        "(`wandb sync` the run's wandb/ folder later)",
+        file=sys.stderr,
+    )
+    return "offline"
+
+
+def settle_wandb_mode(requested: str = "auto") -> str:
+    """Decide the mode once and put it in $WANDB_MODE, so every part of wandb in this process sees
+    it: with only `wandb.init(mode=...)` offline, wandb's own telemetry still posted to the silent
+    server at exit and waited 10 s for it."""
+    mode = wandb_mode(requested)
+    os.environ["WANDB_MODE"] = mode
+    return mode
 
 
 def quiet_wandb_environment() -> None:
@@ -68,3 +102,4 @@ def quiet_wandb_environment() -> None:
     os.environ.setdefault("WANDB_CONSOLE", "off")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", str(INIT_SECONDS))

@@ -4,12 +4,12 @@ been trained or written yet."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from diffbench.atomic import unwritable_reason, writable_folder
 from diffbench.config import ConfigError
 from diffbench.data import DATAMODULES
 from diffbench.evaluation.fidelity import INCEPTION_DATASETS, resolve_inception_weights
@@ -89,10 +89,9 @@ def check_run_dir(spec: RunSpec) -> None:
     need(
         not path.exists() or path.is_dir(), f"run.dir={path} is a file, not a directory; choose another path."
     )
-    parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     need(
-        os.access(parent, os.W_OK),
-        f"run.dir={path}: {parent} is not writable; choose a folder you can write.",
+        writable_folder(path),
+        f"run.dir={path}: {unwritable_reason(path)}; choose a folder you can write.",
     )
     stored = RunDir(path).read_config()
     differences = config_differences(stored, spec) if stored is not None else []
@@ -172,10 +171,9 @@ def check_output(spec: RunSpec) -> None:
     """run.root must be a folder this user can create or write in."""
     root = Path(spec.output.root)
     need(not root.exists() or root.is_dir(), f"run.root={root} is a file, not a folder; choose another path.")
-    parent = next((p for p in (root, *root.parents) if p.exists()), Path("."))
     need(
-        os.access(parent, os.W_OK),
-        f"run.root={root}: {parent} is not writable; choose a folder you can write (run.root=…).",
+        writable_folder(root),
+        f"run.root={root}: {unwritable_reason(root)}; choose a folder you can write (run.root=…).",
     )
 
 

@@ -9,10 +9,11 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
+from diffbench.atomic import check_replaceable
 from diffbench.cli.checks import check_budgets
 from diffbench.config import ConfigError, apply_value, parse_overrides
 from diffbench.evaluation.evaluate import evaluate
-from diffbench.rundir import CHECKPOINTS, COMPLETE, CONFIG, DIVERGED, RunDir
+from diffbench.rundir import CHECKPOINTS, COMPLETE, CONFIG, DIVERGED, RESULTS, RunDir
 from diffbench.spec import build_spec
 from diffbench.train.build import build_datamodule, build_module
 
@@ -55,11 +56,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"first with `python -m diffbench.run` and the same settings plus run.dir={run_dir.path} "
                 "(it resumes from its newest checkpoint)."
             )
-        _, values = parse_overrides([a for a in args if not a.startswith("run_dir=")])
-        for key, value in values:
-            apply_value(cfg, EVAL_SHORTCUTS.get(key, key), value)
+        choices, values = parse_overrides([a for a in args if not a.startswith("run_dir=")])
+        for key, value in [*choices.items(), *values]:
+            key = EVAL_SHORTCUTS.get(key, key)
+            if not key.startswith("eval.") or key == "eval.enabled":
+                raise ConfigError(
+                    f"{key} cannot be changed by evaluate: the network was trained with the run's "
+                    f"{CONFIG}, so only the evaluation settings (eval.KEY=VALUE, or the shortcuts "
+                    f"{', '.join(EVAL_SHORTCUTS)}) may differ. Train a new run to change {key}."
+                )
+            apply_value(cfg, key, value)
         spec = build_spec(cfg)
         check_budgets(spec)
+        check_replaceable(run_dir.path / RESULTS)
     except ConfigError as error:
         print(f"diffbench.evaluate: {error}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from pathlib import Path
 from diffbench.analysis.claims import PLUMBING
 from diffbench.analysis.collect import by_group, from_wandb, scan
 from diffbench.analysis.report import REPORT_HTML, build_report, write_axis_checks
+from diffbench.atomic import unwritable_reason, writable_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     root = Path(options.runs)
     out = Path(options.out) if options.out else root / "report"
+    if not writable_folder(out):
+        print(
+            f"diffbench.report: --out {out} cannot be written ({unwritable_reason(out)}); point --out at "
+            "a folder you can write (it is created if missing). Nothing was read or written.",
+            file=sys.stderr,
+        )
+        return 2
     if options.wandb:
         runs, incomplete = from_wandb(options.wandb)
     elif not root.is_dir():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import shlex
 import signal
@@ -20,7 +21,7 @@ import yaml
 from diffbench.analysis.summary import summarize_trials
 from diffbench.cli.checks import check_settings
 from diffbench.cli.report import main as report_main
-from diffbench.config import ConfigError, available, compose, find_choice
+from diffbench.config import ConfigError, available, compose, find_choice, yaml_problem
 from diffbench.launch import (
     STOP,
     STOP_SIGNALS,
@@ -69,6 +70,42 @@ def learning_rate_sweep(sweep: dict) -> dict:
     return {**sweep, "name": f"{sweep['name']}-{LR_OBJ}", "parameters": parameters}
 
 
+def sweep_problem(sweep: object) -> str | None:
+    """What keeps a loaded sweep file from being a grid this runner (and `wandb sweep`) can run."""
+    if not isinstance(sweep, dict):
+        return "it is not a mapping of sweep settings"
+    missing = [key for key in ("name", "parameters", "command") if key not in sweep]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    if not isinstance(sweep["command"], list) or "${args_no_hyphens}" not in sweep["command"]:
+        return "its command: is not a list holding ${args_no_hyphens}"
+    parameters = sweep["parameters"]
+    if not isinstance(parameters, dict) or not parameters:
+        return "its parameters: is not a mapping of names to {value: …} or {values: […]}"
+    for name, spec in parameters.items():
+        values = spec.get("values") if isinstance(spec, dict) else None
+        if not (isinstance(spec, dict) and ("value" in spec or (isinstance(values, list) and values))):
+            return f"parameter {name!r} has neither value: nor a non-empty values: list"
+    return None
+
+
+def read_sweep(path: Path) -> dict:
+    try:
+        sweep = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"{path} is not valid YAML ({yaml_problem(error)}); fix it, or pick another OBJ."
+        ) from None
+    problem = sweep_problem(sweep)
+    if problem:
+        raise ConfigError(
+            f"{path} is not a sweep diffbench can run: {problem}. A sweep names itself (name:), lists "
+            "its parameters (each with value: or values: […]) and a command with ${args_no_hyphens}, "
+            "as sweeps/all.yaml does; fix it, or pick another OBJ."
+        )
+    return sweep
+
+
 def load_sweep(obj: str, lr_of: str = "all") -> dict:
     """sweeps/<obj>.yaml, all.yaml narrowed to one experiment when obj names one, or for
     obj=lr the sweep `lr_of` (any other OBJ) at several learning rates."""
@@ -80,9 +117,9 @@ def load_sweep(obj: str, lr_of: str = "all") -> dict:
         return learning_rate_sweep(load_sweep(lr_of))
     path = sweeps_dir() / f"{obj}.yaml"
     if path.is_file():
-        return yaml.safe_load(path.read_text())
+        return read_sweep(path)
     if find_choice("experiment", obj) is not None:
-        sweep = yaml.safe_load((sweeps_dir() / "all.yaml").read_text())
+        sweep = read_sweep(sweeps_dir() / "all.yaml")
         sweep["name"] = f"diffbench-{obj}"
         sweep["parameters"]["experiment"] = {"values": [obj]}
         return sweep
@@ -143,11 +180,17 @@ def apply_options(
 
 
 def expand_grid(sweep: dict) -> list[dict[str, object]]:
-    """Every grid point as {parameter: value}, in the YAML's order."""
+    """Every grid point as {parameter: value}, in the YAML's order; counted before it is built."""
     names, choices = [], []
     for name, spec in sweep["parameters"].items():
         names.append(name)
         choices.append(spec["values"] if "values" in spec else [spec["value"]])
+    count = math.prod(len(c) for c in choices)
+    if count > MAX_TRIALS:
+        raise ConfigError(
+            f"the sweep {sweep['name']} has {count} trials, more than {MAX_TRIALS}; narrow its "
+            "parameters (or SEEDS). Nothing was started."
+        )
     return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
 
 
@@ -241,8 +284,6 @@ def trial_dirs(sweep: dict, points: list[dict[str, object]], here: bool = True) 
     """Where each grid point's run lives (named by its resolved config, see run.reuse), every
     trial checked as the run command would check it, so a setting any trial rejects stops the
     sweep before the first one starts."""
-    if len(points) > MAX_TRIALS:
-        raise ConfigError(f"the sweep has {len(points)} trials, more than {MAX_TRIALS}; nothing was started.")
     dirs = []
     for point in points:
         try:
@@ -252,6 +293,22 @@ def trial_dirs(sweep: dict, points: list[dict[str, object]], here: bool = True) 
             raise ConfigError(f"trial {label} would be refused: {error}") from None
         dirs.append(trial_dir(spec))
     return dirs
+
+
+def distinct_trials(
+    points: list[dict[str, object]], dirs: list[Path]
+) -> tuple[list[dict[str, object]], list[Path]]:
+    """Grid points that resolve to one run (the same settings reached by two names) run once and
+    count once; the others are named, so the smaller trial count is no surprise."""
+    first: dict[Path, dict[str, object]] = {}
+    for point, path in zip(points, dirs):
+        if path in first:
+            same = " ".join(f"{k}={v}" for k, v in point.items())
+            kept = " ".join(f"{k}={v}" for k, v in first[path].items())
+            print(f"[sweep] {same} is the same run as {kept} (identical settings); it runs and counts once")
+        else:
+            first[path] = point
+    return list(first.values()), list(first)
 
 
 def summary_sets(points: list[dict[str, object]], dirs: list[Path]) -> list[tuple[float | None, list[Path]]]:
@@ -375,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             if options.launcher == "slurm"
             else slots_for(options.gpus, options.trials_per_gpu, options.jobs)
         )
-        dirs = trial_dirs(sweep, points, here=options.launcher != "slurm")
+        points, dirs = distinct_trials(points, trial_dirs(sweep, points, here=options.launcher != "slurm"))
     except ConfigError as error:
         print(f"diffbench.sweep: {error}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from diffbench.data import build_datamodule as datamodule_by_name
 from diffbench.data.base import ArrayDataModule
 from diffbench.rundir import CHECKPOINTS
 from diffbench.spec import RunSpec
-from diffbench.tracking import quiet_wandb_environment, wandb_mode
+from diffbench.tracking import quiet_wandb_environment, settle_wandb_mode
 from diffbench.train.callbacks import FlushCSVOnCheckpoint
 from diffbench.train.module import DiffusionModule
 
@@ -96,7 +96,7 @@ def build_trainer(spec: RunSpec, run_dir: Path, callbacks: Sequence[Callback] = 
         group=arm.label,
         job_type="train",
         tags=[arm.head, arm.weighting, spec.data.name],
-        mode=wandb_mode(output.wandb_mode),
+        mode=settle_wandb_mode(output.wandb_mode),
         config={**spec.resolved, "arm": arm.label},
     )
     csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")

@@ -32,6 +32,8 @@ help:
 	@echo "                       train + evaluate every selected arm x seed, then print the summary"
 	@echo "                       OBJ=grid: every head x {elbo, elbo_is, eps, own}; OBJ=weightings: eps head x every weighting"
 	@echo "make sweep OBJ=lr [LR_OF=all|grid|…]  the arms of sweep LR_OF at optim.lr 3e-4, 1e-3, 3e-3 on seed 0"
+	@echo "make sweep OBJ=tuned [TUNE_OF=all|grid|…] [RATES=1e-4,3e-4,1e-3,3e-3]  each arm at its own learning rate:"
+	@echo "                       stage 1 picks it on tuning seed 100 by validation metrics, stage 2 trains the seeds"
 	@echo "make sweep … GPUS=1 TRIALS_PER_GPU=2   every GPU of the node busy, two trials per GPU"
 	@echo "make sweep … LAUNCHER=slurm [PARTITION= TIME=240 WAIT=1]  a SLURM job array through submitit"
 	@echo "make report [WANDB=entity/project]  verdicts, tables and figures from every finished run under runs/ -> runs/report/"
@@ -61,7 +63,8 @@ sweep: $(STAMP)
 		--time "$(TIME)" --cpus "$(CPUS)" --array-parallelism "$(ARRAY_PARALLELISM)" \
 		$(if $(PARTITION),--partition "$(PARTITION)") \
 		$(if $(WAIT),--wait) $(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") \
-		$(if $(LR_OF),--lr-of "$(LR_OF)") --args "$(ARGS)"
+		$(if $(LR_OF),--lr-of "$(LR_OF)") $(if $(TUNE_OF),--tune-of "$(TUNE_OF)") \
+		$(if $(RATES),--rates "$(RATES)") --args "$(ARGS)"
 
 report: $(STAMP)
 	$(PY) -m diffbench.report --runs runs $(if $(WANDB),--wandb "$(WANDB)")

@@ -19,6 +19,7 @@ def write_config(
     lr: float = 1e-3,
     margins: dict[str, float] | None = None,
     threads: int = 0,
+    evaluation: dict | None = None,
 ) -> None:
     directory.mkdir(parents=True)
     config = {
@@ -34,6 +35,7 @@ def write_config(
         "speed": {"threads": threads},
         "run": {"root": "anywhere"},
         "report": {"margins": DEFAULT_MARGINS if margins is None else margins},
+        **({"eval": evaluation} if evaluation is not None else {}),
     }
     RunDir(directory).write_config(config)
 

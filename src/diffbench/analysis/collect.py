@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from diffbench.core.arms import Arm
+from diffbench.core.diffusion import NoiseSchedule
 from diffbench.rundir import (
     CHECKPOINTS,
     COMPLETE,
@@ -338,3 +339,10 @@ def seed_curves(runs: list[Run], curve: Curve) -> Curves:
         if run.directory is not None and (values := RunDir(run.directory).read_curve(curve)):
             curves[run.arm][run.seed] = values
     return dict(curves)
+
+
+def schedule_of(runs: list[Run]) -> tuple[NoiseSchedule, str]:
+    """The diffusion schedule these runs were trained with (the package defaults if unrecorded)."""
+    diffusion = next((r.config.get("diffusion") for r in runs if r.config.get("diffusion")), {})
+    schedule = NoiseSchedule(diffusion.get("schedule", "linear"), int(diffusion.get("num_timesteps", 1000)))
+    return schedule, diffusion.get("variance", "small")

@@ -14,6 +14,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullForma
 
 from diffbench import atomic  # noqa: E402
 from diffbench.analysis.collect import Curves, Run, Values  # noqa: E402
+from diffbench.analysis.tuning import Choice  # noqa: E402
 from diffbench.core.arms import Arm  # noqa: E402
 from diffbench.rundir import RunDir  # noqa: E402
 
@@ -278,4 +279,45 @@ def image_panels(images: dict[Arm, list[Path]], titles: list[str], path: Path) -
                 ax.imshow(plt.imread(images[arm][row]), cmap="gray")
             ax.set_title(f"{arm}\n{titles[row]}" if row == 0 else titles[row], fontsize=8)
     fig.tight_layout()
+    return save(fig, path)
+
+
+def tuning_curves(choices: dict[str, dict[str, Choice]], path: Path) -> Path | None:
+    """Stage 1 of a tuned sweep: each arm's final validation metric against the learning rate, one
+    panel per claim family, the chosen rate ringed; a rate that diverged leaves a gap."""
+    panels = {
+        f: c for f, c in choices.items() if any(v is not None for x in c.values() for v in x.values.values())
+    }
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.0), squeeze=False)
+    for ax, (family, by_arm) in zip(axes.flat, panels.items()):
+        for label, choice in by_arm.items():
+            kw = style(Arm.parse(label))
+            rates = sorted(choice.values)
+            ax.plot(
+                rates,
+                [np.nan if choice.values[r] is None else choice.values[r] for r in rates],
+                ms=4,
+                label=label,
+                **kw,
+            )
+            if choice.rate is not None:
+                ax.plot(
+                    [choice.rate], [choice.values[choice.rate]], "o", ms=11, mfc="none", color=kw["color"]
+                )
+        metric = next((c.metric for c in by_arm.values() if c.metric), "")
+        ax.set(
+            xlabel="optim.lr",
+            ylabel=f"final {metric}",
+            title=f"{family}: {metric} on the tuning seed (ringed: chosen)",
+        )
+        ax.set_xscale("log")
+        log_axis(ax)
+    handles: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     return save(fig, path)

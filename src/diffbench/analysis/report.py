@@ -37,11 +37,13 @@ from diffbench.analysis.collect import (
     budget_values,
     comparable_settings,
     group_margins,
+    schedule_of,
     seed_curves,
     seed_values,
     where,
 )
 from diffbench.analysis.inference import CONTRADICTED, opposite
+from diffbench.analysis.optimiser import Agreement
 from diffbench.analysis.render import Section, Table, html_page, markdown
 from diffbench.analysis.sections import (
     bands_section,
@@ -75,13 +77,6 @@ from diffbench.rundir import (
 
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
 SMOKE = "smoke"
-
-
-def schedule_of(runs: list[Run]) -> tuple[NoiseSchedule, str]:
-    """The diffusion schedule these runs were trained with (the package defaults if unrecorded)."""
-    diffusion = next((r.config.get("diffusion") for r in runs if r.config.get("diffusion")), {})
-    schedule = NoiseSchedule(diffusion.get("schedule", "linear"), int(diffusion.get("num_timesteps", 1000)))
-    return schedule, diffusion.get("variance", "small")
 
 
 def arms_of(runs: list[Run]) -> list[Arm]:
@@ -162,7 +157,12 @@ def claim_section(claim: Claim, status: Status | None) -> Section:
     return section
 
 
-def claims_json(claims: list[Claim], statuses: dict[int, Status | None]) -> list[dict]:
+def claims_json(
+    claims: list[Claim], statuses: dict[int, Status | None], optimiser: dict[int, Agreement]
+) -> list[dict]:
+    """Each claim with its verdict and status; `settled` needs the budget status settled and, where
+    a tuned sweep compared optimiser settings, the same verdict at every one of them."""
+
     def status_json(status: Status | None) -> dict | None:
         if status is None:
             return None
@@ -191,6 +191,16 @@ def claims_json(claims: list[Claim], statuses: dict[int, Status | None]) -> list
             "verdict": claim.verdict,
             "headline": claim.headline,
             "status": status_json(statuses.get(claim.number)),
+            "settled": bool(
+                (status := statuses.get(claim.number)) is not None
+                and status.settled
+                and (claim.number not in optimiser or optimiser[claim.number].agrees is not False)
+            ),
+            "optimiser": (
+                {"agrees": optimiser[claim.number].agrees, "text": optimiser[claim.number].text}
+                if claim.number in optimiser
+                else None
+            ),
             "detectable": claim.detectable,
             "facts": claim.facts,
             "tests": [
@@ -344,9 +354,15 @@ def make_figures(
 
 
 def build_report(
-    group: str, runs: list[Run], incomplete: list[Incomplete], out: Path, draw: bool = True
+    group: str,
+    runs: list[Run],
+    incomplete: list[Incomplete],
+    out: Path,
+    draw: bool = True,
+    optimiser: dict[int, Agreement] | None = None,
 ) -> dict:
-    """Write report.html, report.md, report.json and (with `draw`) figures/ into `out`; return the JSON."""
+    """Write report.html, report.md, report.json and (with `draw`) figures/ into `out`; return the JSON.
+    `optimiser`: each claim's agreement across learning rates, when a tuned sweep holds this group."""
     out.mkdir(parents=True, exist_ok=True)
     values = seed_values(runs)
     arms = arms_of(runs)
@@ -387,6 +403,11 @@ def build_report(
             line = f"**Claim {claim.number}** — {claim.title}: **{claim.headline}**"
             if status is not None:
                 line += f" — {status.summary}"
+            agreement = (optimiser or {}).get(claim.number)
+            if agreement is not None and agreement.agrees is not None:
+                line += f"; optimiser: {agreement.text}" + (
+                    " (so not settled)" if not agreement.agrees else ""
+                )
             overview.bullets.append(line)
     sections = [overview, comparison]
     if not plumbing:
@@ -441,7 +462,7 @@ def build_report(
         "seeds": seeds,
         "metrics": {m: info.label for m in metrics if (info := metric_info(m))},
         "table": table,
-        "claims": claims_json(claims, statuses),
+        "claims": claims_json(claims, statuses, optimiser or {}),
         "runs": len(runs),
         "incomplete": problems,
         "figures": made,

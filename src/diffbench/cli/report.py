@@ -9,7 +9,9 @@ from pathlib import Path
 
 from diffbench.analysis.claims import PLUMBING
 from diffbench.analysis.collect import by_group, from_wandb, scan
+from diffbench.analysis.optimiser import TUNED_HTML, find_tuned, write_tuned
 from diffbench.analysis.report import REPORT_HTML, build_report, write_axis_checks
+from diffbench.analysis.tuning import config_of, is_tuning
 from diffbench.atomic import unwritable_reason, writable_folder
 
 
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     else:
         runs, incomplete = scan(root)
+    tuned, runs = find_tuned(runs, incomplete)
+    incomplete = [i for i in incomplete if not (i.diverged and is_tuning(config_of(i)))]
     groups = by_group(runs, incomplete)
     if not groups:
         print(
@@ -50,16 +54,29 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    optimiser = {t.default_group: t.agreements for t in tuned if t.default_group}
     for group, (group_runs, group_incomplete) in sorted(groups.items()):
-        payload = build_report(group, group_runs, group_incomplete, out / group, draw=not options.no_figures)
+        payload = build_report(
+            group, group_runs, group_incomplete, out / group, not options.no_figures, optimiser.get(group)
+        )
         print(f"[report] {group}: {len(group_runs)} finished runs, {len(group_incomplete)} incomplete")
         if payload["plumbing"]:
             print(f"[report]   {PLUMBING} (smoke profile: every stage ran, no number means anything)")
         for claim in payload["claims"]:
             status = claim["status"]
-            when = "" if status is None else " [settled]" if status["settled"] else " [provisional]"
+            when = "" if status is None else " [settled]" if claim["settled"] else " [provisional]"
             print(f"[report]   claim {claim['number']}: {claim['headline']}{when}")
         print(f"[report]   {out / group / REPORT_HTML} (and report.md, report.json, figures/)")
+    for item in tuned:
+        where = out / f"{item.default_group or 'tuned'}-tuned"
+        payload = write_tuned(item, where, draw=not options.no_figures)
+        print(
+            f"[report] tuned learning rates: {len(item.runs)} evaluation runs, "
+            f"{len(item.trials)} tuning trials"
+        )
+        for number, agreement in payload["agreement"].items():
+            print(f"[report]   claim {number}: {agreement['text']}")
+        print(f"[report]   {where / TUNED_HTML} (and tuned.md, tuned.json)")
     for path in write_axis_checks({group: pair[0] for group, pair in groups.items()}, out):
         print(f"[report] {path}")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import shlex
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from diffbench import atomic
+from diffbench.analysis.collect import load_run
 from diffbench.analysis.summary import summarize_trials
+from diffbench.analysis.tuning import FAMILIES, TUNING_ONLY, Choice, choose, trial_of, tuning_record
 from diffbench.cli.checks import check_settings
 from diffbench.cli.report import main as report_main
 from diffbench.config import ConfigError, available, compose, find_choice, yaml_problem
@@ -45,6 +49,11 @@ LR_OBJ = "lr"
 LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 """optim.lr of the learning-rate check: the default 1e-3 and a factor of about 3 either side."""
 LR_SEED = 0
+TUNED_OBJ = "tuned"
+TUNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
+"""Stage 1 of OBJ=tuned: four log-spaced rates, a factor of 3 to 10 around the default 1e-3."""
+TUNING_SEED = 100
+"""The seed the rates are chosen on: outside every evaluation seed, so selection cannot bias a test."""
 
 
 def sweeps_dir() -> Path:
@@ -57,7 +66,9 @@ def sweeps_dir() -> Path:
 
 
 def valid_objs() -> list[str]:
-    return sorted([*(p.stem for p in sweeps_dir().glob("*.yaml")), LR_OBJ]) + available("experiment")
+    return sorted([*(p.stem for p in sweeps_dir().glob("*.yaml")), LR_OBJ, TUNED_OBJ]) + available(
+        "experiment"
+    )
 
 
 def learning_rate_sweep(sweep: dict) -> dict:
@@ -68,6 +79,32 @@ def learning_rate_sweep(sweep: dict) -> dict:
     parameters["optim.lr"] = {"values": list(LEARNING_RATES)}
     parameters["seed"] = {"value": LR_SEED}
     return {**sweep, "name": f"{sweep['name']}-{LR_OBJ}", "parameters": parameters}
+
+
+def tuning_sweep(sweep: dict, rates: list[float], seed: int) -> dict:
+    """Stage 1 of OBJ=tuned: the sweep's arms at every rate on the tuning seed alone, trained
+    without the final evaluation (TUNING_ONLY), so the choice reads validation data only."""
+    parameters = {name: spec for name, spec in sweep["parameters"].items() if name != "seed"}
+    parameters["optim.lr"] = {"values": list(rates)}
+    parameters["seed"] = {"value": seed}
+    parameters.update({key: {"value": value} for key, value in TUNING_ONLY.items()})
+    return {**sweep, "name": f"{sweep['name']}-stage1", "parameters": parameters}
+
+
+def parse_rates(rates: str | None) -> list[float]:
+    """RATES=1e-4,3e-4,1e-3,3e-3: at least two distinct positive finite rates, at most twelve."""
+    if rates is None:
+        return list(TUNING_RATES)
+    try:
+        values = sorted({float(r) for r in rates.replace(" ", "").split(",") if r})
+    except ValueError:
+        values = []
+    if not 2 <= len(values) <= 12 or not all(math.isfinite(v) and 0 < v < 1 for v in values):
+        raise ConfigError(
+            f"RATES={rates!r} is not a list of 2 to 12 learning rates between 0 and 1, e.g. "
+            "RATES=1e-4,3e-4,1e-3,3e-3; nothing was started."
+        )
+    return values
 
 
 def sweep_problem(sweep: object) -> str | None:
@@ -106,15 +143,18 @@ def read_sweep(path: Path) -> dict:
     return sweep
 
 
-def load_sweep(obj: str, lr_of: str = "all") -> dict:
-    """sweeps/<obj>.yaml, all.yaml narrowed to one experiment when obj names one, or for
-    obj=lr the sweep `lr_of` (any other OBJ) at several learning rates."""
-    if obj == LR_OBJ:
-        if lr_of == LR_OBJ:
+def load_sweep(obj: str, of: str = "all") -> dict:
+    """sweeps/<obj>.yaml, all.yaml narrowed to one experiment when obj names one, for obj=lr the
+    sweep `of` (any other OBJ) at several learning rates, and for obj=tuned the sweep `of` itself
+    (its stages are built from it by `tuning_sweep` and `tuned_points`)."""
+    if obj in (LR_OBJ, TUNED_OBJ):
+        if of in (LR_OBJ, TUNED_OBJ):
+            knob = "LR_OF" if obj == LR_OBJ else "TUNE_OF"
             raise ConfigError(
-                "LR_OF=lr would check the learning rates of itself; pick a sweep, e.g. LR_OF=grid."
+                f"{knob}={of} cannot be the sweep OBJ={obj} works on; pick a sweep of arms, e.g. {knob}=grid."
             )
-        return learning_rate_sweep(load_sweep(lr_of))
+        base = load_sweep(of)
+        return learning_rate_sweep(base) if obj == LR_OBJ else {**base, "name": f"{base['name']}-tuned"}
     path = sweeps_dir() / f"{obj}.yaml"
     if path.is_file():
         return read_sweep(path)
@@ -126,7 +166,8 @@ def load_sweep(obj: str, lr_of: str = "all") -> dict:
     raise ConfigError(
         f"unknown OBJ {obj!r}. Valid values: {', '.join(valid_objs())} "
         "(all, grid for every head × weighting, weightings for the eps head under each weighting, "
-        "lr for the learning-rate check, a head, a weighting, or one experiment name), "
+        "lr for the learning-rate check, tuned for every arm at its own tuned learning rate, a head, "
+        "a weighting, or one experiment name), "
         "e.g. make sweep OBJ=eps."
     )
 
@@ -386,6 +427,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lr-of", default=None, help=f"with --obj {LR_OBJ}: the sweep whose arms are checked (default all)"
     )
+    parser.add_argument(
+        "--tune-of",
+        default=None,
+        help=f"with --obj {TUNED_OBJ}: the sweep whose arms are tuned (default all)",
+    )
+    parser.add_argument(
+        "--rates",
+        default=None,
+        help=f"with --obj {TUNED_OBJ}: stage 1's learning rates (default {','.join(map(str, TUNING_RATES))})",
+    )
     parser.add_argument("--profile", default=None, help="smoke | default | full (budget of each trial)")
     parser.add_argument("--data", default=None, help="dataset config name, e.g. digits or gmm")
     parser.add_argument("--seeds", default=None, help="a count (3 → 0,1,2) or a list (0,4,7)")
@@ -419,12 +470,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     options = parser.parse_args(argv)
     try:
-        if options.lr_of is not None and options.obj != LR_OBJ:
-            raise ConfigError(
-                f"LR_OF={options.lr_of} only applies to OBJ={LR_OBJ}; drop it or set OBJ={LR_OBJ}."
-            )
+        for name, value, obj in (("LR_OF", options.lr_of, LR_OBJ), ("TUNE_OF", options.tune_of, TUNED_OBJ)):
+            if value is not None and options.obj != obj:
+                raise ConfigError(f"{name}={value} only applies to OBJ={obj}; drop it or set OBJ={obj}.")
+        if options.rates is not None and options.obj != TUNED_OBJ:
+            raise ConfigError(f"RATES only applies to OBJ={TUNED_OBJ}; drop it or set OBJ={TUNED_OBJ}.")
         extra = shlex.split(options.args) + hardware_args(options.gpus) + ["run.reuse=true"]
-        sweep = load_sweep(options.obj, options.lr_of or "all")
+        if options.obj in (LR_OBJ, TUNED_OBJ) and any(a.startswith("optim.lr=") for a in extra):
+            raise ConfigError(
+                f"OBJ={options.obj} sets optim.lr itself; drop optim.lr from ARGS (it would give every "
+                "trial one rate)."
+            )
+        sweep = load_sweep(options.obj, options.lr_of or options.tune_of or "all")
         sweep = apply_options(sweep, options.profile, options.data, options.seeds, extra)
         points = expand_grid(sweep)
         slots = (
@@ -432,35 +489,61 @@ def main(argv: list[str] | None = None) -> int:
             if options.launcher == "slurm"
             else slots_for(options.gpus, options.trials_per_gpu, options.jobs)
         )
-        points, dirs = distinct_trials(points, trial_dirs(sweep, points, here=options.launcher != "slurm"))
+        here = options.launcher != "slurm"
+        points, dirs = distinct_trials(points, trial_dirs(sweep, points, here))
+        stage1 = None
+        if options.obj == TUNED_OBJ:
+            if any(point["seed"] == TUNING_SEED for point in points):
+                raise ConfigError(
+                    f"SEEDS includes {TUNING_SEED}, the seed OBJ={TUNED_OBJ} chooses the learning rates on: "
+                    "a test on the seed that chose the rate is biased in its favour. Pick evaluation seeds "
+                    f"without {TUNING_SEED}; nothing was started."
+                )
+            tuning = tuning_sweep(sweep, parse_rates(options.rates), TUNING_SEED)
+            grid = expand_grid(tuning)
+            stage1 = (tuning, *distinct_trials(grid, trial_dirs(tuning, grid, here)))
     except ConfigError as error:
         print(f"diffbench.sweep: {error}", file=sys.stderr)
         return 2
     env = dict(os.environ)
     start = time.perf_counter()
+    if options.obj == TUNED_OBJ:
+        return run_tuned(options, sweep, points, dirs, stage1, env, slots, start)
+    code = execute(options, sweep, points, dirs, env, slots, wandb_sweep=True)
+    return finish(sweep, points, dirs, start) if code is None else code
+
+
+def execute(
+    options: argparse.Namespace,
+    sweep: dict,
+    points: list[dict[str, object]],
+    dirs: list[Path],
+    env: dict[str, str],
+    slots: list[str | None],
+    wandb_sweep: bool,
+) -> int | None:
+    """Run the trials with the chosen launcher: None once every trial has run here (the summary
+    comes next), else the exit code (a stop signal, or a SLURM array left running)."""
     if options.launcher != "local":
-        return launch_jobs(options, sweep, points, dirs, env, slots, start)
-    online = not options.local and os.environ.get("WANDB_MODE", "online") == "online" and wandb_online()
+        return launch_jobs(options, sweep, points, dirs, env, slots)
+    reachable = os.environ.get("WANDB_MODE", "online") == "online" and wandb_online()
+    online = wandb_sweep and not options.local and reachable
     print(
         f"[sweep] {sweep['name']}: {len(points)} trials, "
-        f"{'W&B sweep' if online else 'local runner, W&B offline'}, {len(slots)} at once"
+        f"{'W&B sweep' if online else 'local runner'}, {len(slots)} at once"
     )
     if online:
         try:
-            run_wandb(
-                sweep,
-                agent_slots(slots, options.gpus, options.agents),
-                env,
-            )
+            run_wandb(sweep, agent_slots(slots, options.gpus, options.agents), env)
         except Exception as error:  # any W&B failure (auth, network, server) must not end the sweep
             print(
                 f"[sweep] W&B sweep could not start ({type(error).__name__}: {error}); "
                 "running the same trials with the local runner, W&B offline.",
                 file=sys.stderr,
             )
-            online = False
+            online = reachable = False
     if not online:
-        if env.get("WANDB_MODE", "online") == "online":
+        if not reachable and env.get("WANDB_MODE", "online") == "online":
             env["WANDB_MODE"] = "offline"
         forward_stop_signals()
         run_local(sweep, points, dirs, env, slots)
@@ -472,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + signum
-    return finish(sweep, points, dirs, start)
+    return None
 
 
 def launch_jobs(
@@ -482,24 +565,22 @@ def launch_jobs(
     dirs: list[Path],
     env: dict[str, str],
     slots: list[str | None],
-    start: float,
-) -> int:
+) -> int | None:
     """The trials as submitit jobs: separate local jobs (waited for), or a SLURM job array (waited
     for with --wait; otherwise the command says what to run when the array ends)."""
     if env.get("WANDB_MODE", "online") == "online" and not wandb_online():
         env["WANDB_MODE"] = "offline"
     root = runs_root(dirs[0])
+    jobs = trial_jobs(sweep, points, dirs, env)
     if options.launcher == "local-jobs":
         print(f"[sweep] {sweep['name']}: {len(points)} trials as local jobs, {len(slots)} at once")
-        jobs = trial_jobs(sweep, points, dirs, env)
 
         def report(index: int, job: TrialJob, state: str) -> None:
             label = " ".join(f"{k}={v}" for k, v in points[index].items())
             print(f"[sweep] job {index + 1}/{len(points)} {state}: {label} (log: {job.log})", flush=True)
 
         run_local_jobs(jobs, root, slots, report)
-        return finish(sweep, points, dirs, start)
-    jobs = trial_jobs(sweep, points, dirs, env)
+        return None
     slurm = SlurmOptions(
         options.partition, options.time, options.gpus, options.cpus, options.array_parallelism or len(jobs)
     )
@@ -510,16 +591,87 @@ def launch_jobs(
         f"(logs under {root / 'submitit'}); preempted or timed-out trials are requeued and resume."
     )
     if not options.wait:
-        print(
-            f"[sweep] when the array has finished: make report  (or python -m diffbench.report --runs {root})"
+        then = (
+            "run the same command again (it chooses the rates and submits stage 2)"
+            if options.obj == TUNED_OBJ
+            else f"make report  (or python -m diffbench.report --runs {root})"
         )
+        print(f"[sweep] when the array has finished: {then}")
         return 0
     for job in submitted:
         try:
             job.result()
         except Exception as error:  # a failed trial is listed by the report, not fatal to the others
             print(f"[sweep] job {job.job_id} failed: {error}", file=sys.stderr)
-    return finish(sweep, points, dirs, start)
+    return None
+
+
+def run_tuned(
+    options: argparse.Namespace,
+    sweep: dict,
+    points: list[dict[str, object]],
+    dirs: list[Path],
+    stage1: tuple[dict, list[dict[str, object]], list[Path]],
+    env: dict[str, str],
+    slots: list[str | None],
+    start: float,
+) -> int:
+    """OBJ=tuned: stage 1 on the tuning seed, each arm's rate per family from its validation
+    metrics, then stage 2: every arm on the evaluation seeds at the default and its chosen rates."""
+    tuning, tuning_points, tuning_dirs = stage1
+    rates = tuning["parameters"]["optim.lr"]["values"]
+    print(
+        f"[sweep] stage 1: {len(tuning_points)} trials, every arm at optim.lr {', '.join(map(str, rates))} "
+        f"on tuning seed {TUNING_SEED} (no final evaluation; budget metrics against validation images)"
+    )
+    code = execute(options, tuning, tuning_points, tuning_dirs, env, slots, wandb_sweep=False)
+    if code is not None:
+        return code
+    found = [trial_of(load_run(d)) for d in tuning_dirs]
+    trials = [t for t in found if t is not None]
+    if len(trials) < len(found):
+        print(
+            f"[sweep] {len(found) - len(trials)} stage-1 trial(s) neither finished nor diverged; run the "
+            "same command again to resume them (stage 2 needs every rate of every arm).",
+            file=sys.stderr,
+        )
+        return 1
+    default = default_rate(sweep, points[0])
+    choices = {family: choose(trials, family, default) for family in FAMILIES}
+    record = tuning_record(trials, choices, TUNING_SEED, default)
+    stem = trials_root(tuning_dirs[0]) / f"tuning-{sweep['name']}"
+    atomic.write_text(stem.with_suffix(".json"), json.dumps(record.payload, indent=2) + "\n")
+    atomic.write_text(stem.with_suffix(".md"), record.markdown)
+    print(record.markdown)
+    print(f"[sweep] rate choice written to {stem}.md and .json")
+    stage2, stage2_dirs = tuned_points(sweep, points, dirs, choices, default)
+    print(
+        f"[sweep] stage 2: {len(stage2)} trials, every arm on seeds "
+        f"{', '.join(sorted({str(p['seed']) for p in stage2}))} at the default and its chosen rates"
+    )
+    code = execute(options, sweep, stage2, stage2_dirs, env, slots, wandb_sweep=False)
+    return finish(sweep, stage2, stage2_dirs, start) if code is None else code
+
+
+def default_rate(sweep: dict, point: dict[str, object]) -> float:
+    """optim.lr of a trial that does not set it: the shared rate every arm trains at by default."""
+    return float(compose(trial_overrides(trial_command(sweep, point)))["optim"]["lr"])
+
+
+def tuned_points(
+    sweep: dict,
+    points: list[dict[str, object]],
+    dirs: list[Path],
+    choices: dict[str, dict[str, Choice]],
+    default: float,
+) -> tuple[list[dict[str, object]], list[Path]]:
+    """Every evaluation trial at the shared default rate (the very trials the plain sweep runs) and
+    at each rate chosen for its arm; a trial directory's parent is its arm (`rundir.trial_dir`)."""
+    stage2: list[dict[str, object]] = []
+    for point, path in zip(points, dirs, strict=True):
+        chosen = {c.rate for family in choices.values() if (c := family.get(path.parent.name)) and c.rate}
+        stage2 += [{**point, "optim.lr": rate} for rate in sorted({default, *chosen})]
+    return stage2, trial_dirs(sweep, stage2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,309 @@
+"""Verdicts across optimiser settings (`make sweep OBJ=tuned`): every claim at the shared default
+learning rate, at each other rate the evaluation seeds were trained at, and at each arm's own
+tuned rate. A verdict that differs between them turns with the optimiser and is not settled."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffbench import atomic
+from diffbench.analysis import figures
+from diffbench.analysis.claims import (
+    NOT_TESTED,
+    PLUMBING,
+    Claim,
+    Setting,
+    build_claims,
+    final_metric_set,
+)
+from diffbench.analysis.collect import (
+    Incomplete,
+    Run,
+    Values,
+    comparable_settings,
+    group_margins,
+    schedule_of,
+    seed_values,
+)
+from diffbench.analysis.render import Section, Table, html_page, markdown
+from diffbench.analysis.sections import flatten
+from diffbench.analysis.tuning import (
+    CLAIM_FAMILIES,
+    FAMILIES,
+    TUNING_ONLY,
+    Choice,
+    TuningTrial,
+    choose,
+    config_of,
+    is_tuning,
+    rate_of,
+    trial_of,
+    tuning_record,
+)
+from diffbench.config import compose
+from diffbench.core.diffusion import NoiseSchedule
+
+SMOKE = "smoke"
+
+
+def default_rate() -> float:
+    """The rate every arm shares unless tuned: optim.lr of the base config."""
+    return float(compose([])["optim"]["lr"])
+
+
+def tuning_key(config: dict) -> str:
+    """What a tuning trial and an evaluation run must share to belong together: every setting
+    except the seed, the arm, the rate and what only tuning trials change."""
+    settings = flatten(comparable_settings(config))
+    for key in ("optim.lr", *TUNING_ONLY):
+        settings.pop(key, None)
+    return json.dumps(settings, sort_keys=True)
+
+
+@dataclass
+class Column:
+    """One optimiser setting: which rate each arm trained at, the claim families it speaks for
+    (a rate tuned for likelihood says nothing about the sample claims) and the claims there."""
+
+    name: str
+    families: tuple[str, ...]
+    rates: dict[str, float]
+    claims: dict[int, Claim]
+
+    def verdict(self, number: int) -> str | None:
+        """The claim's verdict here, or None where this setting cannot speak for it."""
+        claim = self.claims.get(number)
+        if claim is None or claim.verdict == NOT_TESTED:
+            return None
+        return claim.verdict if set(self.families) & set(CLAIM_FAMILIES[number]) else None
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Whether a claim's verdict is the same at every optimiser setting that could test it."""
+
+    number: int
+    verdicts: dict[str, str]
+
+    @property
+    def agrees(self) -> bool | None:
+        """None when fewer than two settings could test the claim: agreement is then unknown."""
+        return None if len(self.verdicts) < 2 else len(set(self.verdicts.values())) == 1
+
+    @property
+    def text(self) -> str:
+        if self.agrees is None:
+            return "not compared across optimiser settings (fewer than two could test it)"
+        if self.agrees:
+            return f"the same at all {len(self.verdicts)} optimiser settings ({', '.join(self.verdicts)})"
+        by_verdict: dict[str, list[str]] = defaultdict(list)
+        for name, verdict in self.verdicts.items():
+            by_verdict[verdict].append(name)
+        return "turns with the optimiser: " + "; ".join(
+            f"{verdict} at {', '.join(names)}" for verdict, names in by_verdict.items()
+        )
+
+
+@dataclass
+class Tuned:
+    """One tuned sweep: stage 1's trials and choices, stage 2's runs, the columns and agreements."""
+
+    trials: list[TuningTrial]
+    choices: dict[str, dict[str, Choice]]
+    default: float
+    runs: list[Run]
+    columns: list[Column] = field(default_factory=list)
+    agreements: dict[int, Agreement] = field(default_factory=dict)
+
+    @property
+    def default_group(self) -> str | None:
+        """The group of the evaluation runs at the shared default rate (the plain sweep's group)."""
+        return next((r.group for r in self.runs if rate_of(r.config) == self.default), None)
+
+
+def claims_at(values: Values, setting: Setting) -> dict[int, Claim]:
+    return {c.number: c for c in build_claims(values, final_metric_set(values), setting, detectable=False)}
+
+
+def setting_of(runs: list[Run], schedule: NoiseSchedule, variance: str) -> Setting:
+    margins, conflicts = group_margins(runs)
+    return Setting(schedule, variance, margins, tuple(conflicts))
+
+
+def columns(tuned: Tuned, schedule: NoiseSchedule, variance: str) -> list[Column]:
+    """The default rate, every other rate with evaluation runs, then the rates tuned per family."""
+    setting = setting_of(tuned.runs, schedule, variance)
+    by_rate: dict[float, list[Run]] = defaultdict(list)
+    for run in tuned.runs:
+        by_rate[rate_of(run.config)].append(run)
+    made = []
+    for rate in sorted(by_rate, key=lambda r: (r != tuned.default, r)):
+        runs = by_rate[rate]
+        name = f"lr {rate:g}" + (" (default)" if rate == tuned.default else "")
+        rates = {r.arm.label: rate for r in runs}
+        made.append(Column(name, FAMILIES, rates, claims_at(seed_values(runs), setting)))
+    for family in FAMILIES:
+        rates = {arm: c.rate for arm, c in tuned.choices[family].items() if c.rate is not None}
+        runs = [r for r in tuned.runs if rates.get(r.arm.label) == rate_of(r.config)]
+        if runs:
+            claims = claims_at(seed_values(runs), setting)
+            made.append(Column(f"tuned for {family}", (family,), rates, claims))
+    return made
+
+
+def agreements(made: list[Column]) -> dict[int, Agreement]:
+    numbers = sorted({n for column in made for n in column.claims})
+    return {n: Agreement(n, {c.name: v for c in made if (v := c.verdict(n)) is not None}) for n in numbers}
+
+
+def find_tuned(runs: list[Run], incomplete: list[Incomplete]) -> tuple[list[Tuned], list[Run]]:
+    """Tuned sweeps among the scanned runs (tuning trials beside evaluation runs of the same
+    settings), and the runs left for the ordinary group reports (every run but tuning trials)."""
+    trials: dict[str, list[TuningTrial]] = defaultdict(list)
+    for found in [*runs, *(i for i in incomplete if i.diverged)]:
+        config = config_of(found)
+        if is_tuning(config) and (trial := trial_of(found)) is not None:
+            trials[tuning_key(config)].append(trial)
+    rest = [r for r in runs if not is_tuning(r.config)]
+    default = default_rate()
+    found_tuned = []
+    for key, stage1 in trials.items():
+        stage2 = [r for r in rest if tuning_key(r.config) == key]
+        if not stage2:
+            continue
+        choices = {family: choose(stage1, family, default) for family in FAMILIES}
+        tuned = Tuned(stage1, choices, default, stage2)
+        schedule, variance = schedule_of(stage2)
+        tuned.columns = columns(tuned, schedule, variance)
+        tuned.agreements = agreements(tuned.columns)
+        found_tuned.append(tuned)
+    return found_tuned, rest
+
+
+TUNED_JSON, TUNED_MD, TUNED_HTML = "tuned.json", "tuned.md", "tuned.html"
+
+
+def verdict_table(tuned: Tuned) -> Table:
+    """Claims × optimiser settings: the verdict where a setting can speak for the claim, n/a where
+    it cannot (a rate tuned for the other family, or no arms to compare), and the agreement."""
+    rows = []
+    for number, agreement in tuned.agreements.items():
+        cells = []
+        for column in tuned.columns:
+            verdict = column.verdict(number)
+            cells.append(verdict if verdict is not None else "n/a")
+        rows.append([f"claim {number}", *cells, agreement.text])
+    return Table(["claim", *(c.name for c in tuned.columns), "across optimiser settings"], rows)
+
+
+def gradient_table(tuned: Tuned) -> Table | None:
+    """Median gradient norm (mean over seeds) of every evaluation run per arm and rate: how far
+    apart one learning rate puts the arms' step sizes."""
+    rates = sorted({rate_of(r.config) for r in tuned.runs})
+    rows = []
+    for arm in dict.fromkeys(r.arm.label for r in sorted(tuned.runs, key=lambda r: r.arm.order)):
+        cells = []
+        for rate in rates:
+            norms = [
+                r.optimisation["grad_norm_median"]
+                for r in tuned.runs
+                if r.arm.label == arm
+                and rate_of(r.config) == rate
+                and isinstance(r.optimisation.get("grad_norm_median"), (int, float))
+            ]
+            cells.append(f"{sum(norms) / len(norms):.3g}" if norms else "—")
+        chosen = [
+            str(tuned.choices[f][arm].rate or "—") if arm in tuned.choices[f] else "—" for f in FAMILIES
+        ]
+        rows.append([arm, *cells, *chosen])
+    if not rows:
+        return None
+    return Table(["arm", *(f"lr {r:g}" for r in rates), *(f"chosen ({f})" for f in FAMILIES)], rows)
+
+
+def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
+    """tuned.md, tuned.html, tuned.json (and figures/tuning.png) for one tuned sweep."""
+    out.mkdir(parents=True, exist_ok=True)
+    plumbing = any(r.profile == SMOKE for r in tuned.runs)
+    seeds = sorted({r.seed for r in tuned.runs})
+    tuning_seed = next((t.seed for t in tuned.trials if t.seed is not None), None)
+    record = tuning_record(tuned.trials, tuned.choices, tuning_seed, tuned.default)
+    overview = Section("Verdicts across optimiser settings", "optimiser")
+    if plumbing:
+        overview.paragraphs.append(
+            f"{PLUMBING}: smoke-profile runs; the rates below were chosen, no verdict is stated."
+        )
+    else:
+        steps = sorted({r.steps for r in tuned.runs})
+        overview.paragraphs.append(
+            f"Each claim at {'/'.join(map(str, steps))} steps on evaluation seeds "
+            f"{', '.join(map(str, seeds))} ({len(tuned.runs)} runs), with every arm at the shared default "
+            f"rate {tuned.default:g}, at each other rate the evaluation seeds were trained at (only the arms "
+            "tuned to it), and at each arm's own rate tuned for likelihood (read for claim 1) or for "
+            "samples (claim 2); claims 3 and 4, which read both kinds of metric, are read at both. A "
+            "claim is settled across the optimiser only if every setting that can test it gives the same "
+            "verdict; n/a: the setting has no arms the claim compares or was tuned for the other family. "
+            "Rates were chosen on seed "
+            f"{tuning_seed}, which no verdict here uses."
+        )
+        overview.tables.append(verdict_table(tuned))
+        for number, agreement in tuned.agreements.items():
+            claim = next(c.claims[number] for c in tuned.columns if number in c.claims)
+            overview.bullets.append(f"**Claim {number}** — {claim.title}: {agreement.text}")
+    detail = Section("Headlines at each setting", "headlines")
+    if not plumbing:
+        for column in tuned.columns:
+            rates = ", ".join(f"{arm} {rate:g}" for arm, rate in column.rates.items())
+            detail.bullets.append(f"**{column.name}** (rates: {rates})")
+            detail.bullets += [f"claim {n}: {c.headline}" for n, c in column.claims.items()]
+    choice = Section(
+        "Learning rate per arm (stage 1)", "tuning", [record.intro], [Table(record.header, record.rows)]
+    )
+    sections = [overview, *([] if plumbing else [detail]), choice]
+    grads = gradient_table(tuned)
+    if grads is not None:
+        sections.append(
+            Section(
+                "Gradient norms of the evaluation runs",
+                "gradients",
+                [
+                    "Median gradient norm over training (mean over seeds) per arm and rate, and the "
+                    "rates each arm was given. AdamW divides every step by a running RMS of the gradient, "
+                    "so a loss's overall scale cancels; what does not cancel is how heavy-tailed its "
+                    "gradients are (the ELBO's weights span orders of magnitude across t), so one rate "
+                    "need not be one effective step size for every arm."
+                ],
+                [grads],
+            )
+        )
+    made = []
+    if draw and (path := figures.tuning_curves(tuned.choices, out / "figures" / "tuning.png")):
+        made.append(path.name)
+    payload = {
+        "plumbing": plumbing,
+        "default_rate": tuned.default,
+        "seeds": seeds,
+        "tuning": record.payload,
+        "columns": [
+            {
+                "name": c.name,
+                "families": list(c.families),
+                "rates": c.rates,
+                "claims": {n: {"verdict": cl.verdict, "headline": cl.headline} for n, cl in c.claims.items()},
+            }
+            for c in ([] if plumbing else tuned.columns)
+        ],
+        "agreement": {
+            n: {"agrees": a.agrees, "verdicts": a.verdicts, "text": a.text}
+            for n, a in ([] if plumbing else tuned.agreements.items())
+        },
+        "figures": made,
+    }
+    title = "diffbench: verdicts at each arm's own learning rate"
+    atomic.write_text(out / TUNED_JSON, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic.write_text(out / TUNED_MD, markdown(title, sections, made))
+    atomic.write_text(out / TUNED_HTML, html_page(title, sections, made, out))
+    return payload

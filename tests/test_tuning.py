@@ -1,0 +1,201 @@
+"""OBJ=tuned: the rate each arm gets per claim family from stage 1, stage 2 kept off the tuning
+seed, and verdicts compared across optimiser settings (a verdict that turns is not settled)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffbench.analysis.collect import scan
+from diffbench.analysis.inference import CONTRADICTED, HOLDS
+from diffbench.analysis.optimiser import find_tuned, tuning_key
+from diffbench.analysis.tuning import LIKELIHOOD, SAMPLES, TUNING_ONLY, TuningTrial, choose
+from diffbench.cli import report as report_cli
+from diffbench.cli import sweep as sweep_cli
+from diffbench.core.arms import Arm
+from diffbench.rundir import RunDir
+from fabricate import write_run
+
+RATES = (1e-4, 3e-4, 1e-3, 3e-3)
+# Final validation curves over RATES: eps_elbo's VLB is best at 3e-4, its FD at 1e-3; eps_simple's
+# VLB at 1e-3 and FD at 3e-3; x0_elbo diverged at 3e-3 (None), where it would otherwise be best.
+CURVES = {
+    "eps_elbo": {"val_vlb_bpd": [4.1, 3.6, 3.8, 4.4], "fd_digits": [90.0, 70.0, 60.0, 65.0]},
+    "eps_simple": {"val_vlb_bpd": [4.3, 3.9, 3.7, 3.75], "fd_digits": [80.0, 55.0, 50.0, 45.0]},
+    "x0_elbo": {"val_vlb_bpd": [9.0, 7.0, 6.0, None], "fd_digits": [99.0, 90.0, 80.0, None]},
+}
+
+
+def trials() -> list[TuningTrial]:
+    made = []
+    for arm, curves in CURVES.items():
+        for index, rate in enumerate(RATES):
+            final = {m: v[index] for m, v in curves.items() if v[index] is not None}
+            note = "" if final else "diverged at step 700"
+            made.append(TuningTrial(arm, rate, final, 1000 if final else None, note))
+    return made
+
+
+def test_each_arm_gets_the_rate_with_the_lowest_validation_metric_per_family() -> None:
+    likelihood = choose(trials(), LIKELIHOOD, 1e-3)
+    samples = choose(trials(), SAMPLES, 1e-3)
+    assert {a: c.rate for a, c in likelihood.items()} == {
+        "eps_elbo": 3e-4,
+        "eps_simple": 1e-3,
+        "x0_elbo": 1e-3,
+    }
+    assert {a: c.rate for a, c in samples.items()} == {"eps_elbo": 1e-3, "eps_simple": 3e-3, "x0_elbo": 1e-3}
+    assert likelihood["eps_elbo"].metric == "val_vlb_bpd" and samples["eps_elbo"].metric == "fd_digits"
+    # The diverged rate is no candidate, and is recorded as such.
+    assert likelihood["x0_elbo"].values[3e-3] is None
+
+
+def test_a_tie_goes_to_the_rate_nearest_the_default_and_no_finished_rate_chooses_none() -> None:
+    flat = [TuningTrial("eps_elbo", r, {"val_vlb_bpd": 3.0}, 1000) for r in RATES]
+    assert choose(flat, LIKELIHOOD, 1e-3)["eps_elbo"].rate == 1e-3
+    assert choose(flat, LIKELIHOOD, 2e-4)["eps_elbo"].rate == 3e-4
+    broken = [TuningTrial("eps_elbo", r, {}, None, "diverged at step 3") for r in RATES]
+    assert choose(broken, LIKELIHOOD, 1e-3)["eps_elbo"].rate is None
+
+
+def test_stage_one_is_the_tuning_seed_alone_without_evaluation() -> None:
+    base = sweep_cli.apply_options(sweep_cli.load_sweep("tuned", "eps"), "smoke", None, "3", [])
+    stage1 = sweep_cli.tuning_sweep(base, list(RATES), sweep_cli.TUNING_SEED)
+    points = sweep_cli.expand_grid(stage1)
+    assert len(points) == 2 * len(RATES)
+    assert {p["seed"] for p in points} == {sweep_cli.TUNING_SEED}
+    assert all(p["eval.enabled"] is False and p["eval.reference_split"] == "val" for p in points)
+    assert sorted({p["optim.lr"] for p in points}) == list(RATES)
+
+
+def test_stage_two_trains_the_evaluation_seeds_at_the_default_and_the_chosen_rates(tmp_path: Path) -> None:
+    base = sweep_cli.apply_options(
+        sweep_cli.load_sweep("tuned", "eps"), "smoke", None, "2", [f"run.root={tmp_path}"]
+    )
+    points = sweep_cli.expand_grid(base)
+    dirs = sweep_cli.trial_dirs(base, points)
+    choices = {LIKELIHOOD: choose(trials(), LIKELIHOOD, 1e-3), SAMPLES: choose(trials(), SAMPLES, 1e-3)}
+    stage2, stage2_dirs = sweep_cli.tuned_points(base, points, dirs, choices, 1e-3)
+    assert {p["seed"] for p in stage2} == {0, 1}
+    by_arm = {(p["experiment"], p["optim.lr"]) for p in stage2}
+    assert by_arm == {("eps_elbo", 3e-4), ("eps_elbo", 1e-3), ("eps_simple", 1e-3), ("eps_simple", 3e-3)}
+    assert len(stage2) == len(set(stage2_dirs)) == 8
+    # The default-rate trials are the plain sweep's very trials (the same directories), so they are reused.
+    assert set(dirs) <= set(stage2_dirs)
+
+
+def test_the_tuning_seed_among_the_evaluation_seeds_is_refused(capsys: pytest.CaptureFixture) -> None:
+    code = sweep_cli.main(["--obj", "tuned", "--tune-of", "eps", "--profile", "smoke", "--seeds", "0,100"])
+    assert code == 2
+    assert "SEEDS includes 100, the seed OBJ=tuned chooses the learning rates on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--obj", "tuned", "--rates", "1e-3"],
+        ["--obj", "tuned", "--rates", "0.001,abc"],
+        ["--obj", "tuned", "--rates", "0,1e-3"],
+        ["--obj", "tuned", "--tune-of", "tuned"],
+        ["--obj", "all", "--tune-of", "grid"],
+        ["--obj", "all", "--rates", "1e-3,3e-3"],
+        ["--obj", "tuned", "--args", "optim.lr=0.01"],
+    ],
+)
+def test_bad_tuning_options_are_refused_before_anything_runs(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sweep_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffbench.sweep: ") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+SEEDS = (0, 1, 2, 3, 4)
+TUNING = {**{k.split(".")[1]: v for k, v in TUNING_ONLY.items()}}
+
+
+def tuned_runs(root: Path) -> None:
+    """Stage 1 chooses 3e-4 for eps_elbo's likelihood, 3e-3 for eps_simple's samples. At the
+    default rate eps_elbo's NLL is 0.3 bpd worse than eps_simple's (claim 1 contradicted); at its
+    tuned rate 0.2 better (claim 1 holds). eps_simple's FD is 10 lower at every rate (claim 2
+    holds everywhere). Budget rows are flat and agree, so only the optimiser can unsettle."""
+    for arm, curves in CURVES.items():
+        if arm == "x0_elbo":
+            continue
+        for index, rate in enumerate(RATES):
+            row = {"step": 100, **{m: v[index] for m, v in curves.items()}}
+            write_run(
+                root,
+                Arm.parse(arm),
+                100,
+                {"val/vlb_bpd": 1.0},
+                [row],
+                f"t{rate:g}",
+                lr=rate,
+                evaluation=TUNING,
+            )
+    for seed in SEEDS:
+        jitter = 0.01 * seed
+        for arm, rate, nll, fd in (
+            ("eps_simple", 1e-3, 3.5 + jitter, 40.0 + seed),
+            ("eps_elbo", 1e-3, 3.8 + 2 * jitter, 50.0 + seed),
+            ("eps_elbo", 3e-4, 3.3 + 2 * jitter, 52.0 + seed),
+            ("eps_simple", 3e-3, 3.6 + jitter, 41.0 + seed),
+        ):
+            final = {"nll_vlb_bpd": nll, "fd_digits": fd}
+            rows = [{"step": s, "val_vlb_bpd": nll, "fd_digits": fd} for s in (50, 100)]
+            write_run(root, Arm.parse(arm), seed, final, rows, f"s{seed}-{rate:g}", lr=rate, evaluation={})
+
+
+def test_selection_from_scanned_runs_and_the_tuning_key_pairs_the_stages(tmp_path: Path) -> None:
+    tuned_runs(tmp_path)
+    runs, incomplete = scan(tmp_path)
+    (tuned,), rest = find_tuned(runs, incomplete)
+    assert len(tuned.trials) == 8 and len(rest) == len(tuned.runs) == 20
+    assert tuned.choices[LIKELIHOOD]["eps_elbo"].rate == 3e-4
+    assert tuned.choices[SAMPLES]["eps_simple"].rate == 3e-3
+    # A stage-1 config and a stage-2 config differ in rate, seed and TUNING_ONLY alone.
+    keys = {tuning_key(r.config) for r in runs}
+    assert len(keys) == 1
+
+
+def test_a_verdict_that_turns_with_the_optimiser_is_not_settled(tmp_path: Path) -> None:
+    tuned_runs(tmp_path)
+    assert report_cli.main(["--runs", str(tmp_path), "--no-figures"]) == 0
+    (folder,) = (tmp_path / "report").glob("*-tuned")
+    payload = json.loads((folder / "tuned.json").read_text())
+    columns = {c["name"]: c for c in payload["columns"]}
+    assert columns["lr 0.001 (default)"]["claims"]["1"]["verdict"] == CONTRADICTED
+    assert columns["tuned for likelihood"]["claims"]["1"]["verdict"] == HOLDS
+    one, two = payload["agreement"]["1"], payload["agreement"]["2"]
+    assert one["agrees"] is False and one["text"].startswith("turns with the optimiser")
+    # Claim 2 holds at the default and tuned for samples; lr 3e-4 and 3e-3 hold one arm each (no test),
+    # and the rates tuned for likelihood do not speak for a sample claim.
+    assert two["agrees"] is True and set(two["verdicts"]) == {"lr 0.001 (default)", "tuned for samples"}
+    # The default-rate group's own report: claim 1 settled along the budget, yet not settled overall.
+    default = json.loads(
+        (tmp_path / "report" / folder.name.removesuffix("-tuned") / "report.json").read_text()
+    )
+    claims = {c["number"]: c for c in default["claims"]}
+    assert claims[1]["status"]["settled"] and not claims[1]["settled"]
+    assert claims[1]["optimiser"]["agrees"] is False
+    assert claims[2]["settled"] and claims[2]["optimiser"]["agrees"] is True
+    md = (folder / "tuned.md").read_text()
+    assert "| claim 1 | contradicted |" in md and "turns with the optimiser" in md
+    # Tuning trials form no group report of their own.
+    assert len([p for p in (tmp_path / "report").iterdir() if p.is_dir()]) == 4
+
+
+def test_a_diverged_tuning_trial_is_recorded_not_reported_as_incomplete(tmp_path: Path) -> None:
+    tuned_runs(tmp_path)
+    directory = next((tmp_path / "trials").rglob("t0.003"))
+    results = RunDir(directory).read_results()
+    RunDir(directory).write_results({**results, "status": "diverged", "diverged_at_step": 700})
+    runs, incomplete = scan(tmp_path)
+    (tuned,), _ = find_tuned(runs, incomplete)
+    diverged = [t for t in tuned.trials if t.note.startswith("diverged")]
+    assert len(diverged) == 1 and diverged[0].final == {} and diverged[0].rate == 3e-3

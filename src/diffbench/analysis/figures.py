@@ -313,6 +313,10 @@ def tuning_curves(choices: dict[str, dict[str, Choice]], path: Path) -> Path | N
             title=f"{family}: {metric} on the tuning seed (ringed: chosen)",
         )
         ax.set_xscale("log")
+        rates = sorted({r for c in by_arm.values() for r in c.values})
+        ax.xaxis.set_major_locator(FixedLocator(rates))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         log_axis(ax)
     handles: dict[str, object] = {}
     for ax in axes.flat:

@@ -186,6 +186,17 @@ def test_a_verdict_that_turns_with_the_optimiser_is_not_settled(tmp_path: Path) 
     assert claims[2]["settled"] and claims[2]["optimiser"]["agrees"] is True
     md = (folder / "tuned.md").read_text()
     assert "| claim 1 | contradicted |" in md and "turns with the optimiser" in md
+    line = next(
+        b
+        for b in (tmp_path / "report" / folder.name.removesuffix("-tuned") / "report.md")
+        .read_text()
+        .splitlines()
+        if b.startswith("- **Claim 1**")
+    )
+    assert (
+        "— provisional: it turns with the optimiser: contradicted at lr 0.001 (default); "
+        "holds at tuned for likelihood" in line
+    )
     # Tuning trials form no group report of their own.
     assert len([p for p in (tmp_path / "report").iterdir() if p.is_dir()]) == 4
 

@@ -98,7 +98,8 @@ class Agreement:
         if self.agrees is None:
             return "not compared across optimiser settings (fewer than two could test it)"
         if self.agrees:
-            return f"the same at all {len(self.verdicts)} optimiser settings ({', '.join(self.verdicts)})"
+            count = "both" if len(self.verdicts) == 2 else f"all {len(self.verdicts)}"
+            return f"the same at {count} optimiser settings that test it ({', '.join(self.verdicts)})"
         by_verdict: dict[str, list[str]] = defaultdict(list)
         for name, verdict in self.verdicts.items():
             by_verdict[verdict].append(name)
@@ -253,12 +254,26 @@ def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
         for number, agreement in tuned.agreements.items():
             claim = next(c.claims[number] for c in tuned.columns if number in c.claims)
             overview.bullets.append(f"**Claim {number}** — {claim.title}: {agreement.text}")
-    detail = Section("Headlines at each setting", "headlines")
+    detail = Section(
+        "Headlines at each setting",
+        "headlines",
+        ["Each setting's full headlines: which heads were tested and which need another sweep."],
+    )
     if not plumbing:
-        for column in tuned.columns:
-            rates = ", ".join(f"{arm} {rate:g}" for arm, rate in column.rates.items())
-            detail.bullets.append(f"**{column.name}** (rates: {rates})")
-            detail.bullets += [f"claim {n}: {c.headline}" for n, c in column.claims.items()]
+        numbers = sorted(tuned.agreements)
+        detail.tables.append(
+            Table(
+                ["setting", "rates", *(f"claim {n}" for n in numbers)],
+                [
+                    [
+                        column.name,
+                        ", ".join(f"{arm} {rate:g}" for arm, rate in column.rates.items()),
+                        *(column.claims[n].headline if n in column.claims else "—" for n in numbers),
+                    ]
+                    for column in tuned.columns
+                ],
+            )
+        )
     choice = Section(
         "Learning rate per arm (stage 1)", "tuning", [record.intro], [Table(record.header, record.rows)]
     )

@@ -401,13 +401,13 @@ def build_report(
         for claim in claims:
             status = statuses.get(claim.number)
             line = f"**Claim {claim.number}** — {claim.title}: **{claim.headline}**"
-            if status is not None:
-                line += f" — {status.summary}"
             agreement = (optimiser or {}).get(claim.number)
-            if agreement is not None and agreement.agrees is not None:
-                line += f"; optimiser: {agreement.text}" + (
-                    " (so not settled)" if not agreement.agrees else ""
-                )
+            if agreement is not None and agreement.agrees is False:
+                line += f" — provisional: it {agreement.text}"
+                line += f"; along the budget: {status.summary}" if status is not None else ""
+            elif status is not None:
+                line += f" — {status.summary}"
+                line += f"; {agreement.text}" if agreement is not None and agreement.agrees else ""
             overview.bullets.append(line)
     sections = [overview, comparison]
     if not plumbing:

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         for claim in payload["claims"]:
             status = claim["status"]
             when = "" if status is None else " [settled]" if claim["settled"] else " [provisional]"
+            if (claim["optimiser"] or {}).get("agrees") is False:
+                when = " [provisional: turns with the optimiser]"
             print(f"[report]   claim {claim['number']}: {claim['headline']}{when}")
         print(f"[report]   {out / group / REPORT_HTML} (and report.md, report.json, figures/)")
     for item in tuned:

@@ -151,16 +151,41 @@ def tuned_runs(root: Path) -> None:
             write_run(root, Arm.parse(arm), seed, final, rows, f"s{seed}-{rate:g}", lr=rate, evaluation={})
 
 
-def test_selection_from_scanned_runs_and_the_tuning_key_pairs_the_stages(tmp_path: Path) -> None:
+def test_selection_from_scanned_runs_leaves_the_tuning_seed_out(tmp_path: Path) -> None:
     tuned_runs(tmp_path)
+    # An evaluated run on the tuning seed (a plain sweep with SEEDS=101) must not reach a verdict.
+    write_run(tmp_path, Arm.parse("eps_elbo"), 100, {"nll_vlb_bpd": 9.0}, [], "s100", lr=1e-3, evaluation={})
     runs, incomplete = scan(tmp_path)
     (tuned,), rest = find_tuned(runs, incomplete)
-    assert len(tuned.trials) == 8 and len(rest) == len(tuned.runs) == 20
+    assert len(tuned.trials) == 8 and len(rest) == 21 and len(tuned.runs) == 20
+    assert 100 not in {r.seed for r in tuned.runs}
     assert tuned.choices[LIKELIHOOD]["eps_elbo"].rate == 3e-4
     assert tuned.choices[SAMPLES]["eps_simple"].rate == 3e-3
-    # A stage-1 config and a stage-2 config differ in rate, seed and TUNING_ONLY alone.
-    keys = {tuning_key(r.config) for r in runs}
-    assert len(keys) == 1
+
+
+def resolved(sweep: dict, point: dict) -> dict:
+    """The config a trial of this sweep point writes to its config.yaml."""
+    overrides = sweep_cli.trial_overrides(sweep_cli.trial_command(sweep, point))
+    return sweep_cli.check_settings(sweep_cli.compose(overrides)).resolved
+
+
+def test_the_tuning_key_pairs_real_stage_one_and_stage_two_configs(tmp_path: Path) -> None:
+    base = sweep_cli.apply_options(
+        sweep_cli.load_sweep("tuned", "eps"), "default", None, "2", [f"run.root={tmp_path}", "run.reuse=true"]
+    )
+    stage1 = sweep_cli.tuning_sweep(base, list(RATES), sweep_cli.TUNING_SEED)
+    one = resolved(stage1, sweep_cli.expand_grid(stage1)[0])
+    two = resolved(base, {**sweep_cli.expand_grid(base)[-1], "optim.lr": 3e-3})
+    assert one["seed"] == 100 and two["seed"] == 1 and one["objective"] != two["objective"]
+    assert tuning_key(one) == tuning_key(two)
+    other = sweep_cli.apply_options(
+        sweep_cli.load_sweep("tuned", "eps"),
+        "default",
+        None,
+        "2",
+        [f"run.root={tmp_path}", "data.batch_size=64"],
+    )
+    assert tuning_key(resolved(other, sweep_cli.expand_grid(other)[0])) != tuning_key(two)
 
 
 def test_a_verdict_that_turns_with_the_optimiser_is_not_settled(tmp_path: Path) -> None:
@@ -194,7 +219,7 @@ def test_a_verdict_that_turns_with_the_optimiser_is_not_settled(tmp_path: Path) 
         if b.startswith("- **Claim 1**")
     )
     assert (
-        "— provisional: it turns with the optimiser: contradicted at lr 0.001 (default); "
+        "— provisional: turns with the optimiser: contradicted at lr 0.001 (default); "
         "holds at tuned for likelihood" in line
     )
     # Tuning trials form no group report of their own.
@@ -210,3 +235,105 @@ def test_a_diverged_tuning_trial_is_recorded_not_reported_as_incomplete(tmp_path
     (tuned,), _ = find_tuned(runs, incomplete)
     diverged = [t for t in tuned.trials if t.note.startswith("diverged")]
     assert len(diverged) == 1 and diverged[0].final == {} and diverged[0].rate == 3e-3
+
+
+def fake_trials(calls: list[list[dict]]):
+    """A stand-in for the local runner: each trial's real config and results with CURVES' numbers
+    (stage 1) or an NLL that favours eps_elbo at 3e-4 only (stage 2), so the sweep's own stages run
+    in a second. Trials that already have results are skipped, as run.reuse does."""
+
+    def run_local(sweep: dict, points: list[dict], dirs: list[Path], env: dict, slots: list) -> list:
+        calls.append(points)
+        for point, directory in zip(points, dirs):
+            run_dir = RunDir(directory)
+            if (directory / "results.json").is_file():
+                continue
+            directory.mkdir(parents=True, exist_ok=True)
+            spec = sweep_cli.check_settings(
+                sweep_cli.compose(sweep_cli.trial_overrides(sweep_cli.trial_command(sweep, point)))
+            )
+            run_dir.write_config(spec)
+            arm, rate, seed = spec.arm.label, spec.optim.lr, spec.seed
+            if point.get("eval.enabled") is False:
+                row = {"step": 1000, **{m: v[RATES.index(rate)] for m, v in CURVES[arm].items()}}
+                metrics = {"val/vlb_bpd": 1.0}
+            else:
+                elbo = arm == "eps_elbo"
+                nll = 3.5 + (0.03 if elbo else 0.01) * seed + (0.3 if elbo and rate == 1e-3 else 0.0)
+                nll -= 0.5 if elbo and rate == 3e-4 else 0.0
+                metrics = {"nll_vlb_bpd": nll, "fd_digits": 40.0 + (10 + 2 * seed if elbo else seed)}
+                row = {"step": 1000, "val_vlb_bpd": nll, "fd_digits": metrics["fd_digits"]}
+            run_dir.write_results(
+                {
+                    "status": "complete",
+                    "arm": arm,
+                    "seed": seed,
+                    "steps": 1000,
+                    "metrics": metrics,
+                    "budgets": [row],
+                }
+            )
+        return []
+
+    return run_local
+
+
+def test_the_tuned_sweep_runs_both_stages_and_a_rerun_skips_stage_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    calls: list[list[dict]] = []
+    monkeypatch.setattr(sweep_cli, "run_local", fake_trials(calls))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    argv = ["--obj", "tuned", "--tune-of", "eps", "--seeds", "3", "--args", f"run.root={tmp_path}"]
+    assert sweep_cli.main(argv) == 0
+    stage1, stage2 = calls
+    assert {p["seed"] for p in stage1} == {100} and len(stage1) == 2 * len(RATES)
+    assert {p["seed"] for p in stage2} == {0, 1, 2}
+    assert {(p["experiment"], p["optim.lr"]) for p in stage2} == {
+        ("eps_elbo", 3e-4),
+        ("eps_elbo", 1e-3),
+        ("eps_simple", 1e-3),
+        ("eps_simple", 3e-3),
+    }
+    record = json.loads(next((tmp_path / "trials").glob("*/tuning-*.json")).read_text())
+    assert record["arms"]["eps_elbo"]["chosen"]["likelihood"] == {"metric": "val_vlb_bpd", "rate": 3e-4}
+    (folder,) = (tmp_path / "report").glob("*-tuned")
+    agreement = json.loads((folder / "tuned.json").read_text())["agreement"]
+    assert agreement["1"]["agrees"] is False
+    out = capsys.readouterr().out
+    assert (
+        "claim 1: turns with the optimiser: contradicted at lr 0.001 (default); holds at tuned for likelihood"
+        in out
+    )
+    calls.clear()
+    assert sweep_cli.main(argv) == 0
+    (again,) = calls
+    assert again == stage2
+    assert "(0 to run)" in capsys.readouterr().out
+
+
+def test_a_weaker_verdict_elsewhere_changes_but_does_not_turn() -> None:
+    from diffbench.analysis.optimiser import Agreement
+
+    weaker = Agreement(1, {"lr 0.001 (default)": HOLDS, "tuned for likelihood": "not shown at this n"})
+    assert weaker.agrees is False and not weaker.turns
+    assert weaker.text.startswith("changes with the optimiser: holds at lr 0.001 (default)")
+    opposite = Agreement(1, {"a": HOLDS, "b": CONTRADICTED, "c": HOLDS})
+    assert opposite.turns and opposite.text == "turns with the optimiser: holds at a, c; contradicted at b"
+    assert Agreement(1, {"a": HOLDS}).agrees is None
+
+
+def test_a_tuned_column_missing_a_seed_is_not_read_and_says_why(tmp_path: Path) -> None:
+    tuned_runs(tmp_path)
+    (victim,) = (tmp_path / "trials").rglob("s2-0.0003")
+    (victim / "results.json").unlink()
+    runs, incomplete = scan(tmp_path)
+    (tuned,), _ = find_tuned(runs, incomplete)
+    assert "tuned for likelihood" not in [c.name for c in tuned.columns]
+    assert any(n.startswith("tuned for likelihood: not read, eps_elbo not yet trained") for n in tuned.notes)
+    assert any(
+        n.startswith("lr 0.0003: eps_elbo left out, not trained on every evaluation seed")
+        for n in tuned.notes
+    )
+    # With no other setting able to test claim 1, its agreement is unknown: not settled.
+    assert tuned.agreements[1].agrees is None

@@ -28,6 +28,7 @@ from diffbench.analysis.collect import (
     schedule_of,
     seed_values,
 )
+from diffbench.analysis.inference import CONTRADICTED, DIFFERENT, EQUIVALENT, HOLDS
 from diffbench.analysis.render import Section, Table, html_page, markdown
 from diffbench.analysis.sections import flatten
 from diffbench.analysis.tuning import (
@@ -47,6 +48,7 @@ from diffbench.config import compose
 from diffbench.core.diffusion import NoiseSchedule
 
 SMOKE = "smoke"
+OPPOSITES = ((HOLDS, CONTRADICTED), (EQUIVALENT, DIFFERENT))
 
 
 def default_rate() -> float:
@@ -94,6 +96,13 @@ class Agreement:
         return None if len(self.verdicts) < 2 else len(set(self.verdicts.values())) == 1
 
     @property
+    def turns(self) -> bool:
+        """Opposite outcomes at two settings (holds and contradicted, equivalent and different),
+        not merely a verdict one setting could not reach at this n."""
+        found = set(self.verdicts.values())
+        return any({a, b} <= found for a, b in OPPOSITES)
+
+    @property
     def text(self) -> str:
         if self.agrees is None:
             return "not compared across optimiser settings (fewer than two could test it)"
@@ -103,7 +112,8 @@ class Agreement:
         by_verdict: dict[str, list[str]] = defaultdict(list)
         for name, verdict in self.verdicts.items():
             by_verdict[verdict].append(name)
-        return "turns with the optimiser: " + "; ".join(
+        word = "turns with the optimiser" if self.turns else "changes with the optimiser"
+        return f"{word}: " + "; ".join(
             f"{verdict} at {', '.join(names)}" for verdict, names in by_verdict.items()
         )
 
@@ -118,11 +128,20 @@ class Tuned:
     runs: list[Run]
     columns: list[Column] = field(default_factory=list)
     agreements: dict[int, Agreement] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    unfinished: int = 0
 
     @property
-    def default_group(self) -> str | None:
-        """The group of the evaluation runs at the shared default rate (the plain sweep's group)."""
-        return next((r.group for r in self.runs if rate_of(r.config) == self.default), None)
+    def default_group(self) -> str:
+        """The group of the evaluation runs at the shared default rate (the plain sweep's group),
+        else the first group the sweep's evaluation runs fall in."""
+        at_default = [r.group for r in self.runs if rate_of(r.config) == self.default]
+        return (at_default or [r.group for r in self.runs])[0]
+
+    @property
+    def groups(self) -> set[str]:
+        """Every group holding this sweep's evaluation runs (one per rate)."""
+        return {r.group for r in self.runs}
 
 
 def claims_at(values: Values, setting: Setting) -> dict[int, Claim]:
@@ -134,24 +153,55 @@ def setting_of(runs: list[Run], schedule: NoiseSchedule, variance: str) -> Setti
     return Setting(schedule, variance, margins, tuple(conflicts))
 
 
+def full_seeds(runs: list[Run], seeds: set[int], name: str, notes: list[str]) -> list[Run]:
+    """The runs of the arms that hold every evaluation seed (those seeds only); an arm short of
+    seeds is left out of the setting and named, so no setting is compared at a smaller n."""
+    by_arm: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.seed in seeds:
+            by_arm[run.arm.label].append(run)
+    short = sorted(arm for arm in {r.arm.label for r in runs} if {r.seed for r in by_arm[arm]} != seeds)
+    if short:
+        notes.append(
+            f"{name}: {', '.join(short)} left out, not trained on every evaluation seed "
+            f"({', '.join(map(str, sorted(seeds)))}) at this rate"
+        )
+    return [r for arm, arm_runs in by_arm.items() if arm not in short for r in arm_runs]
+
+
 def columns(tuned: Tuned, schedule: NoiseSchedule, variance: str) -> list[Column]:
-    """The default rate, every other rate with evaluation runs, then the rates tuned per family."""
+    """The default rate, every other rate with evaluation runs, then the rates tuned per family;
+    every setting on the default rate's seeds, its arms only where they hold all of them."""
     setting = setting_of(tuned.runs, schedule, variance)
+    seeds = {r.seed for r in tuned.runs if rate_of(r.config) == tuned.default} or {r.seed for r in tuned.runs}
     by_rate: dict[float, list[Run]] = defaultdict(list)
     for run in tuned.runs:
         by_rate[rate_of(run.config)].append(run)
     made = []
     for rate in sorted(by_rate, key=lambda r: (r != tuned.default, r)):
-        runs = by_rate[rate]
         name = f"lr {rate:g}" + (" (default)" if rate == tuned.default else "")
-        rates = {r.arm.label: rate for r in runs}
-        made.append(Column(name, FAMILIES, rates, claims_at(seed_values(runs), setting)))
-    for family in FAMILIES:
-        rates = {arm: c.rate for arm, c in tuned.choices[family].items() if c.rate is not None}
-        runs = [r for r in tuned.runs if rates.get(r.arm.label) == rate_of(r.config)]
+        runs = full_seeds(by_rate[rate], seeds, name, tuned.notes)
         if runs:
-            claims = claims_at(seed_values(runs), setting)
-            made.append(Column(f"tuned for {family}", (family,), rates, claims))
+            rates = {r.arm.label: rate for r in runs}
+            made.append(Column(name, FAMILIES, rates, claims_at(seed_values(runs), setting)))
+    arms = sorted({r.arm.label for r in tuned.runs})
+    for family in FAMILIES:
+        name = f"tuned for {family}"
+        chosen = tuned.choices[family]
+        lost = [a for a in arms if a not in chosen or chosen[a].rate is None]
+        if lost:
+            tuned.notes.append(f"{name}: {', '.join(lost)} left out, no rate finished on the tuning seed")
+        rates = {a: chosen[a].rate for a in arms if a not in lost}
+        runs = [r for r in tuned.runs if rates.get(r.arm.label) == rate_of(r.config)]
+        runs = full_seeds(runs, seeds, name, tuned.notes)
+        missing = sorted(set(rates) - {r.arm.label for r in runs})
+        if missing:
+            tuned.notes.append(
+                f"{name}: not read, {', '.join(missing)} not yet trained at the chosen rate on every "
+                "evaluation seed (run make sweep OBJ=tuned again)"
+            )
+        elif runs:
+            made.append(Column(name, (family,), rates, claims_at(seed_values(runs), setting)))
     return made
 
 
@@ -162,21 +212,29 @@ def agreements(made: list[Column]) -> dict[int, Agreement]:
 
 def find_tuned(runs: list[Run], incomplete: list[Incomplete]) -> tuple[list[Tuned], list[Run]]:
     """Tuned sweeps among the scanned runs (tuning trials beside evaluation runs of the same
-    settings), and the runs left for the ordinary group reports (every run but tuning trials)."""
+    settings, never on a tuning trial's seed), and the runs for the ordinary group reports
+    (every run but tuning trials)."""
     trials: dict[str, list[TuningTrial]] = defaultdict(list)
-    for found in [*runs, *(i for i in incomplete if i.diverged)]:
+    unfinished: dict[str, int] = defaultdict(int)
+    for found in [*runs, *incomplete]:
         config = config_of(found)
-        if is_tuning(config) and (trial := trial_of(found)) is not None:
+        if not is_tuning(config):
+            continue
+        trial = trial_of(found)
+        if trial is None:
+            unfinished[tuning_key(config)] += 1
+        else:
             trials[tuning_key(config)].append(trial)
     rest = [r for r in runs if not is_tuning(r.config)]
     default = default_rate()
     found_tuned = []
     for key, stage1 in trials.items():
-        stage2 = [r for r in rest if tuning_key(r.config) == key]
+        tuning_seeds = {t.seed for t in stage1}
+        stage2 = [r for r in rest if tuning_key(r.config) == key and r.seed not in tuning_seeds]
         if not stage2:
             continue
         choices = {family: choose(stage1, family, default) for family in FAMILIES}
-        tuned = Tuned(stage1, choices, default, stage2)
+        tuned = Tuned(stage1, choices, default, stage2, unfinished=unfinished[key])
         schedule, variance = schedule_of(stage2)
         tuned.columns = columns(tuned, schedule, variance)
         tuned.agreements = agreements(tuned.columns)
@@ -251,6 +309,7 @@ def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
             f"{tuning_seed}, which no verdict here uses."
         )
         overview.tables.append(verdict_table(tuned))
+        overview.bullets += [f"Left out — {note}." for note in tuned.notes]
         for number, agreement in tuned.agreements.items():
             claim = next(c.claims[number] for c in tuned.columns if number in c.claims)
             overview.bullets.append(f"**Claim {number}** — {claim.title}: {agreement.text}")
@@ -273,6 +332,11 @@ def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
                     for column in tuned.columns
                 ],
             )
+        )
+    if tuned.unfinished:
+        record.intro += (
+            f" {tuned.unfinished} tuning trial(s) have not finished; the choice above is from the "
+            "finished ones."
         )
     choice = Section(
         "Learning rate per arm (stage 1)", "tuning", [record.intro], [Table(record.header, record.rows)]

@@ -194,7 +194,7 @@ def claims_json(
             "settled": bool(
                 (status := statuses.get(claim.number)) is not None
                 and status.settled
-                and (claim.number not in optimiser or optimiser[claim.number].agrees is not False)
+                and (claim.number not in optimiser or optimiser[claim.number].agrees is True)
             ),
             "optimiser": (
                 {"agrees": optimiser[claim.number].agrees, "text": optimiser[claim.number].text}
@@ -402,8 +402,8 @@ def build_report(
             status = statuses.get(claim.number)
             line = f"**Claim {claim.number}** — {claim.title}: **{claim.headline}**"
             agreement = (optimiser or {}).get(claim.number)
-            if agreement is not None and agreement.agrees is False:
-                line += f" — provisional: it {agreement.text}"
+            if agreement is not None and not agreement.agrees:
+                line += f" — provisional: {agreement.text}"
                 line += f"; along the budget: {status.summary}" if status is not None else ""
             elif status is not None:
                 line += f" — {status.summary}"

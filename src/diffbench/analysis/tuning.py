@@ -114,7 +114,7 @@ def is_tuning(config: dict) -> bool:
     return all(ev.get(key.split(".")[1]) == value for key, value in TUNING_ONLY.items())
 
 
-@dataclass(frozen=True)
+@dataclass
 class TuningRecord:
     """What stage 1 chose: JSON for the record, a paragraph and a table for readers."""
 

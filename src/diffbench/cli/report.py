@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runs, incomplete = scan(root)
     tuned, runs = find_tuned(runs, incomplete)
-    incomplete = [i for i in incomplete if not (i.diverged and is_tuning(config_of(i)))]
+    incomplete = [i for i in incomplete if not is_tuning(config_of(i))]
     groups = by_group(runs, incomplete)
     if not groups:
         print(
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    optimiser = {t.default_group: t.agreements for t in tuned if t.default_group}
+    optimiser = {group: t.agreements for t in tuned for group in t.groups}
     for group, (group_runs, group_incomplete) in sorted(groups.items()):
         payload = build_report(
             group, group_runs, group_incomplete, out / group, not options.no_figures, optimiser.get(group)
@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         for claim in payload["claims"]:
             status = claim["status"]
             when = "" if status is None else " [settled]" if claim["settled"] else " [provisional]"
-            if (claim["optimiser"] or {}).get("agrees") is False:
-                when = " [provisional: turns with the optimiser]"
+            if status is not None and claim["optimiser"] and not claim["optimiser"]["agrees"]:
+                when = f" [provisional: {claim['optimiser']['text'].split(':')[0]}]"
             print(f"[report]   claim {claim['number']}: {claim['headline']}{when}")
         print(f"[report]   {out / group / REPORT_HTML} (and report.md, report.json, figures/)")
     for item in tuned:
-        where = out / f"{item.default_group or 'tuned'}-tuned"
+        where = out / f"{item.default_group}-tuned"
         payload = write_tuned(item, where, draw=not options.no_figures)
         print(
             f"[report] tuned learning rates: {len(item.runs)} evaluation runs, "

@@ -21,6 +21,7 @@ import yaml
 
 from diffbench import atomic
 from diffbench.analysis.collect import load_run
+from diffbench.analysis.optimiser import default_rate
 from diffbench.analysis.summary import summarize_trials
 from diffbench.analysis.tuning import FAMILIES, TUNING_ONLY, Choice, choose, trial_of, tuning_record
 from diffbench.cli.checks import check_settings
@@ -53,6 +54,7 @@ TUNED_OBJ = "tuned"
 TUNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
 """Stage 1 of OBJ=tuned: four log-spaced rates, a factor of 3 to 10 around the default 1e-3."""
 TUNING_SEED = 100
+STAGE1 = "-stage1"
 """The seed the rates are chosen on: outside every evaluation seed, so selection cannot bias a test."""
 
 
@@ -88,7 +90,7 @@ def tuning_sweep(sweep: dict, rates: list[float], seed: int) -> dict:
     parameters["optim.lr"] = {"values": list(rates)}
     parameters["seed"] = {"value": seed}
     parameters.update({key: {"value": value} for key, value in TUNING_ONLY.items()})
-    return {**sweep, "name": f"{sweep['name']}-stage1", "parameters": parameters}
+    return {**sweep, "name": f"{sweep['name']}{STAGE1}", "parameters": parameters}
 
 
 def parse_rates(rates: str | None) -> list[float]:
@@ -99,10 +101,16 @@ def parse_rates(rates: str | None) -> list[float]:
         values = sorted({float(r) for r in rates.replace(" ", "").split(",") if r})
     except ValueError:
         values = []
-    if not 2 <= len(values) <= 12 or not all(math.isfinite(v) and 0 < v < 1 for v in values):
+    names = {f"{v:.0e}" for v in values}
+    if (
+        len(names) < len(values)
+        or not 2 <= len(values) <= 12
+        or not all(math.isfinite(v) and 0 < v < 1 for v in values)
+    ):
         raise ConfigError(
-            f"RATES={rates!r} is not a list of 2 to 12 learning rates between 0 and 1, e.g. "
-            "RATES=1e-4,3e-4,1e-3,3e-3; nothing was started."
+            f"RATES={rates!r} is not a list of 2 to 12 learning rates between 0 and 1 that differ in their "
+            "first digit (each gets its own summary-…-lr<rate> table), e.g. RATES=1e-4,3e-4,1e-3,3e-3; "
+            "nothing was started."
         )
     return values
 
@@ -422,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--obj",
         default="all",
-        help="all | grid | weightings | lr | eps | x0 | score | simple | elbo | an experiment name",
+        help="all | grid | weightings | lr | tuned | eps | x0 | score | simple | elbo | an experiment name",
     )
     parser.add_argument(
         "--lr-of", default=None, help=f"with --obj {LR_OBJ}: the sweep whose arms are checked (default all)"
@@ -526,11 +534,15 @@ def execute(
     comes next), else the exit code (a stop signal, or a SLURM array left running)."""
     if options.launcher != "local":
         return launch_jobs(options, sweep, points, dirs, env, slots)
-    reachable = os.environ.get("WANDB_MODE", "online") == "online" and wandb_online()
-    online = wandb_sweep and not options.local and reachable
+    online = (
+        wandb_sweep
+        and not options.local
+        and os.environ.get("WANDB_MODE", "online") == "online"
+        and wandb_online()
+    )
     print(
         f"[sweep] {sweep['name']}: {len(points)} trials, "
-        f"{'W&B sweep' if online else 'local runner'}, {len(slots)} at once"
+        f"{'W&B sweep' if online else 'local runner, W&B offline'}, {len(slots)} at once"
     )
     if online:
         try:
@@ -541,9 +553,9 @@ def execute(
                 "running the same trials with the local runner, W&B offline.",
                 file=sys.stderr,
             )
-            online = reachable = False
+            online = False
     if not online:
-        if not reachable and env.get("WANDB_MODE", "online") == "online":
+        if env.get("WANDB_MODE", "online") == "online":
             env["WANDB_MODE"] = "offline"
         forward_stop_signals()
         run_local(sweep, points, dirs, env, slots)
@@ -593,7 +605,7 @@ def launch_jobs(
     if not options.wait:
         then = (
             "run the same command again (it chooses the rates and submits stage 2)"
-            if options.obj == TUNED_OBJ
+            if sweep["name"].endswith(STAGE1)
             else f"make report  (or python -m diffbench.report --runs {root})"
         )
         print(f"[sweep] when the array has finished: {then}")
@@ -620,13 +632,17 @@ def run_tuned(
     metrics, then stage 2: every arm on the evaluation seeds at the default and its chosen rates."""
     tuning, tuning_points, tuning_dirs = stage1
     rates = tuning["parameters"]["optim.lr"]["values"]
+    pending = [i for i, d in enumerate(tuning_dirs) if trial_of(load_run(d)) is None]
     print(
-        f"[sweep] stage 1: {len(tuning_points)} trials, every arm at optim.lr {', '.join(map(str, rates))} "
-        f"on tuning seed {TUNING_SEED} (no final evaluation; budget metrics against validation images)"
+        f"[sweep] stage 1: {len(tuning_points)} trials ({len(pending)} to run), every arm at optim.lr "
+        f"{', '.join(map(str, rates))} on tuning seed {TUNING_SEED} (no final evaluation; budget metrics "
+        "against validation images)"
     )
-    code = execute(options, tuning, tuning_points, tuning_dirs, env, slots, wandb_sweep=False)
-    if code is not None:
-        return code
+    if pending:
+        todo = ([tuning_points[i] for i in pending], [tuning_dirs[i] for i in pending])
+        code = execute(options, tuning, *todo, env, slots, wandb_sweep=False)
+        if code is not None:
+            return code
     found = [trial_of(load_run(d)) for d in tuning_dirs]
     trials = [t for t in found if t is not None]
     if len(trials) < len(found):
@@ -636,7 +652,7 @@ def run_tuned(
             file=sys.stderr,
         )
         return 1
-    default = default_rate(sweep, points[0])
+    default = default_rate()
     choices = {family: choose(trials, family, default) for family in FAMILIES}
     record = tuning_record(trials, choices, TUNING_SEED, default)
     stem = trials_root(tuning_dirs[0]) / f"tuning-{sweep['name']}"
@@ -644,7 +660,11 @@ def run_tuned(
     atomic.write_text(stem.with_suffix(".md"), record.markdown)
     print(record.markdown)
     print(f"[sweep] rate choice written to {stem}.md and .json")
-    stage2, stage2_dirs = tuned_points(sweep, points, dirs, choices, default)
+    try:
+        stage2, stage2_dirs = tuned_points(sweep, points, dirs, choices, default, options.launcher != "slurm")
+    except ConfigError as error:
+        print(f"diffbench.sweep: {error}", file=sys.stderr)
+        return 2
     print(
         f"[sweep] stage 2: {len(stage2)} trials, every arm on seeds "
         f"{', '.join(sorted({str(p['seed']) for p in stage2}))} at the default and its chosen rates"
@@ -653,17 +673,13 @@ def run_tuned(
     return finish(sweep, stage2, stage2_dirs, start) if code is None else code
 
 
-def default_rate(sweep: dict, point: dict[str, object]) -> float:
-    """optim.lr of a trial that does not set it: the shared rate every arm trains at by default."""
-    return float(compose(trial_overrides(trial_command(sweep, point)))["optim"]["lr"])
-
-
 def tuned_points(
     sweep: dict,
     points: list[dict[str, object]],
     dirs: list[Path],
     choices: dict[str, dict[str, Choice]],
     default: float,
+    here: bool = True,
 ) -> tuple[list[dict[str, object]], list[Path]]:
     """Every evaluation trial at the shared default rate (the very trials the plain sweep runs) and
     at each rate chosen for its arm; a trial directory's parent is its arm (`rundir.trial_dir`)."""
@@ -671,7 +687,7 @@ def tuned_points(
     for point, path in zip(points, dirs, strict=True):
         chosen = {c.rate for family in choices.values() if (c := family.get(path.parent.name)) and c.rate}
         stage2 += [{**point, "optim.lr": rate} for rate in sorted({default, *chosen})]
-    return stage2, trial_dirs(sweep, stage2)
+    return stage2, trial_dirs(sweep, stage2, here)
 
 
 if __name__ == "__main__":

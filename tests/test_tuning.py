@@ -50,6 +50,9 @@ def test_each_arm_gets_the_rate_with_the_lowest_validation_metric_per_family() -
     assert likelihood["eps_elbo"].metric == "val_vlb_bpd" and samples["eps_elbo"].metric == "fd_digits"
     # The diverged rate is no candidate, and is recorded as such.
     assert likelihood["x0_elbo"].values[3e-3] is None
+    # An end of the grid is flagged (the best rate may lie beyond it); an inner rate is not.
+    assert samples["eps_simple"].edge == "highest" and likelihood["eps_elbo"].edge is None
+    assert likelihood["x0_elbo"].edge is None
 
 
 def test_a_tie_goes_to_the_rate_nearest_the_default_and_no_finished_rate_chooses_none() -> None:
@@ -296,7 +299,9 @@ def test_the_tuned_sweep_runs_both_stages_and_a_rerun_skips_stage_one(
         ("eps_simple", 3e-3),
     }
     record = json.loads(next((tmp_path / "trials").glob("*/tuning-*.json")).read_text())
-    assert record["arms"]["eps_elbo"]["chosen"]["likelihood"] == {"metric": "val_vlb_bpd", "rate": 3e-4}
+    chosen = record["arms"]["eps_elbo"]["chosen"]["likelihood"]
+    assert chosen == {"metric": "val_vlb_bpd", "rate": 3e-4, "edge_of_grid": None}
+    assert record["arms"]["eps_simple"]["chosen"]["samples"]["edge_of_grid"] == "highest"
     (folder,) = (tmp_path / "report").glob("*-tuned")
     agreement = json.loads((folder / "tuned.json").read_text())["agreement"]
     assert agreement["1"]["agrees"] is False

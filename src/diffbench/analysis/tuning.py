@@ -48,6 +48,20 @@ class Choice:
     rate: float | None
     values: dict[float, float | None]
 
+    @property
+    def edge(self) -> str | None:
+        """ "lowest"/"highest" when the chosen rate is an end of the grid: the best rate may lie
+        beyond it, and the grid should be widened before the choice is trusted."""
+        if self.rate is None or len(self.values) < 2:
+            return None
+        return (
+            "lowest"
+            if self.rate == min(self.values)
+            else "highest"
+            if self.rate == max(self.values)
+            else None
+        )
+
 
 def family_metric(trials: list[TuningTrial], family: str) -> str | None:
     """The family's validation metric that the tuning trials measured, if any."""
@@ -152,7 +166,10 @@ def tuning_record(
         "rule": "lowest final validation metric per family; exact ties go to the rate nearest the default",
         "arms": {
             arm: {
-                "chosen": {f: {"metric": c[arm].metric, "rate": c[arm].rate} for f, c in choices.items()},
+                "chosen": {
+                    f: {"metric": c[arm].metric, "rate": c[arm].rate, "edge_of_grid": c[arm].edge}
+                    for f, c in choices.items()
+                },
                 "by_rate": {
                     str(rate): {
                         **{f: choices[f][arm].values.get(rate) for f in choices},
@@ -170,11 +187,17 @@ def tuning_record(
     named = ", ".join(f"{f}: {m or 'not measured'}" for f, m in metrics.items())
     intro = (
         f"Every arm trained at optim.lr {', '.join(f'{r:g}' for r in rates)} for "
-        f"{number(payload['budget_step'])} steps on seed {seed}, a seed no verdict uses; the rate with the "
+        f"{payload['budget_step'] or '?'} steps on seed {seed}, a seed no verdict uses; the rate with the "
         f"lowest final validation metric is chosen per family ({named}). The shared default rate is "
         f"{default:g}. Cells: validation metric (median gradient norm over training); * = chosen, "
         "— = diverged or not measured."
     )
+    edges = [c for chosen in choices.values() for c in chosen.values() if c.edge]
+    if edges:
+        intro += (
+            f" {len(edges)} of {sum(len(c) for c in choices.values())} choices are an end of the grid, "
+            "where the best rate may lie beyond it: widen RATES to bracket them."
+        )
     rows = []
     for arm in arms:
         for family, chosen in choices.items():
@@ -185,6 +208,7 @@ def tuning_record(
                 grad = trial.optimisation.get("grad_norm_median") if trial else None
                 text = number(choice.values.get(rate), 4) + ("*" if rate == choice.rate else "")
                 cells.append(text + (f" ({number(grad, 2)})" if grad is not None else ""))
-            rows.append([arm, family, *cells, number(choice.rate)])
+            edge = f" ({choice.edge} of the grid)" if choice.edge else ""
+            rows.append([arm, family, *cells, number(choice.rate) + edge])
     header = ["arm", "family", *(f"lr {r:g}" for r in rates), "chosen"]
     return TuningRecord(payload, intro, header, rows)

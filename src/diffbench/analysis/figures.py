@@ -283,8 +283,9 @@ def image_panels(images: dict[Arm, list[Path]], titles: list[str], path: Path) -
 
 
 def tuning_curves(choices: dict[str, dict[str, Choice]], path: Path) -> Path | None:
-    """Stage 1 of a tuned sweep: each arm's final validation metric against the learning rate, one
-    panel per claim family, the chosen rate ringed; a rate that diverged leaves a gap."""
+    """Stage 1 of a tuned sweep: each arm's final validation metric against the learning rate,
+    divided by the arm's best (so x0's hundreds of bpd and eps's threes share one axis and every
+    chosen rate, ringed, sits at 1), one panel per claim family; a diverged rate leaves a gap."""
     panels = {
         f: c for f, c in choices.items() if any(v is not None for x in c.values() for v in x.values.values())
     }
@@ -292,24 +293,20 @@ def tuning_curves(choices: dict[str, dict[str, Choice]], path: Path) -> Path | N
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.0), squeeze=False)
     for ax, (family, by_arm) in zip(axes.flat, panels.items()):
-        for label, choice in by_arm.items():
+        for label in sorted(by_arm, key=lambda a: Arm.parse(a).order):
+            choice = by_arm[label]
+            if choice.rate is None:
+                continue
+            best = choice.values[choice.rate]
             kw = style(Arm.parse(label))
             rates = sorted(choice.values)
-            ax.plot(
-                rates,
-                [np.nan if choice.values[r] is None else choice.values[r] for r in rates],
-                ms=4,
-                label=label,
-                **kw,
-            )
-            if choice.rate is not None:
-                ax.plot(
-                    [choice.rate], [choice.values[choice.rate]], "o", ms=11, mfc="none", color=kw["color"]
-                )
+            ratios = [np.nan if choice.values[r] is None else choice.values[r] / best for r in rates]
+            ax.plot(rates, ratios, ms=4, label=label, **kw)
+            ax.plot([choice.rate], [1.0], "o", ms=11, mfc="none", color=kw["color"])
         metric = next((c.metric for c in by_arm.values() if c.metric), "")
         ax.set(
             xlabel="optim.lr",
-            ylabel=f"final {metric}",
+            ylabel=f"final {metric} ÷ the arm's best",
             title=f"{family}: {metric} on the tuning seed (ringed: chosen)",
         )
         ax.set_xscale("log")

@@ -159,41 +159,47 @@ def trial_processes(cwd: Path) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-def test_local_jobs_launcher_runs_the_sweep_and_a_killed_job_resumes_to_the_same_numbers(
-    tmp_path: Path,
-) -> None:
-    """Two trials as submitit local jobs, once uninterrupted; then again with the first trial's
-    process killed after its first checkpoint (a lost node): that sweep finishes the other trial
-    and exits 1, and its rerun completes the killed one with bit-identical metrics."""
-    calm = tmp_path / "calm"
-    calm.mkdir()
-    first = run_sweep(calm, *SMOKE, "--launcher", "local-jobs", "--jobs", "1", "--args", LONGER)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The two smoke trials run through once with the local runner, one at a time (so with the
+    threads the tests below give each trial): the numbers every interrupted and resumed sweep
+    below must reproduce, whatever launcher ran it."""
+    calm = tmp_path_factory.mktemp("calm")
+    with pytest.MonkeyPatch.context() as patch:  # the session's cache, as the tests' own sweeps use
+        patch.setenv("DIFFBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        first = run_sweep(calm, *SMOKE, "--jobs", "1", "--args", LONGER)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "as local jobs" in first.stdout and "[report]" in first.stdout
-    assert list((calm / "runs" / "submitit").iterdir()), "submitit kept its job folders"
     expected = final_metrics(calm)
     assert len(expected) == 2
+    return expected
 
-    killed = tmp_path / "killed"
-    killed.mkdir()
+
+@pytest.mark.slow
+def test_local_jobs_launcher_runs_the_sweep_and_a_killed_job_resumes_to_the_same_numbers(
+    tmp_path: Path, uninterrupted: dict[str, dict]
+) -> None:
+    """Two trials as submitit local jobs, the first trial's process killed after its first
+    checkpoint (a lost node): that sweep finishes the other trial and exits 1, and its rerun
+    completes the killed one with the uninterrupted run's numbers, bit for bit."""
     command = [sys.executable, "-m", "diffbench.sweep", *SMOKE, "--launcher", "local-jobs", "--jobs", "1"]
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.Popen(
-        [*command, "--args", LONGER], cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*command, "--args", LONGER], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    trial_root = killed / "runs" / "trials" / "smoke-digits" / "eps_simple"
+    trial_root = tmp_path / "runs" / "trials" / "smoke-digits" / "eps_simple"
     deadline = time.time() + 300
     while not list(trial_root.glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
         time.sleep(0.05)
-    victims = trial_processes(killed)
+    victims = trial_processes(tmp_path)
     assert len(victims) == 1, "one trial at a time (--jobs 1)"
     os.kill(victims[0], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 1 and "1 trial(s) incomplete" in stderr.decode()
-    again = run_sweep(killed, *SMOKE, "--launcher", "local-jobs", "--jobs", "1", "--args", LONGER)
+    again = run_sweep(tmp_path, *SMOKE, "--launcher", "local-jobs", "--jobs", "1", "--args", LONGER)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert final_metrics(killed) == expected
+    assert "as local jobs" in again.stdout and "[report]" in again.stdout
+    assert list((tmp_path / "runs" / "submitit").iterdir()), "submitit kept its job folders"
+    assert final_metrics(tmp_path) == uninterrupted
 
 
 def test_the_makefile_sweep_line_is_one_the_sweep_command_reads() -> None:
@@ -258,9 +264,12 @@ def test_slurm_launcher_submits_one_array_and_says_what_to_run_next(
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_sweep_stops_its_trials_in_order_and_leaves_no_orphan(tmp_path: Path) -> None:
+def test_sigterm_to_the_sweep_stops_its_trials_in_order_and_leaves_no_orphan(
+    tmp_path: Path, uninterrupted: dict[str, dict]
+) -> None:
     """SIGTERM to the sweep: the running trial gets it too, saves its step and exits; no further
-    trial starts; the sweep exits 143 once its trial has; the same command then finishes both."""
+    trial starts; the sweep exits 143 once its trial has; the same command then finishes both,
+    with the uninterrupted run's numbers."""
     env = {**os.environ, "WANDB_MODE": "offline"}
     command = [sys.executable, "-m", "diffbench.sweep", *SMOKE, "--jobs", "1", "--args", LONGER]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -275,4 +284,4 @@ def test_sigterm_to_the_sweep_stops_its_trials_in_order_and_leaves_no_orphan(tmp
     assert not list(trial_root.glob("*/results.json")) and len(list(trial_root.iterdir())) == 1
     again = run_sweep(tmp_path, *SMOKE, "--jobs", "1", "--args", LONGER)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(final_metrics(tmp_path)) == 2
+    assert final_metrics(tmp_path) == uninterrupted

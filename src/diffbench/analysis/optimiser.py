@@ -30,7 +30,7 @@ from diffbench.analysis.collect import (
 )
 from diffbench.analysis.inference import CONTRADICTED, DIFFERENT, EQUIVALENT, HOLDS
 from diffbench.analysis.render import Section, Table, html_page, markdown
-from diffbench.analysis.sections import flatten
+from diffbench.analysis.sections import delta_text, flatten
 from diffbench.analysis.tuning import (
     CLAIM_FAMILIES,
     FAMILIES,
@@ -258,6 +258,28 @@ def verdict_table(tuned: Tuned) -> Table:
     return Table(["claim", *(c.name for c in tuned.columns), "across optimiser settings"], rows)
 
 
+def difference_table(tuned: Tuned) -> Table:
+    """Every primary comparison of every claim at each setting: the paired difference with its 95%
+    interval and verdict, so a reader sees how far a verdict moved, not only whether it did."""
+    rows: dict[tuple[int, str, str], dict[str, str]] = {}
+    for column in tuned.columns:
+        for number, claim in column.claims.items():
+            if column.verdict(number) is None:
+                continue
+            for test in claim.primary:
+                for part in test.parts:
+                    cell = f"{delta_text(part.comparison)}: {part.verdict}"
+                    rows.setdefault((number, test.metric, part.comparison.label), {})[column.name] = cell
+    names = [c.name for c in tuned.columns]
+    return Table(
+        ["claim", "metric", "comparison", *names],
+        [
+            [f"claim {n}", metric, label, *(cells.get(name, "—") for name in names)]
+            for (n, metric, label), cells in rows.items()
+        ],
+    )
+
+
 def gradient_table(tuned: Tuned) -> Table | None:
     """Median gradient norm (mean over seeds) of every evaluation run per arm and rate: how far
     apart one learning rate puts the arms' step sizes."""
@@ -313,6 +335,15 @@ def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
         for number, agreement in tuned.agreements.items():
             claim = next(c.claims[number] for c in tuned.columns if number in c.claims)
             overview.bullets.append(f"**Claim {number}** — {claim.title}: {agreement.text}")
+    differences = Section(
+        "Differences at each setting",
+        "differences",
+        [
+            "The primary comparisons behind each verdict, seed-paired, with their 95% t-intervals; "
+            "— where the setting does not hold both arms or cannot speak for the claim."
+        ],
+        [difference_table(tuned)],
+    )
     detail = Section(
         "Headlines at each setting",
         "headlines",
@@ -341,7 +372,7 @@ def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
     choice = Section(
         "Learning rate per arm (stage 1)", "tuning", [record.intro], [Table(record.header, record.rows)]
     )
-    sections = [overview, *([] if plumbing else [detail]), choice]
+    sections = [overview, *([] if plumbing else [differences, detail]), choice]
     grads = gradient_table(tuned)
     if grads is not None:
         sections.append(

@@ -139,21 +139,19 @@ def test_seeds_selecting_nothing_exit_2_before_anything_runs(
     assert not (tmp_path / "runs").exists()
 
 
+def logged_in_run(cwd: Path, key: str, port: int) -> subprocess.CompletedProcess:
+    """A short training run as a user logged in to the W&B server at `port` (WANDB_MODE unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(WANDB_API_KEY=key, WANDB_BASE_URL=f"http://127.0.0.1:{port}")
+    command = [sys.executable, "-m", "diffbench.run", "experiment=eps_simple", *TINY, "eval.enabled=false"]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_run_with_a_rejected_key_logs_offline_instead(tmp_path: Path) -> None:
     """Credentials and a server that answers, but a key W&B rejects: the run says so and finishes
     with an offline W&B run instead of a traceback."""
     with http_server(200) as port:
-        env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-        env.update(WANDB_API_KEY="abc", WANDB_BASE_URL=f"http://127.0.0.1:{port}")
-        command = [
-            sys.executable,
-            "-m",
-            "diffbench.run",
-            "experiment=eps_simple",
-            *TINY,
-            "eval.enabled=false",
-        ]
-        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        proc = logged_in_run(tmp_path, "abc", port)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "W&B could not start a run" in proc.stderr and "logging offline instead" in proc.stderr
     (run_dir,) = (tmp_path / "runs" / "eps_simple").iterdir()
@@ -166,18 +164,8 @@ def test_a_run_against_a_silent_server_goes_offline_within_the_bound(tmp_path: P
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(64)
-        env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-        env.update(WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{server.getsockname()[1]}")
-        command = [
-            sys.executable,
-            "-m",
-            "diffbench.run",
-            "experiment=eps_simple",
-            *TINY,
-            "eval.enabled=false",
-        ]
         start = time.perf_counter()
-        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        proc = logged_in_run(tmp_path, "x" * 40, server.getsockname()[1])
         elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     notices = [line for line in proc.stderr.splitlines() if "gave no usable answer" in line]

@@ -62,9 +62,9 @@ sweep: $(STAMP)
 		--trials-per-gpu "$(TRIALS_PER_GPU)" --agents "$(AGENTS)" --launcher "$(LAUNCHER)" \
 		--time "$(TIME)" --cpus "$(CPUS)" --array-parallelism "$(ARRAY_PARALLELISM)" \
 		$(if $(PARTITION),--partition "$(PARTITION)") \
-		$(if $(WAIT),--wait) $(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds "$(SEEDS)") \
+		$(if $(WAIT),--wait) $(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds="$(SEEDS)") \
 		$(if $(LR_OF),--lr-of "$(LR_OF)") $(if $(TUNE_OF),--tune-of "$(TUNE_OF)") \
-		$(if $(RATES),--rates "$(RATES)") --args "$(ARGS)"
+		$(if $(RATES),--rates="$(RATES)") --args="$(ARGS)"
 
 report: $(STAMP)
 	$(PY) -m diffbench.report --runs runs $(if $(WANDB),--wandb "$(WANDB)")

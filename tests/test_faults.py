@@ -25,6 +25,10 @@ from diffbench.rundir import RESULTS, RunDir
 pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
 
 BAD_INPUTS = [
+    (["run.root=runs/" + "a" * 300], "no name in it over 255 bytes"),
+    (["experiment=" + "a" * 300], "unknown experiment"),
+    (["wandb.project=" + "p" * 200], "1 to 128 characters"),
+    (["trainér.max_steps=3"], "Did you mean trainer.max_steps"),
     (["experiment=eps_simpel"], "eps_simple"),
     (["trainer.max_stepz=3"], "Did you mean"),
     (["seed=abc"], "wrong type"),
@@ -272,6 +276,15 @@ def test_report_out_that_cannot_be_a_folder_is_refused(
         assert reason in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
     assert (tmp_path / "afile").read_text() == "keep me\n"
+
+
+def test_a_config_yaml_that_is_not_text_is_listed_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "config.yaml").write_bytes(b"\x00\xff\xfe")
+    assert report_cli.main(["--runs", str(tmp_path / "runs"), "--no-figures"]) == 0
+    assert "1 incomplete" in capsys.readouterr().out
 
 
 def test_partial_run_is_not_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -105,13 +105,27 @@ def test_the_tuning_seed_among_the_evaluation_seeds_is_refused(capsys: pytest.Ca
         ["--obj", "all", "--tune-of", "grid"],
         ["--obj", "all", "--rates", "1e-3,3e-3"],
         ["--obj", "tuned", "--args", "optim.lr=0.01"],
+        ["--obj", "tuned", "--args", "+optim.lr=0.01"],
+        ["--obj", "tuned", "--args", "seed=5"],
+        ["--obj", "all", "--args", "seed=100"],
+        ["--obj", "tuned", "--args", "eval.reference_split=test"],
+        ["--obj", "tuned", "--args", "eval.enabled=false"],
+        ["--obj", "tuned", "--args", "trainer.max_steps=2 'x"],
+        ["--obj", "tuned", "--seeds", ""],
+        ["--obj", "tuned", "--tune-of", ""],
+        ["--obj", "tuned", "--tune-of", "../sweeps/all"],
+        ["--obj", "./all"],
+        ["--obj", "all", "--jobs=-1"],
+        ["--obj", "all", "--gpus=-1"],
+        ["--obj", "all", "--trials-per-gpu", "0"],
+        ["--obj", "all", "--time", "0"],
     ],
 )
 def test_bad_tuning_options_are_refused_before_anything_runs(
     argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert sweep_cli.main(argv) == 2
+    assert sweep_cli.main([*argv, "--profile", "smoke"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffbench.sweep: ") and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
@@ -342,3 +356,27 @@ def test_a_tuned_column_missing_a_seed_is_not_read_and_says_why(tmp_path: Path) 
     )
     # With no other setting able to test claim 1, its agreement is unknown: not settled.
     assert tuned.agreements[1].agrees is None
+
+
+def test_slurm_without_slurm_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def no_slurm(*args: object) -> list:
+        raise RuntimeError('Could not detect "srun", are you indeed on a slurm cluster?')
+
+    monkeypatch.setattr(sweep_cli, "submit_slurm", no_slurm)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    argv = [
+        "--obj",
+        "eps_simple",
+        "--profile",
+        "smoke",
+        "--launcher",
+        "slurm",
+        "--args",
+        f"run.root={tmp_path}",
+    ]
+    assert sweep_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffbench.sweep: LAUNCHER=slurm could not submit") and err.count("\n") == 1
+    assert "LAUNCHER=local-jobs" in err and not (tmp_path / "trials").exists()

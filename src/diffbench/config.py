@@ -42,7 +42,11 @@ def available(group: str) -> list[str]:
 
 
 def find_choice(group: str, name: str) -> Path | None:
-    return next((d / f"{name}.yaml" for d in group_dirs(group) if (d / f"{name}.yaml").is_file()), None)
+    """The group's file of that name, or None (also for a name no file system could hold)."""
+    try:
+        return next((d / f"{name}.yaml" for d in group_dirs(group) if (d / f"{name}.yaml").is_file()), None)
+    except (OSError, ValueError):
+        return None
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:
@@ -171,10 +175,9 @@ def apply_value(cfg: DictConfig, key: str, value: object, source: str | None = N
     if old is missing and not add:
         close = difflib.get_close_matches(key, known_keys(cfg), n=3)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        how = "fix the key" if source else f"use +{key}=… to add a new key on purpose"
         raise ConfigError(
-            f"unknown config key {key!r}{where}.{hint} Check the spelling or {how}; "
-            "README's 'Configuration' section lists the knobs."
+            f"unknown config key {key!r}{where}.{hint} Check the spelling; README's 'Configuration' "
+            "section lists the knobs."
         )
     if old is not missing:
         check_type(key, old, value, where)

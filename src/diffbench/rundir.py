@@ -318,7 +318,7 @@ class RunDir:
         """The stored config.yaml as plain data, or None when missing or unreadable."""
         try:
             config = yaml.safe_load((self.path / CONFIG).read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             return None
         return config if isinstance(config, dict) else None
 

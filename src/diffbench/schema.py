@@ -81,8 +81,8 @@ def choice(*options: object) -> Field:
 BOOL = Field(lambda v: isinstance(v, bool), "true or false", "true")
 TEXT = Field(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string", "name")
 WANDB_NAME = Field(
-    lambda v: isinstance(v, str) and v != "" and not any(c.isspace() or c in "/\\#?%:" for c in v),
-    "a W&B name: no spaces and none of / \\ # ? % :",
+    lambda v: isinstance(v, str) and 0 < len(v) <= 128 and not any(c.isspace() or c in "/\\#?%:" for c in v),
+    "a W&B name: 1 to 128 characters, no spaces and none of / \\ # ? % :",
     "diffbench",
 )
 
@@ -99,11 +99,21 @@ def int_list(low: int = 1, empty: bool = False) -> Field:
     )
 
 
+NAME_MAX = 255
+"""The longest file or folder name common file systems hold."""
+
+
 def path_text(optional_value: bool = False) -> Field:
     """A file-system path: written out, since `~` is not expanded by anything that reads it."""
     base = Field(
-        lambda v: isinstance(v, str) and v.strip() != "" and not v.startswith("~"),
-        "a path (without a leading ~: write $HOME's full path)",
+        lambda v: (
+            isinstance(v, str)
+            and v.strip() != ""
+            and not v.startswith("~")
+            and "\0" not in v
+            and all(len(part.encode()) <= NAME_MAX for part in v.split("/"))
+        ),
+        f"a path (without a leading ~: write $HOME's full path; no name in it over {NAME_MAX} bytes)",
         "runs",
     )
     return optional(base) if optional_value else base

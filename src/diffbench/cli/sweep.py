@@ -155,6 +155,12 @@ def load_sweep(obj: str, of: str = "all") -> dict:
     """sweeps/<obj>.yaml, all.yaml narrowed to one experiment when obj names one, for obj=lr the
     sweep `of` (any other OBJ) at several learning rates, and for obj=tuned the sweep `of` itself
     (its stages are built from it by `tuning_sweep` and `tuned_points`)."""
+    for name in (obj, of):
+        if not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
+            raise ConfigError(
+                f"{name!r} is not a sweep name: OBJ (and LR_OF, TUNE_OF) take the name of a file in "
+                f"sweeps/ or of an experiment, never a path. Valid values: {', '.join(valid_objs())}."
+            )
     if obj in (LR_OBJ, TUNED_OBJ):
         if of in (LR_OBJ, TUNED_OBJ):
             knob = "LR_OF" if obj == LR_OBJ else "TUNE_OF"
@@ -211,6 +217,54 @@ def parse_seeds(seeds: str) -> list[int]:
     return chosen
 
 
+def split_args(args: str, obj: str) -> list[str]:
+    """ARGS as overrides, without the keys the sweep itself varies: a seed in ARGS would make every
+    seed one run, a rate would undo OBJ=lr/tuned, and the tuning keys would let stage 1 look at
+    another split (or stage 2 skip its evaluation)."""
+    try:
+        overrides = shlex.split(args)
+    except ValueError as error:
+        raise ConfigError(
+            f"ARGS={args!r} cannot be split into overrides ({error}); close the quote."
+        ) from None
+    owned = {"seed": "SEEDS"}
+    if obj in (LR_OBJ, TUNED_OBJ):
+        owned["optim.lr"] = f"OBJ={obj}"
+    if obj == TUNED_OBJ:
+        owned.update({key: f"OBJ={TUNED_OBJ}" for key in TUNING_ONLY})
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key in owned:
+            raise ConfigError(
+                f"ARGS sets {key}, which {owned[key]} decides for every trial (as given, it would "
+                f"{'make every seed one run' if key == 'seed' else 'undo what the sweep varies'}); "
+                f"drop {key} from ARGS{' and use SEEDS' if key == 'seed' else ''}. Nothing was started."
+            )
+    return overrides
+
+
+COUNTS = {
+    "gpus": 0,
+    "trials_per_gpu": 1,
+    "jobs": 0,
+    "agents": 0,
+    "time": 1,
+    "cpus": 1,
+    "array_parallelism": 0,
+}
+"""The smallest value of each numeric sweep option."""
+
+
+def check_counts(options: argparse.Namespace) -> None:
+    for name, least in COUNTS.items():
+        value = getattr(options, name)
+        if value < least:
+            raise ConfigError(
+                f"{name.upper()}={value} is not a count this sweep can use: it must be at least {least} "
+                f"(README's Sweeps table says what it means); nothing was started."
+            )
+
+
 def apply_options(
     sweep: dict, profile: str | None, data: str | None, seeds: str | None, extra: list[str]
 ) -> dict:
@@ -220,7 +274,7 @@ def apply_options(
         params["profile"] = {"value": profile}
     if data:
         params["data"] = {"value": data}
-    if seeds:
+    if seeds is not None:
         params["seed"] = {"values": parse_seeds(seeds)}
     if extra:
         marker = sweep["command"].index("${args_no_hyphens}")
@@ -483,13 +537,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{name}={value} only applies to OBJ={obj}; drop it or set OBJ={obj}.")
         if options.rates is not None and options.obj != TUNED_OBJ:
             raise ConfigError(f"RATES only applies to OBJ={TUNED_OBJ}; drop it or set OBJ={TUNED_OBJ}.")
-        extra = shlex.split(options.args) + hardware_args(options.gpus) + ["run.reuse=true"]
-        if options.obj in (LR_OBJ, TUNED_OBJ) and any(a.startswith("optim.lr=") for a in extra):
-            raise ConfigError(
-                f"OBJ={options.obj} sets optim.lr itself; drop optim.lr from ARGS (it would give every "
-                "trial one rate)."
-            )
-        sweep = load_sweep(options.obj, options.lr_of or options.tune_of or "all")
+        check_counts(options)
+        extra = split_args(options.args, options.obj) + hardware_args(options.gpus) + ["run.reuse=true"]
+        of = next((v for v in (options.lr_of, options.tune_of) if v is not None), "all")
+        sweep = load_sweep(options.obj, of)
         sweep = apply_options(sweep, options.profile, options.data, options.seeds, extra)
         points = expand_grid(sweep)
         slots = (
@@ -596,7 +647,15 @@ def launch_jobs(
     slurm = SlurmOptions(
         options.partition, options.time, options.gpus, options.cpus, options.array_parallelism or len(jobs)
     )
-    submitted = submit_slurm(jobs, root, slurm)
+    try:
+        submitted = submit_slurm(jobs, root, slurm)
+    except RuntimeError as error:  # submitit's word for "no SLURM here" (no sbatch/srun on PATH)
+        print(
+            f"diffbench.sweep: LAUNCHER=slurm could not submit the array ({error}). Run the command "
+            "on a SLURM login node, or use LAUNCHER=local-jobs on this machine.",
+            file=sys.stderr,
+        )
+        return 2
     array = submitted[0].job_id.split("_")[0] if submitted else "?"
     print(
         f"[sweep] {sweep['name']}: {len(jobs)} trials submitted as SLURM job array {array} "

@@ -56,9 +56,19 @@ def yaml_problem(error: yaml.YAMLError) -> str:
     return f"{getattr(error, 'problem', None) or 'not valid YAML'}{where}"
 
 
+def is_name(name: object) -> bool:
+    """A file's name without its folder: nothing that could reach outside the folder it is looked up in."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not any(c in name for c in "/\\")
+        and not name.startswith((".", "~"))
+    )
+
+
 def load_choice(group: str, name: str) -> DictConfig:
     """A group's file by name (a name, never a path), as a mapping of settings."""
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
+    if not is_name(name):
         raise ConfigError(
             f"{group}={name!r} is not a name: {group}= takes the name of a YAML file in "
             f"{' or '.join(str(d) for d in group_dirs(group))}, without a path or .yaml "

@@ -26,7 +26,7 @@ from diffbench.analysis.summary import summarize_trials
 from diffbench.analysis.tuning import FAMILIES, TUNING_ONLY, Choice, choose, trial_of, tuning_record
 from diffbench.cli.checks import check_settings
 from diffbench.cli.report import main as report_main
-from diffbench.config import ConfigError, available, compose, find_choice, yaml_problem
+from diffbench.config import ConfigError, available, compose, find_choice, is_name, yaml_problem
 from diffbench.launch import (
     STOP,
     STOP_SIGNALS,
@@ -156,7 +156,7 @@ def load_sweep(obj: str, of: str = "all") -> dict:
     sweep `of` (any other OBJ) at several learning rates, and for obj=tuned the sweep `of` itself
     (its stages are built from it by `tuning_sweep` and `tuned_points`)."""
     for name in (obj, of):
-        if not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
+        if not is_name(name):
             raise ConfigError(
                 f"{name!r} is not a sweep name: OBJ (and LR_OF, TUNE_OF) take the name of a file in "
                 f"sweeps/ or of an experiment, never a path. Valid values: {', '.join(valid_objs())}."

@@ -12,12 +12,6 @@ import pytest
 from scipy import stats
 
 from diffbench.analysis.inference import (
-    CONTRADICTED,
-    DIFFERENT,
-    EQUIVALENT,
-    HOLDS,
-    NOT_SHOWN,
-    UNDETERMINED,
     claim_decisions,
     claim_mde_multiplier,
     compare,
@@ -35,6 +29,7 @@ from diffbench.analysis.inference import (
     tost_pvalues,
     tost_verdicts,
 )
+from diffbench.analysis.verdicts import Verdict
 
 ALPHA = 0.05
 SIMULATIONS = 10_000
@@ -159,30 +154,30 @@ def test_directional_claim_holds_contradicts_or_is_not_shown() -> None:
     strong = [compare(f"h{i}", "nll", *paired(list(rng.normal(-3, 1, size=8)))) for i in range(3)]
     # At n = 8 each part's permutation p is 1/256, below every Holm threshold (0.0167, 0.025, 0.05).
     verdict = directional_claim(strong, "negative")
-    assert verdict.verdict == HOLDS
-    assert [part.verdict for part in verdict.parts] == [HOLDS] * 3
+    assert verdict.verdict == Verdict.HOLDS
+    assert [part.verdict for part in verdict.parts] == [Verdict.HOLDS] * 3
     assert all(part.p == 1 / 256 and part.supports for part in verdict.parts)
 
     null = compare("h3", "nll", *paired([0.3, -0.2, 0.1, -0.4, 0.25, -0.05, 0.2, -0.1]))
     verdict = directional_claim([*strong[:2], null], "negative")
-    assert verdict.verdict == NOT_SHOWN
-    assert [part.verdict for part in verdict.parts] == [HOLDS, HOLDS, NOT_SHOWN]
+    assert verdict.verdict == Verdict.NOT_SHOWN
+    assert [part.verdict for part in verdict.parts] == [Verdict.HOLDS, Verdict.HOLDS, Verdict.NOT_SHOWN]
 
     reversed_ = compare("h3", "nll", *paired(list(rng.normal(3, 1, size=8))))
     verdict = directional_claim([*strong[:2], reversed_], "negative")
-    assert verdict.verdict == CONTRADICTED and verdict.parts[2].contradicts
-    assert directional_claim(strong, "positive").verdict == CONTRADICTED
+    assert verdict.verdict == Verdict.CONTRADICTED and verdict.parts[2].contradicts
+    assert directional_claim(strong, "positive").verdict == Verdict.CONTRADICTED
 
     missing = compare("h3", "nll", {}, {0: 1.0})
     verdict = directional_claim([*strong[:2], missing], "negative")
-    assert verdict.verdict == NOT_SHOWN and verdict.parts[2].p == 1.0
-    assert directional_claim([], "negative").verdict == NOT_SHOWN
+    assert verdict.verdict == Verdict.NOT_SHOWN and verdict.parts[2].p == 1.0
+    assert directional_claim([], "negative").verdict == Verdict.NOT_SHOWN
 
 
 def test_directional_claim_uses_t_test_below_six_seeds() -> None:
     c = compare("h", "nll", *paired([-1.0, -1.2, -0.9, -1.1, -1.05]))
     part = directional_claim([c], "negative").parts[0]
-    assert part.p == c.p_less and part.p_opposite == c.p_greater and part.verdict == HOLDS
+    assert part.p == c.p_less and part.p_opposite == c.p_greater and part.verdict == Verdict.HOLDS
 
 
 def centred_at(mean: float, level: float, n: int = 3) -> dict[int, float]:
@@ -198,13 +193,13 @@ def tost(differences: dict[int, float], margin: float) -> str:
 @pytest.mark.parametrize(
     ("mean", "level", "expected"),
     [
-        (0.49, 0.90, EQUIVALENT),  # 90% interval (−0.51, 1.49) just inside (−1.5, 1.5)
-        (-0.49, 0.90, EQUIVALENT),
-        (0.51, 0.90, UNDETERMINED),  # (−0.49, 1.51) straddles +1.5
-        (2.51, 0.90, UNDETERMINED),  # 90% interval (1.51, 3.51) is outside, but the 95% one is wider
-        (2.49, 0.95, UNDETERMINED),  # 95% interval (1.49, 3.49) straddles +1.5
-        (2.51, 0.95, DIFFERENT),  # 95% interval (1.51, 3.51) entirely above +1.5
-        (-2.51, 0.95, DIFFERENT),  # entirely below −1.5
+        (0.49, 0.90, Verdict.EQUIVALENT),  # 90% interval (−0.51, 1.49) just inside (−1.5, 1.5)
+        (-0.49, 0.90, Verdict.EQUIVALENT),
+        (0.51, 0.90, Verdict.UNDETERMINED),  # (−0.49, 1.51) straddles +1.5
+        (2.51, 0.90, Verdict.UNDETERMINED),  # 90% interval (1.51, 3.51) is outside, but the 95% one is wider
+        (2.49, 0.95, Verdict.UNDETERMINED),  # 95% interval (1.49, 3.49) straddles +1.5
+        (2.51, 0.95, Verdict.DIFFERENT),  # 95% interval (1.51, 3.51) entirely above +1.5
+        (-2.51, 0.95, Verdict.DIFFERENT),  # entirely below −1.5
     ],
 )
 def test_tost_calls_each_side_a_five_percent_test(mean: float, level: float, expected: str) -> None:
@@ -214,13 +209,13 @@ def test_tost_calls_each_side_a_five_percent_test(mean: float, level: float, exp
 
 
 def test_tost_needs_two_seeds_and_holm_across_pairs() -> None:
-    assert tost({0: 0.0}, margin=1.5) == UNDETERMINED
+    assert tost({0: 0.0}, margin=1.5) == Verdict.UNDETERMINED
     # Alone, a pair at the edge of "different" is called different; beside two undetermined pairs
     # Holm asks p ≤ 0.05/3 of the smallest and the same pair is no longer called.
     edge = compare("x", "m", centred_at(2.6, 0.95), seeds([0.0] * 3))
     vague = compare("y", "m", seeds([-3.0, 0.0, 3.0]), seeds([0.0] * 3))
-    assert equivalence_test([edge], 1.5) == [DIFFERENT]
-    assert equivalence_test([edge, vague, vague], 1.5) == [UNDETERMINED] * 3
+    assert equivalence_test([edge], 1.5) == [Verdict.DIFFERENT]
+    assert equivalence_test([edge, vague, vague], 1.5) == [Verdict.UNDETERMINED] * 3
 
 
 def draw(rng: np.random.Generator, distribution: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -241,29 +236,29 @@ def single_verdicts(diffs: np.ndarray) -> np.ndarray:
 def test_verdicts_are_calibrated_under_no_effect(distribution: str, n: int) -> None:
     rng = np.random.default_rng(100 * n + len(distribution))
     single = single_verdicts(draw(rng, distribution, (SIMULATIONS, n)))
-    assert np.mean(single == HOLDS) <= ALPHA + MC_SLACK
-    assert np.mean(single == CONTRADICTED) <= ALPHA + MC_SLACK
+    assert np.mean(single == Verdict.HOLDS) <= ALPHA + MC_SLACK
+    assert np.mean(single == Verdict.CONTRADICTED) <= ALPHA + MC_SLACK
     if distribution == "gaussian":  # exact tests under normality: the rate is near α, not vacuously 0
-        assert np.mean(single == HOLDS) >= ALPHA - MC_SLACK - 0.005
+        assert np.mean(single == Verdict.HOLDS) >= ALPHA - MC_SLACK - 0.005
 
     less, greater = directional_pvalues(draw(rng, distribution, (3 * SIMULATIONS, n)))
     claim = claim_decisions(less.reshape(SIMULATIONS, 3), greater.reshape(SIMULATIONS, 3), ALPHA)[0]
-    assert np.mean(claim == HOLDS) <= ALPHA + MC_SLACK
-    assert np.mean(claim == CONTRADICTED) <= ALPHA + MC_SLACK
+    assert np.mean(claim == Verdict.HOLDS) <= ALPHA + MC_SLACK
+    assert np.mean(claim == Verdict.CONTRADICTED) <= ALPHA + MC_SLACK
 
     # Exactly equivalent pair: TOST rarely calls it different. At Δ = margin (the edge of equivalence)
     # it calls it equivalent at most at α: equivalence is what TOST has to earn.
     margin = 1.0
-    assert np.mean(tost_verdicts(draw(rng, distribution, (SIMULATIONS, n)), margin) == DIFFERENT) <= (
+    assert np.mean(tost_verdicts(draw(rng, distribution, (SIMULATIONS, n)), margin) == Verdict.DIFFERENT) <= (
         ALPHA + MC_SLACK
     )
     at_edge = tost_verdicts(margin + draw(rng, distribution, (SIMULATIONS, n)), margin)
-    assert np.mean(at_edge == EQUIVALENT) <= ALPHA + MC_SLACK
+    assert np.mean(at_edge == Verdict.EQUIVALENT) <= ALPHA + MC_SLACK
     # Three exactly equivalent pairs of one test: "any pair different" stays within α after Holm
     # (a margin of 0.3 sd makes single calls frequent enough for the correction to matter).
     equivalent, different = tost_pvalues(draw(rng, distribution, (3 * SIMULATIONS, n)), 0.3)
     calls = tost_decisions(equivalent.reshape(SIMULATIONS, 3), different.reshape(SIMULATIONS, 3))
-    assert np.mean((calls == DIFFERENT).any(axis=1)) <= ALPHA + MC_SLACK
+    assert np.mean((calls == Verdict.DIFFERENT).any(axis=1)) <= ALPHA + MC_SLACK
 
 
 def test_permutation_path_from_six_seeds() -> None:
@@ -278,8 +273,8 @@ def test_power_against_an_effect_of_two_sd(n: int, minimum_power: float) -> None
     rng = np.random.default_rng(n)
     single = single_verdicts(draw(rng, "gaussian", (SIMULATIONS, n)) - 2.0)
     # Observed while writing: 0.71 at n = 3, 0.975 at n = 5, 1.000 at n = 8.
-    assert np.mean(single == HOLDS) > minimum_power
-    assert np.mean(single == CONTRADICTED) == 0.0
+    assert np.mean(single == Verdict.HOLDS) > minimum_power
+    assert np.mean(single == Verdict.CONTRADICTED) == 0.0
 
 
 def test_minimum_detectable_effect_has_80_percent_power() -> None:
@@ -302,7 +297,7 @@ def test_minimum_detectable_effect_shrinks_with_n_and_scales_with_sd() -> None:
     )
 
 
-@pytest.mark.parametrize(("n", "expected"), [(3, NOT_SHOWN), (5, HOLDS)])
+@pytest.mark.parametrize(("n", "expected"), [(3, Verdict.NOT_SHOWN), (5, Verdict.HOLDS)])
 def test_constant_differences_need_the_sign_flip_test_not_a_zero_spread_t_test(n: int, expected: str) -> None:
     """Seeds that agree exactly (a discrete statistic such as Kendall's τ of three arms) carry the
     evidence of n signs, p = 2^−n, not the infinite t of zero spread."""
@@ -333,7 +328,7 @@ def test_claim_level_detectable_effect_has_80_percent_power(n: int, parts: int) 
         np.random.default_rng(99).standard_normal((SIMULATIONS * parts, n)) - effect
     )
     shape = (SIMULATIONS, parts)
-    power = np.mean(claim_decisions(less.reshape(shape), greater.reshape(shape))[0] == HOLDS)
+    power = np.mean(claim_decisions(less.reshape(shape), greater.reshape(shape))[0] == Verdict.HOLDS)
     assert power == pytest.approx(0.8, abs=0.02)
     if parts == 1:
         assert effect == pytest.approx(mde_multiplier(n), abs=0.05)

@@ -19,7 +19,6 @@ import torch
 from scipy import stats
 
 from diffbench.analysis.claims import (
-    NOT_TESTED,
     claim_likelihood,
     elbo_identity,
     final_metric_set,
@@ -27,8 +26,8 @@ from diffbench.analysis.claims import (
     low_snr_share,
 )
 from diffbench.analysis.collect import config_group, from_wandb, load_run, scan
-from diffbench.analysis.inference import CONTRADICTED, HOLDS, NOT_SHOWN, UNDETERMINED
 from diffbench.analysis.summary import summarize_trials
+from diffbench.analysis.verdicts import Verdict
 from diffbench.cli import report as report_cli
 from diffbench.core.arms import Arm
 from diffbench.core.diffusion import NoiseSchedule
@@ -190,10 +189,14 @@ def claims_of(payload: dict) -> dict[int, dict]:
 def test_likelihood_holds_on_every_head(built: tuple[Path, dict, str]) -> None:
     claim = claims_of(built[1])[1]
     primary = next(t for t in claim["tests"] if t["primary"])
-    assert (primary["title"], primary["metric"], claim["verdict"]) == ("elbo < eps", "nll_vlb_bpd", HOLDS)
+    assert (primary["title"], primary["metric"], claim["verdict"]) == (
+        "elbo < eps",
+        "nll_vlb_bpd",
+        Verdict.HOLDS,
+    )
     labels = [p["label"] for p in primary["parts"]]
     assert labels == ["eps_elbo − eps_simple", "x0_elbo − x0_eps", "score_elbo − score_eps"]
-    assert all(p["verdict"] == HOLDS for p in primary["parts"])
+    assert all(p["verdict"] == Verdict.HOLDS for p in primary["parts"])
     assert claim["headline"] == "holds on eps, x0 and score"
     secondary = {(t["title"], t["metric"]) for t in claim["tests"] if not t["primary"]}
     assert ("elbo < own", "nll_vlb_bpd") in secondary and ("elbo < eps", "nll_ode_bpd") in secondary
@@ -210,14 +213,14 @@ def test_samples_claim_is_contradicted_by_one_head(built: tuple[Path, dict, str]
     primary = next(t for t in claim["tests"] if t["primary"])
     verdicts = {p["label"]: p["verdict"] for p in primary["parts"]}
     assert verdicts == {
-        "eps_simple − eps_elbo": HOLDS,
-        "x0_eps − x0_elbo": NOT_SHOWN,
-        "score_eps − score_elbo": CONTRADICTED,
+        "eps_simple − eps_elbo": Verdict.HOLDS,
+        "x0_eps − x0_elbo": Verdict.NOT_SHOWN,
+        "score_eps − score_elbo": Verdict.CONTRADICTED,
     }
     # x0's difference is −6 on every seed: no spread, so the exact sign-flip p at n = 3 (1/8).
     x0 = next(p for p in primary["parts"] if p["head"] == "x0")
     assert x0["no_spread"] and x0["permutation_p_less"] == pytest.approx(1 / 8) and x0["p_less"] < 1e-10
-    assert claim["verdict"] == CONTRADICTED
+    assert claim["verdict"] == Verdict.CONTRADICTED
     # The same comparison on the DDIM-10 samples (every FD + 5) is its own test and agrees.
     assert claim["headline"] == (
         "contradicted: holds on eps, not shown at this n on x0, contradicted on score; "
@@ -234,7 +237,7 @@ def test_equivalence_is_tost_and_the_identity_is_numeric(built: tuple[Path, dict
     tests = {(t["title"], t["metric"]): t for t in claim["tests"]}
     elbo = tests[("(c) same outcome under elbo", "nll_vlb_bpd")]
     # The heads' ELBO NLLs differ by about 0.1 per seed: a 90% interval far wider than ±0.05.
-    assert elbo["margin"] == 0.05 and elbo["verdict"] == UNDETERMINED and len(elbo["parts"]) == 3
+    assert elbo["margin"] == 0.05 and elbo["verdict"] == Verdict.UNDETERMINED and len(elbo["parts"]) == 3
     assert elbo["primary"] and tests[("(c) same outcome under eps", "nll_vlb_bpd")]["primary"]
     own = next(t for (title, _), t in tests.items() if title.startswith("(c) same outcome under own"))
     assert not own["primary"]
@@ -272,8 +275,11 @@ def test_snr_trend_within_a_head(built: tuple[Path, dict, str]) -> None:
     assert {p["expect"] for p in nll["parts"]} == {"positive"}
     # Holm over the six primary parts: eps's two pairs pass (p 0.0014 ≤ 0.05/6, 0.0065 ≤ 0.05/5);
     # the trends' 1/8 cannot, so the claim is not shown, and the headline says where it held.
-    assert [p["verdict"] for t in (fd, nll) for p in t["parts"] if p["head"] == "eps"] == [HOLDS, HOLDS]
-    assert claim["verdict"] == NOT_SHOWN
+    assert [p["verdict"] for t in (fd, nll) for p in t["parts"] if p["head"] == "eps"] == [
+        Verdict.HOLDS,
+        Verdict.HOLDS,
+    ]
+    assert claim["verdict"] == Verdict.NOT_SHOWN
     assert claim["headline"] == "not shown at this n: holds on eps, not shown at this n on x0 and score"
 
 
@@ -284,7 +290,7 @@ def shares_of(schedule: NoiseSchedule, label: str) -> float:
 def test_verdicts_along_the_budget_make_the_headline_provisional(built: tuple[Path, dict, str]) -> None:
     out, payload, _ = built
     status = claims_of(payload)[1]["status"]
-    assert status["verdicts"] == {"50": CONTRADICTED, "100": HOLDS} and not status["settled"]
+    assert status["verdicts"] == {"50": Verdict.CONTRADICTED, "100": Verdict.HOLDS} and not status["settled"]
     assert status["text"].startswith("provisional at 100 steps: the verdict was 'contradicted' at 50 steps")
     assert "moves" in status["text"] and "per doubling on val_vlb_bpd" in status["text"]
     # eps_elbo − eps_simple in val VLB: −(0.2 + 1.3) ... per seed k: Δ(50) = 0.2 + 0.05 k, Δ(100) = −GAP[k].
@@ -362,7 +368,15 @@ def test_smoke_group_prints_no_verdict(tmp_path: Path, capsys: pytest.CaptureFix
     assert payload["plumbing"] and payload["claims"] == []
     page = (group / "report.md").read_text()
     assert "plumbing check: no verdict" in page and "plumbing check: no verdict" in printed
-    for word in (HOLDS, CONTRADICTED, NOT_SHOWN, UNDETERMINED, NOT_TESTED, "settled", "provisional"):
+    for word in (
+        Verdict.HOLDS,
+        Verdict.CONTRADICTED,
+        Verdict.NOT_SHOWN,
+        Verdict.UNDETERMINED,
+        Verdict.NOT_TESTED,
+        "settled",
+        "provisional",
+    ):
         assert word not in page and word not in printed
 
 
@@ -393,7 +407,7 @@ def test_a_head_without_both_arms_is_named_not_counted() -> None:
     }
     claim = claim_likelihood(values, final_metric_set(values))
     (primary,) = [t for t in claim.tests if t.primary]
-    assert [p.head for p in primary.parts] == ["eps", "x0"] and claim.verdict == HOLDS
+    assert [p.head for p in primary.parts] == ["eps", "x0"] and claim.verdict == Verdict.HOLDS
     assert claim.headline == "holds on eps and x0; score needs `make sweep OBJ=grid`"
     assert find(values, "eps", "eps") == Arm("eps", "own") and find(values, "x0", "own") is None
 
@@ -580,7 +594,7 @@ def test_conflicting_margins_judge_no_equivalence(tmp_path: Path) -> None:
     (group,) = (tmp_path / "report").iterdir()
     payload = json.loads((group / "report.json").read_text())
     claim = claims_of(payload)[3]
-    assert claim["verdict"] == NOT_TESTED and claim["tests"] == []
+    assert claim["verdict"] == Verdict.NOT_TESTED and claim["tests"] == []
     assert "(c) not judged: the runs declare different margins" in claim["headline"]
     assert any(
         "report.margins.nll_vlb_bpd: 0.05 in most runs, but" in p["reason"]
@@ -609,14 +623,14 @@ def settling_runs(root: Path, late_gap: float) -> dict:
 
 def test_flat_agreeing_budgets_read_settled_and_a_turning_one_provisional(tmp_path: Path) -> None:
     settled = settling_runs(tmp_path / "flat", 0.2)
-    assert settled["verdict"] == HOLDS and settled["status"]["settled"]
+    assert settled["verdict"] == Verdict.HOLDS and settled["status"]["settled"]
     assert settled["status"]["text"] == (
         "settled: the same verdict at 50 and 100 steps, every arm flat (< 5% per doubling)"
     )
     # At 50 steps eps_simple is 1 bpd ahead: the verdict turned, and eps_simple moved ~10%.
     turning = settling_runs(tmp_path / "turning", -2.0)
     status = turning["status"]
-    assert turning["verdict"] == HOLDS and not status["settled"]
+    assert turning["verdict"] == Verdict.HOLDS and not status["settled"]
     assert "the verdict was 'contradicted' at 50 steps and 'holds' at 100" in status["text"]
     (trend,) = status["trends"]
     # Δ(50) = +1 (seed-mean), Δ(100) = −1: slope −2 per doubling, no crossing ahead (already negative).
@@ -633,7 +647,10 @@ def test_a_closing_gap_gives_its_zero_crossing_as_an_extrapolation(tmp_path: Pat
     (trend,) = claim["status"]["trends"]
     assert trend["slope_per_doubling"]["mean"] == pytest.approx(1.0)
     assert trend["zero_crossing_steps"] == pytest.approx(200.0)
-    assert claim["status"]["verdicts"] == {"50": HOLDS, "100": HOLDS} and not claim["status"]["settled"]
+    assert (
+        claim["status"]["verdicts"] == {"50": Verdict.HOLDS, "100": Verdict.HOLDS}
+        and not claim["status"]["settled"]
+    )
     assert claim["status"]["text"] == (
         "provisional at 100 steps: eps_elbo − eps_simple on val_vlb_bpd would reach zero by about 200 steps "
         "at its slope per doubling"

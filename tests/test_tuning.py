@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from diffbench.analysis.collect import scan
-from diffbench.analysis.inference import CONTRADICTED, HOLDS
 from diffbench.analysis.optimiser import find_tuned, tuning_key
+from diffbench.analysis.settled import Agreement
 from diffbench.analysis.tuning import LIKELIHOOD, SAMPLES, TUNING_ONLY, TuningTrial, choose
+from diffbench.analysis.verdicts import Verdict
 from diffbench.cli import report as report_cli
 from diffbench.cli import sweep as sweep_cli
 from diffbench.core.arms import Arm
@@ -26,6 +27,7 @@ CURVES = {
     "eps_simple": {"val_vlb_bpd": [4.3, 3.9, 3.7, 3.75], "fd_digits": [80.0, 55.0, 50.0, 45.0]},
     "x0_elbo": {"val_vlb_bpd": [9.0, 7.0, 6.0, None], "fd_digits": [99.0, 90.0, 80.0, None]},
 }
+EPS_ELBO, EPS_SIMPLE, X0_ELBO = (Arm.parse(label) for label in CURVES)
 
 
 def trials() -> list[TuningTrial]:
@@ -34,33 +36,38 @@ def trials() -> list[TuningTrial]:
         for index, rate in enumerate(RATES):
             final = {m: v[index] for m, v in curves.items() if v[index] is not None}
             note = "" if final else "diverged at step 700"
-            made.append(TuningTrial(arm, rate, final, 1000 if final else None, note))
+            made.append(TuningTrial(Arm.parse(arm), rate, final, 1000 if final else None, note))
     return made
 
 
 def test_each_arm_gets_the_rate_with_the_lowest_validation_metric_per_family() -> None:
     likelihood = choose(trials(), LIKELIHOOD, 1e-3)
     samples = choose(trials(), SAMPLES, 1e-3)
-    assert {a: c.rate for a, c in likelihood.items()} == {
+    assert {a.label: c.rate for a, c in likelihood.items()} == {
         "eps_elbo": 3e-4,
         "eps_simple": 1e-3,
         "x0_elbo": 1e-3,
     }
-    assert {a: c.rate for a, c in samples.items()} == {"eps_elbo": 1e-3, "eps_simple": 3e-3, "x0_elbo": 1e-3}
-    assert likelihood["eps_elbo"].metric == "val_vlb_bpd" and samples["eps_elbo"].metric == "fd_digits"
+    assert {a.label: c.rate for a, c in samples.items()} == {
+        "eps_elbo": 1e-3,
+        "eps_simple": 3e-3,
+        "x0_elbo": 1e-3,
+    }
+    assert likelihood[EPS_ELBO].metric == "val_vlb_bpd" and samples[EPS_ELBO].metric == "fd_digits"
+    assert all(choice.arm == arm for arm, choice in likelihood.items())
     # The diverged rate is no candidate, and is recorded as such.
-    assert likelihood["x0_elbo"].values[3e-3] is None
+    assert likelihood[X0_ELBO].values[3e-3] is None
     # An end of the grid is flagged (the best rate may lie beyond it); an inner rate is not.
-    assert samples["eps_simple"].edge == "highest" and likelihood["eps_elbo"].edge is None
-    assert likelihood["x0_elbo"].edge is None
+    assert samples[EPS_SIMPLE].edge == "highest" and likelihood[EPS_ELBO].edge is None
+    assert likelihood[X0_ELBO].edge is None
 
 
 def test_a_tie_goes_to_the_rate_nearest_the_default_and_no_finished_rate_chooses_none() -> None:
-    flat = [TuningTrial("eps_elbo", r, {"val_vlb_bpd": 3.0}, 1000) for r in RATES]
-    assert choose(flat, LIKELIHOOD, 1e-3)["eps_elbo"].rate == 1e-3
-    assert choose(flat, LIKELIHOOD, 2e-4)["eps_elbo"].rate == 3e-4
-    broken = [TuningTrial("eps_elbo", r, {}, None, "diverged at step 3") for r in RATES]
-    assert choose(broken, LIKELIHOOD, 1e-3)["eps_elbo"].rate is None
+    flat = [TuningTrial(EPS_ELBO, r, {"val_vlb_bpd": 3.0}, 1000) for r in RATES]
+    assert choose(flat, LIKELIHOOD, 1e-3)[EPS_ELBO].rate == 1e-3
+    assert choose(flat, LIKELIHOOD, 2e-4)[EPS_ELBO].rate == 3e-4
+    broken = [TuningTrial(EPS_ELBO, r, {}, None, "diverged at step 3") for r in RATES]
+    assert choose(broken, LIKELIHOOD, 1e-3)[EPS_ELBO].rate is None
 
 
 def test_stage_one_is_the_tuning_seed_alone_without_evaluation() -> None:
@@ -176,8 +183,9 @@ def test_selection_from_scanned_runs_leaves_the_tuning_seed_out(tmp_path: Path) 
     (tuned,), rest = find_tuned(runs, incomplete)
     assert len(tuned.trials) == 8 and len(rest) == 21 and len(tuned.runs) == 20
     assert 100 not in {r.seed for r in tuned.runs}
-    assert tuned.choices[LIKELIHOOD]["eps_elbo"].rate == 3e-4
-    assert tuned.choices[SAMPLES]["eps_simple"].rate == 3e-3
+    assert tuned.choices[LIKELIHOOD][EPS_ELBO].rate == 3e-4
+    assert tuned.choices[SAMPLES][EPS_SIMPLE].rate == 3e-3
+    assert {t.arm for t in tuned.trials} == {EPS_ELBO, EPS_SIMPLE}
 
 
 def resolved(sweep: dict, point: dict) -> dict:
@@ -211,8 +219,8 @@ def test_a_verdict_that_turns_with_the_optimiser_is_not_settled(tmp_path: Path) 
     (folder,) = (tmp_path / "report").glob("*-tuned")
     payload = json.loads((folder / "tuned.json").read_text())
     columns = {c["name"]: c for c in payload["columns"]}
-    assert columns["lr 0.001 (default)"]["claims"]["1"]["verdict"] == CONTRADICTED
-    assert columns["tuned for likelihood"]["claims"]["1"]["verdict"] == HOLDS
+    assert columns["lr 0.001 (default)"]["claims"]["1"]["verdict"] == Verdict.CONTRADICTED
+    assert columns["tuned for likelihood"]["claims"]["1"]["verdict"] == Verdict.HOLDS
     one, two = payload["agreement"]["1"], payload["agreement"]["2"]
     assert one["agrees"] is False and one["text"].startswith("turns with the optimiser")
     # Claim 2 holds at the default and tuned for samples; lr 3e-4 and 3e-3 hold one arm each (no test),
@@ -332,14 +340,12 @@ def test_the_tuned_sweep_runs_both_stages_and_a_rerun_skips_stage_one(
 
 
 def test_a_weaker_verdict_elsewhere_changes_but_does_not_turn() -> None:
-    from diffbench.analysis.optimiser import Agreement
-
-    weaker = Agreement(1, {"lr 0.001 (default)": HOLDS, "tuned for likelihood": "not shown at this n"})
+    weaker = Agreement(1, {"lr 0.001 (default)": Verdict.HOLDS, "tuned for likelihood": Verdict.NOT_SHOWN})
     assert weaker.agrees is False and not weaker.turns
     assert weaker.text.startswith("changes with the optimiser: holds at lr 0.001 (default)")
-    opposite = Agreement(1, {"a": HOLDS, "b": CONTRADICTED, "c": HOLDS})
+    opposite = Agreement(1, {"a": Verdict.HOLDS, "b": Verdict.CONTRADICTED, "c": Verdict.HOLDS})
     assert opposite.turns and opposite.text == "turns with the optimiser: holds at a, c; contradicted at b"
-    assert Agreement(1, {"a": HOLDS}).agrees is None
+    assert Agreement(1, {"a": Verdict.HOLDS}).agrees is None
 
 
 def test_a_tuned_column_missing_a_seed_is_not_read_and_says_why(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ import pytest
 
 from diffbench.analysis.claims import MetricSet, Setting, build_claims, final_metric_set
 from diffbench.analysis.collect import Values
-from diffbench.analysis.inference import CONTRADICTED, DIFFERENT, HOLDS, claim_mde_multiplier
+from diffbench.analysis.inference import claim_mde_multiplier
+from diffbench.analysis.verdicts import Verdict
 from diffbench.cli import report as report_cli
 from diffbench.core.arms import Arm
 from diffbench.core.diffusion import NoiseSchedule
@@ -99,11 +100,11 @@ def test_headlines_under_no_effect_stay_within_their_nominal_rates(
     claim 4 holds 0% and is contradicted 3–5% (its six parts under Holm)."""
     verdicts = simulate(ALL, n, distribution, 0.0, REPLICATES, seed=10 * n + len(distribution))
     for column in (0, 1, 3):
-        assert np.mean(verdicts[:, column] == HOLDS) <= ALPHA + MC_SLACK
-        assert np.mean(verdicts[:, column] == CONTRADICTED) <= ALPHA + MC_SLACK
-    assert np.mean(verdicts[:, 2] == DIFFERENT) <= ALPHA + MC_SLACK
+        assert np.mean(verdicts[:, column] == Verdict.HOLDS) <= ALPHA + MC_SLACK
+        assert np.mean(verdicts[:, column] == Verdict.CONTRADICTED) <= ALPHA + MC_SLACK
+    assert np.mean(verdicts[:, 2] == Verdict.DIFFERENT) <= ALPHA + MC_SLACK
     if distribution == "gaussian":  # exact tests under normality: near α, not vacuously zero
-        assert np.mean(verdicts[:, 0] == HOLDS) >= ALPHA - MC_SLACK
+        assert np.mean(verdicts[:, 0] == Verdict.HOLDS) >= ALPHA - MC_SLACK
 
 
 def test_grid_headlines_under_no_effect(one_thread: None) -> None:
@@ -112,9 +113,9 @@ def test_grid_headlines_under_no_effect(one_thread: None) -> None:
     verdicts = simulate(GRID, 3, "gaussian", 0.0, REPLICATES // 2, seed=7)
     slack = 3 * math.sqrt(ALPHA * (1 - ALPHA) / len(verdicts))
     for column in (0, 1, 3):
-        assert np.mean(verdicts[:, column] == HOLDS) <= ALPHA + slack
-        assert np.mean(verdicts[:, column] == CONTRADICTED) <= ALPHA + slack
-    assert np.mean(verdicts[:, 2] == DIFFERENT) <= ALPHA + slack
+        assert np.mean(verdicts[:, column] == Verdict.HOLDS) <= ALPHA + slack
+        assert np.mean(verdicts[:, column] == Verdict.CONTRADICTED) <= ALPHA + slack
+    assert np.mean(verdicts[:, 2] == Verdict.DIFFERENT) <= ALPHA + slack
 
 
 def test_power_with_three_paired_sd_on_every_tested_head(one_thread: None) -> None:
@@ -124,12 +125,12 @@ def test_power_with_three_paired_sd_on_every_tested_head(one_thread: None) -> No
     fewer than half. Measured while writing: n = 3: 0.93, 0.93, 0.27; n = 5: 1.00, 1.00, 1.00."""
     three = simulate(ALL, 3, "gaussian", 3.0, 300, seed=1)
     five = simulate(ALL, 5, "gaussian", 3.0, 300, seed=2)
-    power3 = [np.mean(three[:, c] == HOLDS) for c in (0, 1, 3)]
-    power5 = [np.mean(five[:, c] == HOLDS) for c in (0, 1, 3)]
+    power3 = [np.mean(three[:, c] == Verdict.HOLDS) for c in (0, 1, 3)]
+    power5 = [np.mean(five[:, c] == Verdict.HOLDS) for c in (0, 1, 3)]
     assert power3[0] > 0.8 and power3[1] > 0.8 and min(power5) > 0.95
     assert claim_mde_multiplier(3, 6) > 3.0 and power3[2] < 0.5
     assert claim_mde_multiplier(5, 6) < 3.0
-    assert not np.any(np.concatenate([three, five])[:, [0, 1, 3]] == CONTRADICTED)
+    assert not np.any(np.concatenate([three, five])[:, [0, 1, 3]] == Verdict.CONTRADICTED)
 
 
 def test_the_report_command_gives_the_simulated_verdicts(tmp_path: Path) -> None:

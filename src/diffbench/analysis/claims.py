@@ -26,12 +26,6 @@ from scipy import stats
 
 from diffbench.analysis.collect import Curves, Values
 from diffbench.analysis.inference import (
-    CONTRADICTED,
-    DIFFERENT,
-    EQUIVALENT,
-    HOLDS,
-    NOT_SHOWN,
-    UNDETERMINED,
     Comparison,
     Direction,
     claim_mde_multiplier,
@@ -41,14 +35,13 @@ from diffbench.analysis.inference import (
     equivalence_test,
     mde_multiplier,
 )
+from diffbench.analysis.verdicts import Outcome, Verdict
 from diffbench.core.arms import Arm
 from diffbench.core.diffusion import NoiseSchedule, q_sample
-from diffbench.core.heads import HEADS
+from diffbench.core.heads import HEADS, Head
 from diffbench.core.weightings import WEIGHTINGS, LossInputs
 from diffbench.rundir import AT, KID_METRICS, NLL_METRICS, QUALITY_METRICS, base_metric, metric_at
 
-NOT_TESTED = "not tested"
-PLUMBING = "plumbing check: no verdict"
 DIRECTIONAL, TREND, EQUIVALENCE = "directional", "trend", "equivalence"
 GRID = "make sweep OBJ=grid"
 BUDGET_NLL = "val_vlb_bpd"
@@ -119,7 +112,7 @@ class Part:
     arms: tuple[Arm, ...]
     comparison: Comparison
     expect: Direction | None = None
-    verdict: str = NOT_SHOWN
+    verdict: Verdict = Verdict.NOT_SHOWN
 
 
 @dataclass
@@ -133,7 +126,7 @@ class Test:
     parts: list[Part]
     primary: bool = True
     margin: float | None = None
-    verdict: str = NOT_SHOWN
+    verdict: Verdict = Verdict.NOT_SHOWN
 
 
 @dataclass
@@ -143,7 +136,7 @@ class Claim:
     source: str
     tests: list[Test] = field(default_factory=list)
     facts: list[str] = field(default_factory=list)
-    verdict: str = NOT_TESTED
+    verdict: Verdict = Verdict.NOT_TESTED
     headline: str = ""
     detectable: str | None = None
 
@@ -178,31 +171,31 @@ def join(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" and {words[-1]}"
 
 
-def combine(verdicts: list[str]) -> str:
+def combine(verdicts: list[Verdict]) -> Verdict:
     """Directional parts as one verdict: contradicted if any part is, holds if every part does."""
-    if CONTRADICTED in verdicts:
-        return CONTRADICTED
-    return HOLDS if verdicts and all(v == HOLDS for v in verdicts) else NOT_SHOWN
+    if Verdict.CONTRADICTED in verdicts:
+        return Verdict.CONTRADICTED
+    return Verdict.HOLDS if verdicts and all(v == Verdict.HOLDS for v in verdicts) else Verdict.NOT_SHOWN
 
 
-def decide_directional(tests: list[Test]) -> str:
+def decide_directional(tests: list[Test]) -> Verdict:
     """Holm over every part of `tests` as one family; each part and test gets its verdict."""
     parts = [part for test in tests for part in test.parts]
     if not parts:
-        return NOT_TESTED
+        return Verdict.NOT_TESTED
     result = directional_claim([p.comparison for p in parts], [p.expect or "negative" for p in parts])
     for part, decided in zip(parts, result.parts):
         part.verdict = decided.verdict
     for test in tests:
-        test.verdict = combine([p.verdict for p in test.parts]) if test.parts else NOT_TESTED
+        test.verdict = combine([p.verdict for p in test.parts]) if test.parts else Verdict.NOT_TESTED
     return result.verdict
 
 
-def decide_equivalence(tests: list[Test], margin: float) -> str:
+def decide_equivalence(tests: list[Test], margin: float) -> Verdict:
     """TOST over every pair of `tests` as one Holm family; each pair and test gets its verdict."""
     parts = [part for test in tests for part in test.parts]
     if not parts:
-        return NOT_TESTED
+        return Verdict.NOT_TESTED
     for part, verdict in zip(parts, equivalence_test([p.comparison for p in parts], margin)):
         part.verdict = verdict
     for test in tests:
@@ -231,7 +224,7 @@ def pair_parts(
     return parts, untested
 
 
-def scoped(verdict: str, parts: list[Part], untested: list[str], sweep: str | dict[str, str]) -> str:
+def scoped(verdict: Verdict, parts: list[Part], untested: list[str], sweep: str | dict[str, str]) -> str:
     """`holds on eps; x0 and score need make sweep OBJ=grid`: the verdict with the heads it covers
     and those it could not test, naming the sweep that would (one for all, or one per head)."""
     tested = list(dict.fromkeys(p.head for p in parts))
@@ -246,11 +239,13 @@ def scoped(verdict: str, parts: list[Part], untested: list[str], sweep: str | di
             for name, heads in by_sweep.items()
         )
     if not tested:
-        return f"{NOT_TESTED}: no head has the arms this claim compares" + (f"; {need}" if need else "")
-    by_head: dict[str, list[str]] = {}
+        return f"{Verdict.NOT_TESTED}: no head has the arms this claim compares" + (
+            f"; {need}" if need else ""
+        )
+    by_head: dict[str, list[Verdict]] = {}
     for part in parts:
         by_head.setdefault(part.head, []).append(part.verdict)
-    heads_by_verdict: dict[str, list[str]] = {}
+    heads_by_verdict: dict[Verdict, list[str]] = {}
     for head, verdicts in by_head.items():
         heads_by_verdict.setdefault(combine(verdicts), []).append(head)
     if len(heads_by_verdict) == 1:
@@ -296,7 +291,7 @@ def claim_likelihood(values: Values, metrics: MetricSet) -> Claim:
         "DDPM Table 2 (3.70 vs 3.75 bpd on CIFAR-10); improved DDPM's L_vlb",
     )
     if not metrics.nll:
-        claim.headline = f"{NOT_TESTED}: these runs measured no NLL"
+        claim.headline = f"{Verdict.NOT_TESTED}: these runs measured no NLL"
         return claim
     primary_pairs(claim, values, "elbo", "eps", metrics.nll[0])
     secondary_pairs(
@@ -315,7 +310,7 @@ def claim_samples(values: Values, metrics: MetricSet) -> Claim:
         "DDPM Table 2 (FID 3.17 vs 13.51 on CIFAR-10)",
     )
     if not metrics.quality:
-        claim.headline = f"{NOT_TESTED}: these runs measured no sample metric"
+        claim.headline = f"{Verdict.NOT_TESTED}: these runs measured no sample metric"
         return claim
     main = metrics.quality[0]
     parts = primary_pairs(claim, values, "eps", "elbo", main)
@@ -343,10 +338,24 @@ def claim_samples(values: Values, metrics: MetricSet) -> Claim:
     return claim
 
 
-@functools.cache
+def output_for(head: Head, eps_hat: torch.Tensor, xt: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The output this head reads as ε̂, from its own `to_eps` alone: a head's conversion is affine
+    in its output element by element, ε̂ = to_eps(0) + (to_eps(1) − to_eps(0))·output, so it
+    inverts for any head registered in HEADS without a table of known heads."""
+    offset = head.to_eps(torch.zeros_like(eps_hat), xt, alpha_bar)
+    slope = head.to_eps(torch.ones_like(eps_hat), xt, alpha_bar) - offset
+    return (eps_hat - offset) / slope
+
+
 def elbo_identity(num_timesteps: int = 1000, seed: int = 0) -> float:
-    """The largest relative difference between the heads' ELBO losses for one random ε̂ per
-    example, each head's output converted from it: they are one function of ε̂."""
+    """The largest relative difference between the registered heads' ELBO losses for one random
+    ε̂ per example, each head's output converted from it: they are one function of ε̂."""
+    return heads_identity(tuple(HEADS.values()), num_timesteps, seed)
+
+
+@functools.cache
+def heads_identity(heads: tuple[Head, ...], num_timesteps: int, seed: int) -> float:
+    """`elbo_identity` for these heads (cached per set of head objects)."""
     generator = torch.Generator().manual_seed(seed)
     schedule = NoiseSchedule("linear", num_timesteps)
     t = torch.randint(1, num_timesteps + 1, (64,), generator=generator)
@@ -355,16 +364,11 @@ def elbo_identity(num_timesteps: int = 1000, seed: int = 0) -> float:
     alpha_bar = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     xt = q_sample(x0, eps, alpha_bar)
     eps_hat = eps + torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-    outputs = {
-        "eps": eps_hat,
-        "x0": (xt - (1 - alpha_bar).sqrt() * eps_hat) / alpha_bar.sqrt(),
-        "score": -eps_hat / (1 - alpha_bar).sqrt(),
-        "v": (eps_hat - (1 - alpha_bar).sqrt() * xt) / alpha_bar.sqrt(),
-    }
     losses = []
-    for name, head in HEADS.items():
+    for head in heads:
         target = head.target(x0, eps, alpha_bar)
-        inputs = LossInputs(x0, xt, t, outputs[name], target, num_timesteps, 17, "small")
+        output = output_for(head, eps_hat, xt, alpha_bar)
+        inputs = LossInputs(x0, xt, t, output, target, num_timesteps, 17, "small")
         losses.append(WEIGHTINGS["elbo"].loss(head, schedule, inputs))
     stack = torch.stack(losses)
     return float(((stack - stack[0]).abs() / stack[0].abs()).max())
@@ -475,15 +479,9 @@ def claim_equivalence(
         family = [t for t in tests if t.primary]
         if family:
             claim.verdict = decide_equivalence(family, margin)
-            differ = sum(t.verdict == DIFFERENT for t in family)
-            equal = sum(t.verdict == EQUIVALENT for t in family)
-            outcome = (
-                "different training outcomes"
-                if differ
-                else "equivalent training outcomes"
-                if equal == len(family)
-                else "training outcomes undetermined"
-            )
+            differ = sum(t.verdict == Verdict.DIFFERENT for t in family)
+            equal = sum(t.verdict == Verdict.EQUIVALENT for t in family)
+            outcome = Outcome.of(differ, equal, len(family))
             count = differ if differ else equal
             word = ("differs" if count == 1 else "differ") if differ else "equivalent"
             pieces.append(
@@ -564,8 +562,9 @@ def snr_parts(
     return parts, untested
 
 
-def claim_snr(values: Values, metrics: MetricSet, setting: Setting) -> Claim:
-    """More ε-space weight on log SNR < 0 → lower sample metric and higher NLL, within each head."""
+def claim_snr(values: Values, metrics: MetricSet, setting: Setting, checks: tuple[str, ...] = ()) -> Claim:
+    """More ε-space weight on log SNR < 0 → lower sample metric and higher NLL, within each head;
+    `checks`: whether training did what each arm's weights say (`weight_error_check`), as facts."""
     claim = Claim(
         4,
         "Moving weight to low SNR buys sample quality and costs likelihood, within a head",
@@ -606,6 +605,7 @@ def claim_snr(values: Values, metrics: MetricSet, setting: Setting) -> Claim:
             test = Test(f"more low-SNR weight → {word} {metric}", metric, DIRECTIONAL, parts, False)
             decide_directional([test])
             claim.tests.append(test)
+    claim.facts += [f"check: {line}" for line in checks]
     return claim
 
 
@@ -637,7 +637,12 @@ def claim_detectable(claim: Claim) -> str | None:
     power at this n, beside a single comparison's: what "not shown" can and cannot rule out."""
     parts = [p for t in claim.primary for p in t.parts]
     directional = all(t.kind == DIRECTIONAL for t in claim.primary)
-    if claim.verdict == NOT_TESTED or not parts or not directional or any(len(p.arms) > 2 for p in parts):
+    if (
+        claim.verdict == Verdict.NOT_TESTED
+        or not parts
+        or not directional
+        or any(len(p.arms) > 2 for p in parts)
+    ):
         return None
     n = min(p.comparison.n for p in parts)
     if n < 2 or any(p.comparison.sd is None for p in parts):
@@ -665,21 +670,22 @@ def build_claims(
     setting: Setting,
     budgets: dict[int, Values] | None = None,
     detectable: bool = True,
+    checks: tuple[str, ...] = (),
 ) -> list[Claim]:
     """The four claims on one set of values (the final evaluation, or one budget's cheap metrics;
-    the claim-level detectable effect is simulated only when asked for)."""
+    the claim-level detectable effect is simulated only when asked for; `checks` go to claim 4)."""
     claims = [
         claim_likelihood(values, metrics),
         claim_samples(values, metrics),
         claim_equivalence(values, metrics, setting, budgets or {}),
-        claim_snr(values, metrics, setting),
+        claim_snr(values, metrics, setting, checks),
     ]
     for claim in claims if detectable else ():
         claim.detectable = claim_detectable(claim)
     return claims
 
 
-def verdicts_along(budgets: dict[int, Values], setting: Setting) -> dict[int, dict[int, str]]:
+def verdicts_along(budgets: dict[int, Values], setting: Setting) -> dict[int, dict[int, Verdict]]:
     """{step: {claim number: verdict}} from the cheap metrics measured at every budget."""
     return {
         step: {
@@ -688,6 +694,3 @@ def verdicts_along(budgets: dict[int, Values], setting: Setting) -> dict[int, di
         }
         for step, values in sorted(budgets.items())
     }
-
-
-VERDICT_WORDS = (HOLDS, CONTRADICTED, NOT_SHOWN, EQUIVALENT, DIFFERENT, UNDETERMINED, NOT_TESTED, PLUMBING)

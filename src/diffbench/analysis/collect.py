@@ -54,11 +54,16 @@ class Incomplete:
 
     directory: Path | str
     reason: str
-    arm: str = "?"
+    arm: Arm | None = None
     seed: int | str = "?"
     group: str | None = None
     diverged: bool = False
     diverged_at: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The arm's name, or `?` where the run's config does not say."""
+        return self.arm.label if self.arm else "?"
 
 
 ARM_KEYS = ("seed", "experiment", "arm", "run", "wandb", "report", "speed")
@@ -121,7 +126,7 @@ def load_run(directory: Path) -> Run | Incomplete:
     group = config_group(config)
 
     def incomplete(reason: str, diverged: bool = False, step: int | None = None) -> Incomplete:
-        return Incomplete(directory, reason, label, seed, group, diverged, step)
+        return Incomplete(directory, reason, arm, seed, group, diverged, step)
 
     if not (run_dir / RESULTS).is_file():
         return incomplete(f"no {RESULTS} (unfinished, interrupted or failed)")
@@ -193,13 +198,13 @@ def deduplicate(runs: list[Run]) -> tuple[list[Run], list[Incomplete]]:
         if len(copies) == 1 or all(c.metrics == copies[0].metrics for c in copies):
             kept.append(copies[0])
             reason = f"a copy of {where(copies[0])} (identical metrics): counted once"
-            listed += [Incomplete(where(c), reason, arm.label, seed, group) for c in copies[1:]]
+            listed += [Incomplete(where(c), reason, arm, seed, group) for c in copies[1:]]
             continue
         reason = (
             f"{len(copies)} runs of {arm.label} seed {seed} in this group disagree: all left out of the "
             "intervals; move away the ones that should not count"
         )
-        listed += [Incomplete(where(c), reason, arm.label, seed, group) for c in copies]
+        listed += [Incomplete(where(c), reason, arm, seed, group) for c in copies]
     return kept, listed
 
 
@@ -231,7 +236,6 @@ def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[In
         config = dict(remote.config)
         location = f"wandb:{path}/{remote.id}"
         arm, seed, group = arm_of(config), config.get("seed"), config_group(config)
-        label = arm.label if arm else str(config.get("arm", "?"))
         summary = {
             k.removeprefix("final/"): v for k, v in dict(remote.summary).items() if k.startswith("final/")
         }
@@ -240,7 +244,7 @@ def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[In
             reason = (
                 f"W&B state {remote.state}" if remote.state != "finished" else "no final metrics or config"
             )
-            incomplete.append(Incomplete(location, reason, label, "?" if seed is None else seed, group))
+            incomplete.append(Incomplete(location, reason, arm, "?" if seed is None else seed, group))
             continue
         runs.append(
             Run(

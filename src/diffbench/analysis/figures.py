@@ -282,7 +282,7 @@ def image_panels(images: dict[Arm, list[Path]], titles: list[str], path: Path) -
     return save(fig, path)
 
 
-def tuning_curves(choices: dict[str, dict[str, Choice]], path: Path) -> Path | None:
+def tuning_curves(choices: dict[str, dict[Arm, Choice]], path: Path) -> Path | None:
     """Stage 1 of a tuned sweep: each arm's final validation metric against the learning rate,
     divided by the arm's best (so x0's hundreds of bpd and eps's threes share one axis and every
     chosen rate, ringed, sits at 1), one panel per claim family; a diverged rate leaves a gap."""
@@ -293,15 +293,15 @@ def tuning_curves(choices: dict[str, dict[str, Choice]], path: Path) -> Path | N
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.0), squeeze=False)
     for ax, (family, by_arm) in zip(axes.flat, panels.items()):
-        for label in sorted(by_arm, key=lambda a: Arm.parse(a).order):
-            choice = by_arm[label]
+        for arm in sorted(by_arm, key=lambda a: a.order):
+            choice = by_arm[arm]
             if choice.rate is None:
                 continue
             best = choice.values[choice.rate]
-            kw = style(Arm.parse(label))
+            kw = style(arm)
             rates = sorted(choice.values)
             ratios = [np.nan if choice.values[r] is None else choice.values[r] / best for r in rates]
-            ax.plot(rates, ratios, ms=4, label=label, **kw)
+            ax.plot(rates, ratios, ms=4, label=arm.label, **kw)
             ax.plot([choice.rate], [1.0], "o", ms=11, mfc="none", color=kw["color"])
         metric = next((c.metric for c in by_arm.values() if c.metric), "")
         ax.set(

@@ -18,14 +18,9 @@ from typing import Literal
 import numpy as np
 from scipy import optimize, special, stats
 
-Direction = Literal["negative", "positive"]
+from diffbench.analysis.verdicts import Verdict
 
-HOLDS = "holds"
-CONTRADICTED = "contradicted"
-NOT_SHOWN = "not shown at this n"
-EQUIVALENT = "equivalent"
-DIFFERENT = "different"
-UNDETERMINED = "undetermined"
+Direction = Literal["negative", "positive"]
 
 #: From this many seeds (64 flips) the sign-flip test has several outcomes below p = 0.05.
 PERMUTATION_MIN_N = 6
@@ -158,7 +153,9 @@ def claim_decisions(
     supports = holm_rejections(p_expected, alpha)
     contradicts = holm_rejections(p_opposite, alpha)
     holds = supports.all(axis=-1) & (supports.shape[-1] > 0)
-    verdict = np.where(contradicts.any(axis=-1), CONTRADICTED, np.where(holds, HOLDS, NOT_SHOWN))
+    verdict = np.where(
+        contradicts.any(axis=-1), Verdict.CONTRADICTED, np.where(holds, Verdict.HOLDS, Verdict.NOT_SHOWN)
+    )
     return verdict, supports, contradicts
 
 
@@ -181,7 +178,9 @@ def tost_decisions(p_equivalent: np.ndarray, p_different: np.ndarray, alpha: flo
     of one test (each direction its own family), else undetermined."""
     equivalent = holm_rejections(p_equivalent, alpha)
     different = holm_rejections(p_different, alpha)
-    return np.where(equivalent, EQUIVALENT, np.where(different, DIFFERENT, UNDETERMINED))
+    return np.where(
+        equivalent, Verdict.EQUIVALENT, np.where(different, Verdict.DIFFERENT, Verdict.UNDETERMINED)
+    )
 
 
 def tost_verdicts(diffs: np.ndarray, margin: float, alpha: float = 0.05) -> np.ndarray:
@@ -190,11 +189,11 @@ def tost_verdicts(diffs: np.ndarray, margin: float, alpha: float = 0.05) -> np.n
     return tost_decisions(equivalent[:, None], different[:, None], alpha)[:, 0]
 
 
-def combined_equivalence(verdicts: list[str]) -> str:
+def combined_equivalence(verdicts: list[Verdict]) -> Verdict:
     """A test over several pairs: equivalent when every pair is, different when any pair is."""
-    if verdicts and all(v == EQUIVALENT for v in verdicts):
-        return EQUIVALENT
-    return DIFFERENT if DIFFERENT in verdicts else UNDETERMINED
+    if verdicts and all(v == Verdict.EQUIVALENT for v in verdicts):
+        return Verdict.EQUIVALENT
+    return Verdict.DIFFERENT if Verdict.DIFFERENT in verdicts else Verdict.UNDETERMINED
 
 
 @functools.cache
@@ -236,7 +235,7 @@ def claim_mde_multiplier(n: int, parts: int, alpha: float = 0.05, power: float =
         less, greater = directional_pvalues(noise - effect)
         shape = (CLAIM_POWER_DRAWS, parts)
         verdict = claim_decisions(less.reshape(shape), greater.reshape(shape), alpha)[0]
-        return float(np.mean(verdict == HOLDS))
+        return float(np.mean(verdict == Verdict.HOLDS))
 
     low, high = 0.0, 1.0
     while power_at(high) < power:
@@ -347,12 +346,12 @@ class PartVerdict:
     p_opposite: float
     supports: bool
     contradicts: bool
-    verdict: str
+    verdict: Verdict
 
 
 @dataclass(frozen=True)
 class ClaimVerdict:
-    verdict: str
+    verdict: Verdict
     parts: tuple[PartVerdict, ...]
 
 
@@ -383,17 +382,21 @@ def directional_claim(
             float(p_opposite[0, i]),
             bool(supports[0, i]),
             bool(contradicts[0, i]),
-            CONTRADICTED if contradicts[0, i] else HOLDS if supports[0, i] else NOT_SHOWN,
+            Verdict.CONTRADICTED
+            if contradicts[0, i]
+            else Verdict.HOLDS
+            if supports[0, i]
+            else Verdict.NOT_SHOWN,
         )
         for i, c in enumerate(comparisons)
     )
-    return ClaimVerdict(str(verdict[0]), parts)
+    return ClaimVerdict(Verdict(str(verdict[0])), parts)
 
 
-def equivalence_test(comparisons: list[Comparison], margin: float, alpha: float = 0.05) -> list[str]:
+def equivalence_test(comparisons: list[Comparison], margin: float, alpha: float = 0.05) -> list[Verdict]:
     """TOST per pair, Holm across the pairs; a pair with fewer than two seeds is undetermined."""
     usable = [i for i, c in enumerate(comparisons) if c.n >= 2]
-    verdicts = [UNDETERMINED] * len(comparisons)
+    verdicts = [Verdict.UNDETERMINED] * len(comparisons)
     if not usable:
         return verdicts
     p = [tost_pvalues(np.array(list(comparisons[i].differences.values())), margin) for i in usable]
@@ -401,5 +404,5 @@ def equivalence_test(comparisons: list[Comparison], margin: float, alpha: float 
         np.array([[float(eq[0]) for eq, _ in p]]), np.array([[float(diff[0]) for _, diff in p]]), alpha
     )[0]
     for index, verdict in zip(usable, decided):
-        verdicts[index] = str(verdict)
+        verdicts[index] = Verdict(str(verdict))
     return verdicts

@@ -9,16 +9,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffbench import atomic
 from diffbench.analysis import figures
-from diffbench.analysis.claims import (
-    NOT_TESTED,
-    PLUMBING,
-    Claim,
-    Setting,
-    build_claims,
-    final_metric_set,
-)
+from diffbench.analysis.claims import Claim, Setting, build_claims, final_metric_set
 from diffbench.analysis.collect import (
     Incomplete,
     Run,
@@ -28,9 +20,9 @@ from diffbench.analysis.collect import (
     schedule_of,
     seed_values,
 )
-from diffbench.analysis.inference import CONTRADICTED, DIFFERENT, EQUIVALENT, HOLDS
-from diffbench.analysis.render import Section, Table, html_page, markdown
+from diffbench.analysis.render import Document, Section, Table, write
 from diffbench.analysis.sections import delta_text, flatten
+from diffbench.analysis.settled import Agreement
 from diffbench.analysis.tuning import (
     CLAIM_FAMILIES,
     FAMILIES,
@@ -44,11 +36,12 @@ from diffbench.analysis.tuning import (
     trial_of,
     tuning_record,
 )
+from diffbench.analysis.verdicts import NO_VERDICT, Verdict
 from diffbench.config import compose
+from diffbench.core.arms import Arm
 from diffbench.core.diffusion import NoiseSchedule
 
 SMOKE = "smoke"
-OPPOSITES = ((HOLDS, CONTRADICTED), (EQUIVALENT, DIFFERENT))
 
 
 def default_rate() -> float:
@@ -72,50 +65,15 @@ class Column:
 
     name: str
     families: tuple[str, ...]
-    rates: dict[str, float]
+    rates: dict[Arm, float]
     claims: dict[int, Claim]
 
-    def verdict(self, number: int) -> str | None:
+    def verdict(self, number: int) -> Verdict | None:
         """The claim's verdict here, or None where this setting cannot speak for it."""
         claim = self.claims.get(number)
-        if claim is None or claim.verdict == NOT_TESTED:
+        if claim is None or claim.verdict == Verdict.NOT_TESTED:
             return None
         return claim.verdict if set(self.families) & set(CLAIM_FAMILIES[number]) else None
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """Whether a claim's verdict is the same at every optimiser setting that could test it."""
-
-    number: int
-    verdicts: dict[str, str]
-
-    @property
-    def agrees(self) -> bool | None:
-        """None when fewer than two settings could test the claim: agreement is then unknown."""
-        return None if len(self.verdicts) < 2 else len(set(self.verdicts.values())) == 1
-
-    @property
-    def turns(self) -> bool:
-        """Opposite outcomes at two settings (holds and contradicted, equivalent and different),
-        not merely a verdict one setting could not reach at this n."""
-        found = set(self.verdicts.values())
-        return any({a, b} <= found for a, b in OPPOSITES)
-
-    @property
-    def text(self) -> str:
-        if self.agrees is None:
-            return "not compared across optimiser settings (fewer than two could test it)"
-        if self.agrees:
-            count = "both" if len(self.verdicts) == 2 else f"all {len(self.verdicts)}"
-            return f"the same at {count} optimiser settings that test it ({', '.join(self.verdicts)})"
-        by_verdict: dict[str, list[str]] = defaultdict(list)
-        for name, verdict in self.verdicts.items():
-            by_verdict[verdict].append(name)
-        word = "turns with the optimiser" if self.turns else "changes with the optimiser"
-        return f"{word}: " + "; ".join(
-            f"{verdict} at {', '.join(names)}" for verdict, names in by_verdict.items()
-        )
 
 
 @dataclass
@@ -123,7 +81,7 @@ class Tuned:
     """One tuned sweep: stage 1's trials and choices, stage 2's runs, the columns and agreements."""
 
     trials: list[TuningTrial]
-    choices: dict[str, dict[str, Choice]]
+    choices: dict[str, dict[Arm, Choice]]
     default: float
     runs: list[Run]
     columns: list[Column] = field(default_factory=list)
@@ -137,6 +95,11 @@ class Tuned:
         else the first group the sweep's evaluation runs fall in."""
         at_default = [r.group for r in self.runs if rate_of(r.config) == self.default]
         return (at_default or [r.group for r in self.runs])[0]
+
+    @property
+    def plumbing(self) -> bool:
+        """Smoke-profile evaluation runs: rates are chosen, no verdict is stated."""
+        return any(r.profile == SMOKE for r in self.runs)
 
     @property
     def groups(self) -> set[str]:
@@ -156,14 +119,17 @@ def setting_of(runs: list[Run], schedule: NoiseSchedule, variance: str) -> Setti
 def full_seeds(runs: list[Run], seeds: set[int], name: str, notes: list[str]) -> list[Run]:
     """The runs of the arms that hold every evaluation seed (those seeds only); an arm short of
     seeds is left out of the setting and named, so no setting is compared at a smaller n."""
-    by_arm: dict[str, list[Run]] = defaultdict(list)
+    by_arm: dict[Arm, list[Run]] = defaultdict(list)
     for run in runs:
         if run.seed in seeds:
-            by_arm[run.arm.label].append(run)
-    short = sorted(arm for arm in {r.arm.label for r in runs} if {r.seed for r in by_arm[arm]} != seeds)
+            by_arm[run.arm].append(run)
+    short = sorted(
+        (arm for arm in {r.arm for r in runs} if {r.seed for r in by_arm[arm]} != seeds),
+        key=lambda a: a.label,
+    )
     if short:
         notes.append(
-            f"{name}: {', '.join(short)} left out, not trained on every evaluation seed "
+            f"{name}: {', '.join(a.label for a in short)} left out, not trained on every evaluation seed "
             f"({', '.join(map(str, sorted(seeds)))}) at this rate"
         )
     return [r for arm, arm_runs in by_arm.items() if arm not in short for r in arm_runs]
@@ -182,19 +148,21 @@ def columns(tuned: Tuned, schedule: NoiseSchedule, variance: str) -> list[Column
         name = f"lr {rate:g}" + (" (default)" if rate == tuned.default else "")
         runs = full_seeds(by_rate[rate], seeds, name, tuned.notes)
         if runs:
-            rates = {r.arm.label: rate for r in runs}
+            rates = {r.arm: rate for r in runs}
             made.append(Column(name, FAMILIES, rates, claims_at(seed_values(runs), setting)))
-    arms = sorted({r.arm.label for r in tuned.runs})
+    arms = sorted({r.arm for r in tuned.runs}, key=lambda a: a.label)
     for family in FAMILIES:
         name = f"tuned for {family}"
         chosen = tuned.choices[family]
         lost = [a for a in arms if a not in chosen or chosen[a].rate is None]
         if lost:
-            tuned.notes.append(f"{name}: {', '.join(lost)} left out, no rate finished on the tuning seed")
+            tuned.notes.append(
+                f"{name}: {', '.join(a.label for a in lost)} left out, no rate finished on the tuning seed"
+            )
         rates = {a: chosen[a].rate for a in arms if a not in lost}
-        runs = [r for r in tuned.runs if rates.get(r.arm.label) == rate_of(r.config)]
+        runs = [r for r in tuned.runs if rates.get(r.arm) == rate_of(r.config)]
         runs = full_seeds(runs, seeds, name, tuned.notes)
-        missing = sorted(set(rates) - {r.arm.label for r in runs})
+        missing = sorted(a.label for a in set(rates) - {r.arm for r in runs})
         if missing:
             tuned.notes.append(
                 f"{name}: not read, {', '.join(missing)} not yet trained at the chosen rate on every "
@@ -242,7 +210,8 @@ def find_tuned(runs: list[Run], incomplete: list[Incomplete]) -> tuple[list[Tune
     return found_tuned, rest
 
 
-TUNED_JSON, TUNED_MD, TUNED_HTML = "tuned.json", "tuned.md", "tuned.html"
+TUNED_STEM = "tuned"
+TUNED_JSON, TUNED_MD, TUNED_HTML = (f"{TUNED_STEM}.{ext}" for ext in ("json", "md", "html"))
 
 
 def verdict_table(tuned: Tuned) -> Table:
@@ -285,13 +254,13 @@ def gradient_table(tuned: Tuned) -> Table | None:
     apart one learning rate puts the arms' step sizes."""
     rates = sorted({rate_of(r.config) for r in tuned.runs})
     rows = []
-    for arm in dict.fromkeys(r.arm.label for r in sorted(tuned.runs, key=lambda r: r.arm.order)):
+    for arm in dict.fromkeys(r.arm for r in sorted(tuned.runs, key=lambda r: r.arm.order)):
         cells = []
         for rate in rates:
             norms = [
                 r.optimisation["grad_norm_median"]
                 for r in tuned.runs
-                if r.arm.label == arm
+                if r.arm == arm
                 and rate_of(r.config) == rate
                 and isinstance(r.optimisation.get("grad_norm_median"), (int, float))
             ]
@@ -299,23 +268,27 @@ def gradient_table(tuned: Tuned) -> Table | None:
         chosen = [
             str(tuned.choices[f][arm].rate or "—") if arm in tuned.choices[f] else "—" for f in FAMILIES
         ]
-        rows.append([arm, *cells, *chosen])
+        rows.append([arm.label, *cells, *chosen])
     if not rows:
         return None
     return Table(["arm", *(f"lr {r:g}" for r in rates), *(f"chosen ({f})" for f in FAMILIES)], rows)
 
 
 def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
-    """tuned.md, tuned.html, tuned.json (and figures/tuning.png) for one tuned sweep."""
-    out.mkdir(parents=True, exist_ok=True)
-    plumbing = any(r.profile == SMOKE for r in tuned.runs)
+    """tuned.md, tuned.html, tuned.json (and figures/tuning.png) for one tuned sweep; the JSON."""
+    return write(render_tuned(tuned), out, draw)
+
+
+def render_tuned(tuned: Tuned) -> Document:
+    """The tuned report of one computed tuned sweep (`find_tuned`), ready to write."""
+    plumbing = tuned.plumbing
     seeds = sorted({r.seed for r in tuned.runs})
     tuning_seed = next((t.seed for t in tuned.trials if t.seed is not None), None)
     record = tuning_record(tuned.trials, tuned.choices, tuning_seed, tuned.default)
     overview = Section("Verdicts across optimiser settings", "optimiser")
     if plumbing:
         overview.paragraphs.append(
-            f"{PLUMBING}: smoke-profile runs; the rates below were chosen, no verdict is stated."
+            f"{NO_VERDICT}: smoke-profile runs; the rates below were chosen, no verdict is stated."
         )
     else:
         steps = sorted({r.steps for r in tuned.runs})
@@ -357,7 +330,7 @@ def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
                 [
                     [
                         column.name,
-                        ", ".join(f"{arm} {rate:g}" for arm, rate in column.rates.items()),
+                        ", ".join(f"{arm.label} {rate:g}" for arm, rate in column.rates.items()),
                         *(column.claims[n].headline if n in column.claims else "—" for n in numbers),
                     ]
                     for column in tuned.columns
@@ -389,9 +362,6 @@ def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
                 [grads],
             )
         )
-    made = []
-    if draw and (path := figures.tuning_curves(tuned.choices, out / "figures" / "tuning.png")):
-        made.append(path.name)
     payload = {
         "plumbing": plumbing,
         "default_rate": tuned.default,
@@ -401,7 +371,7 @@ def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
             {
                 "name": c.name,
                 "families": list(c.families),
-                "rates": c.rates,
+                "rates": {arm.label: rate for arm, rate in c.rates.items()},
                 "claims": {n: {"verdict": cl.verdict, "headline": cl.headline} for n, cl in c.claims.items()},
             }
             for c in ([] if plumbing else tuned.columns)
@@ -410,10 +380,7 @@ def write_tuned(tuned: Tuned, out: Path, draw: bool = True) -> dict:
             n: {"agrees": a.agrees, "verdicts": a.verdicts, "text": a.text}
             for n, a in ([] if plumbing else tuned.agreements.items())
         },
-        "figures": made,
     }
     title = "diffbench: verdicts at each arm's own learning rate"
-    atomic.write_text(out / TUNED_JSON, json.dumps(payload, indent=2, default=str) + "\n")
-    atomic.write_text(out / TUNED_MD, markdown(title, sections, made))
-    atomic.write_text(out / TUNED_HTML, html_page(title, sections, made, out))
-    return payload
+    drawing = [lambda folder: figures.tuning_curves(tuned.choices, folder / "tuning.png")]
+    return Document(TUNED_STEM, title, sections, payload, drawing)

@@ -1,22 +1,20 @@
-"""The report as a list of sections, rendered once to Markdown and once to a self-contained HTML
-page (figures inlined as data URIs), so both always say the same thing."""
+"""The last two stages every report shares (the group report and the tuned report): what a
+report says as a `Document` (sections, the JSON, the figures to draw), and `write`, which draws
+the figures and renders it once to Markdown, once to a self-contained HTML page (figures inlined
+as data URIs) and once to JSON, so all three always say the same thing."""
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffbench.analysis.inference import (
-    CONTRADICTED,
-    DIFFERENT,
-    EQUIVALENT,
-    HOLDS,
-    NOT_SHOWN,
-    UNDETERMINED,
-)
+from diffbench import atomic
+from diffbench.analysis.verdicts import Verdict
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #1f2328; }
@@ -29,13 +27,13 @@ td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #d0d7de; margin: .5em 0; }
 """
 VERDICT_COLORS = {
-    HOLDS: "#1a7f37",
-    EQUIVALENT: "#1a7f37",
-    CONTRADICTED: "#cf222e",
-    DIFFERENT: "#cf222e",
-    NOT_SHOWN: "#9a6700",
-    UNDETERMINED: "#9a6700",
-    "not tested": "#57606a",
+    Verdict.HOLDS: "#1a7f37",
+    Verdict.EQUIVALENT: "#1a7f37",
+    Verdict.CONTRADICTED: "#cf222e",
+    Verdict.DIFFERENT: "#cf222e",
+    Verdict.NOT_SHOWN: "#9a6700",
+    Verdict.UNDETERMINED: "#9a6700",
+    Verdict.NOT_TESTED: "#57606a",
 }
 
 
@@ -115,3 +113,36 @@ def html_page(title: str, sections: list[Section], figures: list[str], out: Path
         )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+Drawing = Callable[[Path], "Path | None"]
+"""Draws one figure into the given folder and returns its file (None when there is nothing to draw)."""
+
+
+@dataclass
+class Document:
+    """What one report says, computed and rendered but not yet written: `stem` names its files
+    (`<stem>.json`, `.md`, `.html`), `payload` is its JSON without the figure list, `drawings` the
+    figures to draw beside it."""
+
+    stem: str
+    title: str
+    sections: list[Section]
+    payload: dict
+    drawings: list[Drawing] = field(default_factory=list)
+
+
+def write(document: Document, out: Path, draw: bool = True) -> dict:
+    """Draw the figures (with `draw`) into `out/figures`, then write the JSON, Markdown and HTML
+    atomically; return the JSON as written (the payload with `figures` last)."""
+    out.mkdir(parents=True, exist_ok=True)
+    made: list[str] = []
+    if draw and document.drawings:
+        folder = out / "figures"
+        folder.mkdir(parents=True, exist_ok=True)
+        made = [path.name for drawing in document.drawings if (path := drawing(folder)) is not None]
+    payload = {**document.payload, "figures": made}
+    atomic.write_text(out / f"{document.stem}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    atomic.write_text(out / f"{document.stem}.md", markdown(document.title, document.sections, made))
+    atomic.write_text(out / f"{document.stem}.html", html_page(document.title, document.sections, made, out))
+    return payload

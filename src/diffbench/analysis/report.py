@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,6 @@ from diffbench import atomic
 from diffbench.analysis import figures
 from diffbench.analysis.claims import (
     EQUIVALENCE,
-    PLUMBING,
     Claim,
     Part,
     Setting,
@@ -42,9 +42,8 @@ from diffbench.analysis.collect import (
     seed_values,
     where,
 )
-from diffbench.analysis.inference import CONTRADICTED, opposite
-from diffbench.analysis.optimiser import Agreement
-from diffbench.analysis.render import Section, Table, html_page, markdown
+from diffbench.analysis.inference import opposite
+from diffbench.analysis.render import Document, Drawing, Section, Table, markdown, write
 from diffbench.analysis.sections import (
     bands_section,
     baselines_section,
@@ -58,7 +57,15 @@ from diffbench.analysis.sections import (
     p_text,
     settings_section,
 )
-from diffbench.analysis.settled import FLAT_THRESHOLD, Status, change_per_doubling, claim_status
+from diffbench.analysis.settled import (
+    FLAT_THRESHOLD,
+    Agreement,
+    Settlement,
+    Status,
+    change_per_doubling,
+    claim_status,
+)
+from diffbench.analysis.verdicts import NO_VERDICT, Verdict
 from diffbench.core.arms import Arm
 from diffbench.core.diffusion import NoiseSchedule, snr
 from diffbench.core.heads import HEADS
@@ -75,7 +82,8 @@ from diffbench.rundir import (
     sample_grid,
 )
 
-REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
+REPORT_STEM = "report"
+REPORT_JSON, REPORT_MD, REPORT_HTML = (f"{REPORT_STEM}.{ext}" for ext in ("json", "md", "html"))
 SMOKE = "smoke"
 
 
@@ -119,7 +127,7 @@ def part_p_text(part: Part) -> str:
     contradicted; none for TOST (its verdict is the interval's)."""
     if part.expect is None:
         return "—"
-    if part.verdict == CONTRADICTED:
+    if part.verdict == Verdict.CONTRADICTED:
         return (
             p_text(part.comparison, part.comparison.p_value(opposite(part.expect))) + ", opposite direction"
         )
@@ -157,11 +165,9 @@ def claim_section(claim: Claim, status: Status | None) -> Section:
     return section
 
 
-def claims_json(
-    claims: list[Claim], statuses: dict[int, Status | None], optimiser: dict[int, Agreement]
-) -> list[dict]:
-    """Each claim with its verdict and status; `settled` needs the budget status settled and, where
-    a tuned sweep compared optimiser settings, the same verdict at every one of them."""
+def claims_json(claims: list[Claim], settlements: dict[int, Settlement]) -> list[dict]:
+    """Each claim with its verdict, its status along the budget, its agreement across optimiser
+    settings and whether it is settled (`Settlement`)."""
 
     def status_json(status: Status | None) -> dict | None:
         if status is None:
@@ -178,6 +184,7 @@ def claims_json(
                     "deltas": t.deltas,
                     "slope_per_doubling": comparison_json(t.slope),
                     "zero_crossing_steps": t.crossing,
+                    "zero_crossing_doublings": t.doublings,
                 }
                 for t in status.trends
             ],
@@ -190,15 +197,11 @@ def claims_json(
             "source": claim.source,
             "verdict": claim.verdict,
             "headline": claim.headline,
-            "status": status_json(statuses.get(claim.number)),
-            "settled": bool(
-                (status := statuses.get(claim.number)) is not None
-                and status.settled
-                and (claim.number not in optimiser or optimiser[claim.number].agrees is True)
-            ),
+            "status": status_json(settlements[claim.number].status),
+            "settled": settlements[claim.number].settled,
             "optimiser": (
-                {"agrees": optimiser[claim.number].agrees, "text": optimiser[claim.number].text}
-                if claim.number in optimiser
+                {"agrees": agreement.agrees, "text": agreement.text}
+                if (agreement := settlements[claim.number].agreement) is not None
                 else None
             ),
             "detectable": claim.detectable,
@@ -238,8 +241,9 @@ def flatness(budgets: dict[int, Values], arm: Arm, metric: str) -> str:
 
 
 def budget_section(
-    budgets: dict[int, Values], arms: list[Arm], claims: list[Claim], statuses: dict[int, Status | None]
+    budgets: dict[int, Values], arms: list[Arm], claims: list[Claim], settlements: dict[int, Settlement]
 ) -> Section:
+    statuses = {number: s.status for number, s in settlements.items()}
     section = Section("Along the training budget", "budgets")
     section.paragraphs.append(
         "Cheap metrics measured during training at each budget (the same seeded noise at every budget), "
@@ -264,16 +268,11 @@ def budget_section(
                 cells.append(fmt(float(np.mean(list(points.values())))) if points else "—")
             rows.append([*cells, flatness(budgets, arm, metric)])
         section.tables.append(Table([metric, *map(str, steps), "last doubling"], rows))
-    tested = [c for c in claims if statuses.get(c.number) is not None]
+    tested = [(c, status) for c in claims if (status := statuses.get(c.number)) is not None]
     if tested:
         rows = [
-            [
-                f"claim {c.number}",
-                *(statuses[c.number].verdicts.get(s, "—") for s in steps),
-                c.verdict,
-                "settled" if statuses[c.number].settled else "provisional",
-            ]
-            for c in tested
+            [f"claim {c.number}", *(status.verdicts.get(s, "—") for s in steps), c.verdict, status.standing]
+            for c, status in tested
         ]
         section.tables.append(Table(["verdict", *map(str, steps), "final evaluation", "status"], rows))
     trend_rows = [
@@ -285,8 +284,8 @@ def budget_section(
             t.slope_text(),
             t.crossing_text(),
         ]
-        for c in tested
-        for t in statuses[c.number].trends
+        for c, status in tested
+        for t in status.trends
     ]
     if trend_rows:
         section.paragraphs.append(
@@ -301,18 +300,78 @@ def budget_section(
     return section
 
 
-def make_figures(
-    runs: list[Run],
-    arms: list[Arm],
-    weights: dict[Arm, np.ndarray],
-    schedule: NoiseSchedule,
-    budgets: dict,
-    values: dict,
-    out: Path,
-) -> list[str]:
-    folder = out / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    log_snr = torch.log(snr(schedule.alphas_cumprod[2:])).numpy()
+@dataclass
+class GroupReport:
+    """One group's report, computed and not yet rendered: the runs, what the claims found and how
+    settled each one is."""
+
+    group: str
+    runs: list[Run]
+    incomplete: list[Incomplete]
+    arms: list[Arm]
+    reference: Arm
+    values: Values
+    metrics: list[str]
+    schedule: NoiseSchedule
+    weights: dict[Arm, np.ndarray]
+    budgets: dict[int, Values]
+    conflicts: list[str]
+    plumbing: bool
+    claims: list[Claim]
+    settlements: dict[int, Settlement]
+
+
+def compute_report(
+    group: str, runs: list[Run], incomplete: list[Incomplete], optimiser: dict[int, Agreement] | None = None
+) -> GroupReport:
+    """The claims on one group's runs and their settlement (along the budget and, from a tuned
+    sweep's `optimiser` agreements, across learning rates); no file is read but the runs' curves."""
+    values = seed_values(runs)
+    arms = arms_of(runs)
+    reference = REFERENCE if REFERENCE in values else (arms[0] if arms else REFERENCE)
+    schedule, variance = schedule_of(runs)
+    weights = arm_weights(schedule, variance, arms)
+    budgets = budget_values(runs)
+    margins, conflicts = group_margins(runs)
+    setting = Setting(schedule, variance, margins, tuple(conflicts))
+    plumbing = any(run.profile == SMOKE for run in runs)
+    claims: list[Claim] = []
+    if not plumbing:
+        curves = seed_curves(runs, EPS_MSE_BY_T)
+        checks = tuple(
+            line
+            for arm in arms
+            if arm != reference and (line := weight_error_check(curves, weights, arm, reference))
+        )
+        claims = build_claims(values, final_metric_set(values), setting, budgets, checks=checks)
+    along = {} if plumbing else verdicts_along(budgets, setting)
+    settlements = {
+        c.number: Settlement(claim_status(c, along, budgets), (optimiser or {}).get(c.number)) for c in claims
+    }
+    return GroupReport(
+        group,
+        runs,
+        incomplete,
+        arms,
+        reference,
+        values,
+        table_metrics(values),
+        schedule,
+        weights,
+        budgets,
+        conflicts,
+        plumbing,
+        claims,
+        settlements,
+    )
+
+
+def drawings(report: GroupReport) -> list[Drawing]:
+    """The report's figures, each drawn by the write stage into the figures folder."""
+    runs, arms, budgets, values = report.runs, report.arms, report.budgets, report.values
+    if not runs:
+        return []
+    log_snr = torch.log(snr(report.schedule.alphas_cumprod[2:])).numpy()
     sampler = next(
         (r.evaluation.get("sample_settings", {}).get("sampler") for r in runs if r.evaluation), None
     )
@@ -321,114 +380,72 @@ def make_figures(
         if run.directory is not None:
             first_seed.setdefault(run.arm, run.directory)
     quality = next((m for m in QUALITY_METRICS if any(m in v for v in values.values())), None)
-    made = [
-        figures.implied_weights(log_snr, weights, folder / "implied_weights.png"),
-        figures.budget_curves(budgets, arms, folder / "budget_curves.png"),
-        figures.tradeoff(values, arms, "nll_vlb_bpd", quality, folder / "nll_vs_quality.png")
-        if quality
-        else None,
-        figures.per_t_curves(
+    made: list[Drawing] = [
+        lambda folder: figures.implied_weights(log_snr, report.weights, folder / "implied_weights.png"),
+        lambda folder: figures.budget_curves(budgets, arms, folder / "budget_curves.png"),
+    ]
+    if quality:
+        made.append(
+            lambda folder: figures.tradeoff(
+                values, arms, "nll_vlb_bpd", quality, folder / "nll_vs_quality.png"
+            )
+        )
+    made += [
+        lambda folder: figures.per_t_curves(
             seed_curves(runs, VLB_TERMS), folder / VLB_TERMS.png, VLB_TERMS.ylabel, VLB_TERMS.title
         ),
-        figures.per_t_curves(
+        lambda folder: figures.per_t_curves(
             seed_curves(runs, EPS_MSE_BY_T),
             folder / EPS_MSE_BY_T.png,
             EPS_MSE_BY_T.ylabel,
             EPS_MSE_BY_T.title,
             logx=True,
         ),
-        figures.per_t_curves(
+        lambda folder: figures.per_t_curves(
             seed_curves(runs, EPS_STAR_DISTANCE),
             folder / EPS_STAR_DISTANCE.png,
             EPS_STAR_DISTANCE.ylabel,
             EPS_STAR_DISTANCE.title,
         ),
-        figures.training_curves(runs, folder / "training_curves.png"),
-        figures.image_panels(
+        lambda folder: figures.training_curves(runs, folder / "training_curves.png"),
+        lambda folder: figures.image_panels(
             {arm: [d / sample_grid(sampler), d / X0_TRAJECTORY] for arm, d in first_seed.items()},
             [f"samples ({sampler})", "x̂0 along a trajectory"],
             folder / "samples.png",
         ),
     ]
-    return [path.name for path in made if path is not None]
+    return made
 
 
-def build_report(
-    group: str,
-    runs: list[Run],
-    incomplete: list[Incomplete],
-    out: Path,
-    draw: bool = True,
-    optimiser: dict[int, Agreement] | None = None,
-) -> dict:
-    """Write report.html, report.md, report.json and (with `draw`) figures/ into `out`; return the JSON.
-    `optimiser`: each claim's agreement across learning rates, when a tuned sweep holds this group."""
-    out.mkdir(parents=True, exist_ok=True)
-    values = seed_values(runs)
-    arms = arms_of(runs)
-    reference = REFERENCE if REFERENCE in values else (arms[0] if arms else REFERENCE)
-    metrics = table_metrics(values)
-    schedule, variance = schedule_of(runs)
-    weights = arm_weights(schedule, variance, arms)
-    budgets = budget_values(runs)
-    margins, conflicts = group_margins(runs)
-    setting = Setting(schedule, variance, margins, tuple(conflicts))
-    plumbing = any(run.profile == SMOKE for run in runs)
-    claims = [] if plumbing else build_claims(values, final_metric_set(values), setting, budgets)
-    along = {} if plumbing else verdicts_along(budgets, setting)
-    statuses = {c.number: claim_status(c, along, budgets) for c in claims}
-    if claims:
-        curves = seed_curves(runs, EPS_MSE_BY_T)
-        checks = [weight_error_check(curves, weights, arm, reference) for arm in arms if arm != reference]
-        claims[3].facts += [f"check: {line}" for line in checks if line]
-    comparison, table = comparison_section(values, arms, metrics, reference)
-    steps = sorted({run.steps for run in runs})
-    seeds = sorted({run.seed for run in runs})
+def overview_section(report: GroupReport, steps: list[int], seeds: list[int]) -> Section:
+    """Each claim's headline with its settlement, or the plumbing notice."""
     overview = Section("Verdicts", "verdicts")
-    if plumbing:
+    if report.plumbing:
         overview.paragraphs.append(
-            f"{PLUMBING}. The smoke profile checks that every stage runs; its numbers mean nothing, "
+            f"{NO_VERDICT}. The smoke profile checks that every stage runs; its numbers mean nothing, "
             "so this report states no verdict. Run the default or full profile for evidence."
         )
-    else:
-        overview.paragraphs.append(
-            f"At {'/'.join(map(str, steps))} training steps: {len(runs)} runs of {len(arms)} arms, seeds "
-            f"{', '.join(map(str, seeds))}, paired by seed. Directional tests are one-sided at α = 0.05 with "
-            "Holm's correction over the parts each claim tests; a head without the arms a claim compares is "
-            "named, not counted against it. Equivalence is TOST against the margins the runs declared. "
-            f"Reference of the comparison table: `{reference}`."
-        )
-        for claim in claims:
-            status = statuses.get(claim.number)
-            line = f"**Claim {claim.number}** — {claim.title}: **{claim.headline}**"
-            agreement = (optimiser or {}).get(claim.number)
-            if agreement is not None and not agreement.agrees:
-                line += f" — provisional: {agreement.text}"
-                line += f"; along the budget: {status.summary}" if status is not None else ""
-            elif status is not None:
-                line += f" — {status.summary}"
-                line += f"; {agreement.text}" if agreement is not None and agreement.agrees else ""
-            overview.bullets.append(line)
-    sections = [overview, comparison]
-    if not plumbing:
-        sections += [Section("Claims", "claims"), *(claim_section(c, statuses.get(c.number)) for c in claims)]
-    if budgets:
-        sections.append(budget_section(budgets, arms, claims, statuses))
-    sections += [
-        s
-        for s in (
-            baselines_section(runs),
-            optimisation_section(runs, arms),
-            noise_section(runs, arms),
-            bands_section(runs, arms, reference, schedule),
-        )
-        if s is not None
-    ]
-    sections.append(settings_section(runs))
-    problems = (
+        return overview
+    overview.paragraphs.append(
+        f"At {'/'.join(map(str, steps))} training steps: {len(report.runs)} runs of {len(report.arms)} arms, "
+        f"seeds {', '.join(map(str, seeds))}, paired by seed. Directional tests are one-sided at α = 0.05 "
+        "with Holm's correction over the parts each claim tests; a head without the arms a claim compares "
+        "is named, not counted against it. Equivalence is TOST against the margins the runs declared. "
+        f"Reference of the comparison table: `{report.reference}`."
+    )
+    for claim in report.claims:
+        line = f"**Claim {claim.number}** — {claim.title}: **{claim.headline}**"
+        summary = report.settlements[claim.number].summary
+        overview.bullets.append(line + (f" — {summary}" if summary else ""))
+    return overview
+
+
+def problems_of(report: GroupReport) -> list[dict]:
+    """What the report could not count: incomplete runs, values that are not finite, margin conflicts."""
+    return (
         [
-            {"directory": str(i.directory), "reason": i.reason, "arm": i.arm, "seed": i.seed}
-            for i in incomplete
+            {"directory": str(i.directory), "reason": i.reason, "arm": i.label, "seed": i.seed}
+            for i in report.incomplete
         ]
         + [
             {
@@ -438,11 +455,39 @@ def build_report(
                 "arm": r.arm.label,
                 "seed": r.seed,
             }
-            for r in runs
+            for r in report.runs
             if r.dropped
         ]
-        + [{"directory": "(group)", "reason": c, "arm": "?", "seed": "?"} for c in conflicts]
+        + [{"directory": "(group)", "reason": c, "arm": "?", "seed": "?"} for c in report.conflicts]
     )
+
+
+def render_report(report: GroupReport) -> Document:
+    """One computed group report as sections and JSON, with its figures to draw."""
+    runs, arms, claims = report.runs, report.arms, report.claims
+    comparison, table = comparison_section(report.values, arms, report.metrics, report.reference)
+    steps = sorted({run.steps for run in runs})
+    seeds = sorted({run.seed for run in runs})
+    sections = [overview_section(report, steps, seeds), comparison]
+    if not report.plumbing:
+        sections += [
+            Section("Claims", "claims"),
+            *(claim_section(c, report.settlements[c.number].status) for c in claims),
+        ]
+    if report.budgets:
+        sections.append(budget_section(report.budgets, arms, claims, report.settlements))
+    sections += [
+        s
+        for s in (
+            baselines_section(runs),
+            optimisation_section(runs, arms),
+            noise_section(runs, arms),
+            bands_section(runs, arms, report.reference, report.schedule),
+        )
+        if s is not None
+    ]
+    sections.append(settings_section(runs))
+    problems = problems_of(report)
     if problems:
         sections.append(
             Section(
@@ -453,25 +498,35 @@ def build_report(
                 ],
             )
         )
-    made = make_figures(runs, arms, weights, schedule, budgets, values, out) if runs and draw else []
     payload = {
-        "group": group,
-        "plumbing": plumbing,
-        "reference": reference.label,
+        "group": report.group,
+        "plumbing": report.plumbing,
+        "reference": report.reference.label,
         "steps": steps,
         "seeds": seeds,
-        "metrics": {m: info.label for m in metrics if (info := metric_info(m))},
+        "metrics": {m: info.label for m in report.metrics if (info := metric_info(m))},
         "table": table,
-        "claims": claims_json(claims, statuses, optimiser or {}),
+        "claims": claims_json(claims, report.settlements),
         "runs": len(runs),
         "incomplete": problems,
-        "figures": made,
     }
-    title = f"diffbench report: {group}"
-    atomic.write_text(out / REPORT_JSON, json.dumps(payload, indent=2, default=str) + "\n")
-    atomic.write_text(out / REPORT_MD, markdown(title, sections, made))
-    atomic.write_text(out / REPORT_HTML, html_page(title, sections, made, out))
-    return payload
+    return Document(REPORT_STEM, f"diffbench report: {report.group}", sections, payload, drawings(report))
+
+
+def build_report(
+    group: str,
+    runs: list[Run],
+    incomplete: list[Incomplete],
+    out: Path,
+    draw: bool = True,
+    optimiser: dict[int, Agreement] | None = None,
+) -> GroupReport:
+    """Compute, render and write one group's report.html, report.md, report.json and (with `draw`)
+    figures/ into `out`. `optimiser`: each claim's agreement across learning rates, when a tuned
+    sweep holds this group."""
+    report = compute_report(group, runs, incomplete, optimiser)
+    write(render_report(report), out, draw)
+    return report
 
 
 def axis_families(groups: dict[str, list[Run]], key: str) -> list[dict[str, list[Run]]]:

@@ -1,27 +1,32 @@
-"""Whether a verdict belongs to the optimum or to an early budget: a headline is *settled* when it
-is the same at the last two budgets and every arm in it is flat on that metric, otherwise
-*provisional at N steps*, with each compared difference along the budget, its slope per doubling
-of steps and, where that slope points to the other sign, the (extrapolated) budget at which it
-would cross zero."""
+"""Whether a verdict belongs to the optimum or to an early budget, decided here and nowhere else.
+Along the budget a headline is *settled* when it is the same at the last two budgets and every arm
+in it is flat on that metric, otherwise *provisional at N steps*, with each compared difference
+along the budget, its slope per doubling of steps and, where that slope points to the other sign,
+the (extrapolated) budget at which it would cross zero. Across optimiser settings (a tuned sweep)
+it is settled when every setting that can test it gives the same verdict. `Settlement` joins the
+two: the report, its JSON, the command's lines and the tuned report all read it."""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
-from diffbench.analysis.claims import BUDGET_NLL, NOT_TESTED, Claim
+from diffbench.analysis.claims import BUDGET_NLL, Claim
 from diffbench.analysis.collect import Values
 from diffbench.analysis.inference import Comparison, compare, paired_differences
+from diffbench.analysis.verdicts import Standing, Verdict
 from diffbench.core.arms import Arm
 from diffbench.rundir import base_metric, metric_info
 
 FLAT_THRESHOLD = 0.05
 """A curve has flattened when its mean changes by less than this fraction per doubling of steps."""
-FAR = 256
-"""Zero crossings more than this many times the last budget away (eight doublings) are not given
-a number: a straight line in log steps says nothing that far out."""
+FAR_DOUBLINGS = 8
+"""Zero crossings more than this many doublings of the last budget away are not given a number
+(nor computed as a power of two, which overflows for a near-zero slope): a straight line in log
+steps says nothing that far out."""
 
 
 def budget_counterpart(metric: str) -> str:
@@ -51,13 +56,27 @@ def change_per_doubling(budgets: dict[int, Values], arm: Arm, metric: str) -> fl
 class DeltaTrend:
     """A compared difference along the budget: its mean at every budget, its slope per doubling of
     steps over the last two budgets (tested across seeds), and the extrapolated zero crossing
-    where the slope points to the other sign."""
+    where the slope points to the other sign, in doublings of the last budget."""
 
     label: str
     metric: str
     deltas: dict[int, float]
     slope: Comparison
-    crossing: float | None
+    doublings: float | None
+    """Doublings of steps past the last budget until Δ = 0 at the current slope (None: the slope
+    does not point to the other sign); may be inf for a slope that is zero to rounding."""
+
+    @property
+    def far(self) -> bool:
+        """The crossing lies beyond FAR_DOUBLINGS, where no number is given."""
+        return self.doublings is not None and self.doublings > FAR_DOUBLINGS
+
+    @property
+    def crossing(self) -> float | None:
+        """The extrapolated step of the zero crossing, within FAR_DOUBLINGS only."""
+        if self.doublings is None or self.far:
+            return None
+        return max(self.deltas) * 2**self.doublings
 
     def slope_text(self) -> str:
         if self.slope.mean is None:
@@ -70,11 +89,10 @@ class DeltaTrend:
         return f"{self.slope.mean:+.3g}{interval} per doubling (n={self.slope.n})"
 
     def crossing_text(self) -> str:
-        if self.crossing is None:
+        if self.doublings is None:
             return "—"
-        last = max(self.deltas)
-        if self.crossing > FAR * last:
-            return f"beyond {FAR}× this budget (extrapolation)"
+        if self.far:
+            return f"no crossing within {FAR_DOUBLINGS} doublings"
         return f"≈ {self.crossing:,.0f} steps (extrapolation)"
 
 
@@ -97,10 +115,11 @@ def delta_trend(budgets: dict[int, Values], a: Arm, b: Arm, metric: str) -> Delt
     seeds = per_step[previous].keys() & per_step[last].keys()
     slopes = {seed: (per_step[last][seed] - per_step[previous][seed]) / doublings for seed in sorted(seeds)}
     slope = compare("slope", metric, slopes, dict.fromkeys(slopes, 0.0))
-    crossing = None
+    doublings = None
     if slope.mean and deltas[last] and np.sign(slope.mean) != np.sign(deltas[last]):
-        crossing = last * 2 ** (abs(deltas[last]) / abs(slope.mean))
-    return DeltaTrend(f"{a} − {b}", metric, deltas, slope, crossing)
+        with np.errstate(over="ignore"):
+            doublings = float(np.divide(abs(deltas[last]), abs(slope.mean)))
+    return DeltaTrend(f"{a} − {b}", metric, deltas, slope, doublings)
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,7 @@ class Status:
 
     settled: bool
     last: int
-    verdicts: dict[int, str]
+    verdicts: dict[int, Verdict]
     trends: list[DeltaTrend]
     reasons: tuple[str, ...] = ()
     moving: tuple[tuple[str, str, float], ...] = ()
@@ -122,6 +141,10 @@ class Status:
         return f"{trend.label} on {trend.metric} would reach zero by about {trend.crossing:,.0f} steps"
 
     @property
+    def standing(self) -> Standing:
+        return Standing.SETTLED if self.settled else Standing.PROVISIONAL
+
+    @property
     def text(self) -> str:
         """Every reason, for the claim's own section."""
         if self.settled:
@@ -130,7 +153,9 @@ class Status:
             f"{arm} moves {100 * change:.1f}% per doubling on {metric}" for arm, metric, change in self.moving
         ]
         crossings = [f"{self.crossing_text(t)} at its slope per doubling" for t in self.crossings]
-        return f"provisional at {self.last} steps: " + "; ".join([*self.reasons, *crossings, *moving])
+        return f"{Standing.PROVISIONAL} at {self.last} steps: " + "; ".join(
+            [*self.reasons, *crossings, *moving]
+        )
 
     @property
     def summary(self) -> str:
@@ -138,7 +163,7 @@ class Status:
         if self.settled:
             steps = sorted(self.verdicts)[-2:]
             return (
-                f"settled: the same verdict at {steps[0]} and {steps[1]} steps, every arm flat "
+                f"{Standing.SETTLED}: the same verdict at {steps[0]} and {steps[1]} steps, every arm flat "
                 f"(< {100 * FLAT_THRESHOLD:.0f}% per doubling)"
             )
         parts = list(self.reasons)
@@ -157,14 +182,16 @@ class Status:
                 f"{count} arm{'s' if count > 1 else ''} still moving ≥ {100 * FLAT_THRESHOLD:.0f}% per "
                 f"doubling (fastest: {arm}, {100 * change:.0f}% on {metric})"
             )
-        return f"provisional at {self.last} steps: " + "; ".join(parts)
+        return f"{Standing.PROVISIONAL} at {self.last} steps: " + "; ".join(parts)
 
 
-def claim_status(claim: Claim, along: dict[int, dict[int, str]], budgets: dict[int, Values]) -> Status | None:
+def claim_status(
+    claim: Claim, along: dict[int, dict[int, Verdict]], budgets: dict[int, Values]
+) -> Status | None:
     """Settled when the claim's verdict is the same at the last two budgets (and is the final
     evaluation's), every arm of its primary comparisons is flat on the per-budget metric, and no
     compared difference is heading for the other sign within one more doubling of steps."""
-    if claim.verdict == NOT_TESTED or not claim.primary:
+    if claim.verdict == Verdict.NOT_TESTED or not claim.primary:
         return None
     verdicts = {step: row[claim.number] for step, row in sorted(along.items()) if claim.number in row}
     trends, moving, unmeasured = [], {}, []
@@ -195,9 +222,94 @@ def claim_status(claim: Claim, along: dict[int, dict[int, str]], budgets: dict[i
                 f"at {last} steps the per-budget metrics say '{verdicts[last]}' where the final evaluation "
                 f"says '{claim.verdict}'"
             )
-    crossings = tuple(t for t in trends if t.crossing is not None and t.crossing <= 2 * last)
+    crossings = tuple(t for t in trends if t.doublings is not None and t.doublings <= 1)
     if unmeasured:
         reasons.append("no per-budget record for " + ", ".join(dict.fromkeys(unmeasured)))
     ordered = tuple((arm, metric, change) for (arm, metric), change in moving.items())
     settled = not reasons and not moving and not crossings
     return Status(settled, last, verdicts, trends, tuple(reasons), ordered, crossings)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Whether a claim's verdict is the same at every optimiser setting that could test it."""
+
+    number: int
+    verdicts: dict[str, Verdict]
+
+    @property
+    def agrees(self) -> bool | None:
+        """None when fewer than two settings could test the claim: agreement is then unknown."""
+        return None if len(self.verdicts) < 2 else len(set(self.verdicts.values())) == 1
+
+    @property
+    def turns(self) -> bool:
+        """Opposite outcomes at two settings (holds and contradicted, equivalent and different),
+        not merely a verdict one setting could not reach at this n."""
+        found = set(self.verdicts.values())
+        return any(verdict.opposite in found for verdict in found)
+
+    @property
+    def standing(self) -> str:
+        """What the optimiser settings say of the claim, in a few words."""
+        if self.agrees is None:
+            return "not compared across optimiser settings (fewer than two could test it)"
+        if self.agrees:
+            count = "both" if len(self.verdicts) == 2 else f"all {len(self.verdicts)}"
+            return f"the same at {count} optimiser settings that test it"
+        return "turns with the optimiser" if self.turns else "changes with the optimiser"
+
+    @property
+    def text(self) -> str:
+        if self.agrees is None:
+            return self.standing
+        if self.agrees:
+            return f"{self.standing} ({', '.join(self.verdicts)})"
+        by_verdict: dict[Verdict, list[str]] = defaultdict(list)
+        for name, verdict in self.verdicts.items():
+            by_verdict[verdict].append(name)
+        return f"{self.standing}: " + "; ".join(
+            f"{verdict} at {', '.join(names)}" for verdict, names in by_verdict.items()
+        )
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A claim's standing, worked out once: settled along the budget (`status`, None where the
+    claim has no primary comparison) and, where a tuned sweep compared optimiser settings, the
+    same verdict at every one of them (`agreement`)."""
+
+    status: Status | None
+    agreement: Agreement | None = None
+
+    @property
+    def optimiser_unsettles(self) -> bool:
+        """The optimiser settings do not (or cannot yet) agree on the verdict."""
+        return self.agreement is not None and not self.agreement.agrees
+
+    @property
+    def settled(self) -> bool:
+        return self.status is not None and self.status.settled and not self.optimiser_unsettles
+
+    @property
+    def tag(self) -> str:
+        """`settled`, `provisional`, or `provisional: <what the optimiser does>`; empty where no
+        status is known."""
+        if self.status is None:
+            return ""
+        if self.optimiser_unsettles:
+            assert self.agreement is not None
+            return f"{Standing.PROVISIONAL}: {self.agreement.standing}"
+        return Standing.SETTLED if self.settled else Standing.PROVISIONAL
+
+    @property
+    def summary(self) -> str:
+        """The headline's tail: why it is provisional, or that it is settled."""
+        status, agreement = self.status, self.agreement
+        if self.optimiser_unsettles:
+            assert agreement is not None
+            along = f"; along the budget: {status.summary}" if status is not None else ""
+            return f"{Standing.PROVISIONAL}: {agreement.text}{along}"
+        if status is None:
+            return ""
+        return status.summary + (f"; {agreement.text}" if agreement is not None else "")

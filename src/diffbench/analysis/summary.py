@@ -67,7 +67,7 @@ def summarize_trials(run_dirs: list[Path], out_stem: Path) -> str:
     text = format_table(table, "/".join(profiles))
     if diverged:
         text += "\ndiverged (no metrics): " + ", ".join(
-            f"{r.arm} seed {r.seed} at step {r.diverged_at if r.diverged_at is not None else '?'}"
+            f"{r.label} seed {r.seed} at step {r.diverged_at if r.diverged_at is not None else '?'}"
             for r in diverged
         )
     if left_out:
@@ -80,7 +80,7 @@ def summarize_trials(run_dirs: list[Path], out_stem: Path) -> str:
         "profiles": profiles,
         "trials": len(run_dirs),
         "complete": len(runs),
-        "diverged": [{"arm": r.arm, "seed": r.seed, "step": r.diverged_at} for r in diverged],
+        "diverged": [{"arm": r.label, "seed": r.seed, "step": r.diverged_at} for r in diverged],
         "left_out": [{"arm": a, "seed": s, "metric": m} for a, s, m in left_out],
         "table": table,
     }

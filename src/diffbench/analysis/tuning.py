@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffbench.analysis.collect import Incomplete, Run
+from diffbench.core.arms import Arm
 from diffbench.rundir import QUALITY_METRICS, RunDir
 
 LIKELIHOOD, SAMPLES = "likelihood", "samples"
@@ -28,7 +29,7 @@ never looked at), and the per-budget feature distance measured against validatio
 class TuningTrial:
     """One arm at one rate on the tuning seed: its last budget row, or why it has none."""
 
-    arm: str
+    arm: Arm
     rate: float
     final: dict[str, float]
     step: int | None = None
@@ -42,7 +43,7 @@ class Choice:
     """The rate an arm gets for one family, the metric that chose it and every rate's value
     (None: diverged or not measured, never a candidate)."""
 
-    arm: str
+    arm: Arm
     family: str
     metric: str | None
     rate: float | None
@@ -69,11 +70,11 @@ def family_metric(trials: list[TuningTrial], family: str) -> str | None:
     return next((m for m in FAMILY_METRICS[family] if m in found), None)
 
 
-def choose(trials: list[TuningTrial], family: str, default_rate: float) -> dict[str, Choice]:
+def choose(trials: list[TuningTrial], family: str, default_rate: float) -> dict[Arm, Choice]:
     """Per arm, the rate with the lowest final validation metric of `family`; an exact tie goes to
     the rate nearest the default (in log), so a flat curve does not move an arm for nothing."""
     metric = family_metric(trials, family)
-    choices: dict[str, Choice] = {}
+    choices: dict[Arm, Choice] = {}
     for arm in dict.fromkeys(t.arm for t in trials):
         values: dict[float, float | None] = {}
         for trial in sorted((t for t in trials if t.arm == arm), key=lambda t: t.rate):
@@ -102,8 +103,8 @@ def trial_of(found: Run | Incomplete) -> TuningTrial | None:
         step = rows[-1]["step"] if rows else None
         note = "" if rows else "no budget rows"
         rate = rate_of(found.config)
-        return TuningTrial(found.arm.label, rate, final, step, note, found.optimisation, found.seed)
-    if not found.diverged:
+        return TuningTrial(found.arm, rate, final, step, note, found.optimisation, found.seed)
+    if not found.diverged or found.arm is None:
         return None
     at = found.diverged_at
     note = f"diverged at step {at if at else '?'}"
@@ -151,7 +152,7 @@ def number(value: float | None, digits: int = 3) -> str:
 
 
 def tuning_record(
-    trials: list[TuningTrial], choices: dict[str, dict[str, Choice]], seed: int | None, default: float
+    trials: list[TuningTrial], choices: dict[str, dict[Arm, Choice]], seed: int | None, default: float
 ) -> TuningRecord:
     """Per arm: the rate chosen for each family, each rate's validation metrics and gradient norms."""
     arms = list(dict.fromkeys(t.arm for t in trials))
@@ -165,7 +166,7 @@ def tuning_record(
         "budget_step": steps[-1] if steps else None,
         "rule": "lowest final validation metric per family; exact ties go to the rate nearest the default",
         "arms": {
-            arm: {
+            arm.label: {
                 "chosen": {
                     f: {"metric": c[arm].metric, "rate": c[arm].rate, "edge_of_grid": c[arm].edge}
                     for f, c in choices.items()
@@ -209,6 +210,6 @@ def tuning_record(
                 text = number(choice.values.get(rate), 4) + ("*" if rate == choice.rate else "")
                 cells.append(text + (f" ({number(grad, 2)})" if grad is not None else ""))
             edge = f" ({choice.edge} of the grid)" if choice.edge else ""
-            rows.append([arm, family, *cells, number(choice.rate) + edge])
+            rows.append([arm.label, family, *cells, number(choice.rate) + edge])
     header = ["arm", "family", *(f"lr {r:g}" for r in rates), "chosen"]
     return TuningRecord(payload, intro, header, rows)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from diffbench.analysis.claims import PLUMBING
 from diffbench.analysis.collect import by_group, from_wandb, scan
 from diffbench.analysis.optimiser import TUNED_HTML, find_tuned, write_tuned
 from diffbench.analysis.report import REPORT_HTML, build_report, write_axis_checks
 from diffbench.analysis.tuning import config_of, is_tuning
+from diffbench.analysis.verdicts import NO_VERDICT
 from diffbench.atomic import unwritable_reason, writable_folder
+
+T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,30 +59,59 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     optimiser = {group: t.agreements for t in tuned for group in t.groups}
+    unreadable: list[str] = []
+    draw = not options.no_figures
     for group, (group_runs, group_incomplete) in sorted(groups.items()):
-        payload = build_report(
-            group, group_runs, group_incomplete, out / group, not options.no_figures, optimiser.get(group)
+        report = guarded(
+            group,
+            unreadable,
+            build_report,
+            group,
+            group_runs,
+            group_incomplete,
+            out / group,
+            draw,
+            optimiser.get(group),
         )
+        if report is None:
+            continue
         print(f"[report] {group}: {len(group_runs)} finished runs, {len(group_incomplete)} incomplete")
-        if payload["plumbing"]:
-            print(f"[report]   {PLUMBING} (smoke profile: every stage ran, no number means anything)")
-        for claim in payload["claims"]:
-            status = claim["status"]
-            when = "" if status is None else " [settled]" if claim["settled"] else " [provisional]"
-            if status is not None and claim["optimiser"] and not claim["optimiser"]["agrees"]:
-                when = f" [provisional: {claim['optimiser']['text'].split(':')[0]}]"
-            print(f"[report]   claim {claim['number']}: {claim['headline']}{when}")
+        if report.plumbing:
+            print(f"[report]   {NO_VERDICT} (smoke profile: every stage ran, no number means anything)")
+        for claim in report.claims:
+            tag = report.settlements[claim.number].tag
+            print(f"[report]   claim {claim.number}: {claim.headline}{f' [{tag}]' if tag else ''}")
         print(f"[report]   {out / group / REPORT_HTML} (and report.md, report.json, figures/)")
     for item in tuned:
         where = out / f"{item.default_group}-tuned"
-        payload = write_tuned(item, where, draw=not options.no_figures)
+        if guarded(where.name, unreadable, write_tuned, item, where, draw) is None:
+            continue
         print(
             f"[report] tuned learning rates: {len(item.runs)} evaluation runs, "
             f"{len(item.trials)} tuning trials"
         )
-        for number, agreement in payload["agreement"].items():
-            print(f"[report]   claim {number}: {agreement['text']}")
+        for number, agreement in ({} if item.plumbing else item.agreements).items():
+            print(f"[report]   claim {number}: {agreement.text}")
         print(f"[report]   {where / TUNED_HTML} (and tuned.md, tuned.json)")
     for path in write_axis_checks({group: pair[0] for group, pair in groups.items()}, out):
         print(f"[report] {path}")
+    if unreadable:
+        print(
+            f"[report] not written: {', '.join(unreadable)}; every other report is complete.", file=sys.stderr
+        )
+        return 1
     return 0
+
+
+def guarded(name: str, unreadable: list[str], make: Callable[..., T], *args: object) -> T | None:
+    """One report's compute, render and write (`make(*args)`): a failure is said in one line and
+    `name` added to `unreadable`, so the other reports still get written."""
+    try:
+        return make(*args)
+    except Exception as error:
+        unreadable.append(name)
+        print(
+            f"[report] {name}: unreadable, no report written ({type(error).__name__}: {error})",
+            file=sys.stderr,
+        )
+        return None

@@ -329,6 +329,10 @@ def test_incomplete_runs_are_listed_not_fatal(built: tuple[Path, dict, str]) -> 
     assert {"s9-half", "s8-unfinished"} <= set(reasons)
     assert "not valid JSON" in reasons["s9-half"] and "no results.json" in reasons["s8-unfinished"]
     assert payload["runs"] == 24
+    # An incomplete run carries its Arm (from its config, never its folder name); `?` where none is readable.
+    unfinished = load_run(out.parent.parent / "trials" / "default-digits" / "x0_elbo" / "s8-unfinished")
+    assert unfinished.arm == Arm("x0", "elbo") and unfinished.label == "x0_elbo"
+    assert {i["arm"] for i in payload["incomplete"]} == {"x0_elbo", "eps_simple", "?"}
     page = (out / "report.html").read_text()
     assert "Incomplete runs" in page and "s9-half" in page
 

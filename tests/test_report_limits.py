@@ -116,6 +116,7 @@ def test_a_large_stable_difference_with_a_near_zero_slope_is_reported_beside_ano
     (trend,) = claim["status"]["trends"]
     assert trend["slope_per_doubling"]["mean"] == pytest.approx(1.1e-4)
     assert trend["zero_crossing_steps"] is None and trend["zero_crossing_doublings"] > 8
+    assert trend["zero_crossing"] == "no crossing within 8 doublings"
     assert claim["verdict"] == Verdict.HOLDS and claim["status"]["settled"] and claim["settled"]
     assert "no crossing within 8 doublings" in pages[stable]
     near = claims_of(groups[closing])[1]

@@ -483,7 +483,7 @@ def claim_equivalence(
             equal = sum(t.verdict == Verdict.EQUIVALENT for t in family)
             outcome = Outcome.of(differ, equal, len(family))
             count = differ if differ else equal
-            word = ("differs" if count == 1 else "differ") if differ else "equivalent"
+            word = ("differs" if count == 1 else "differ") if differ else Verdict.EQUIVALENT
             pieces.append(
                 f"{outcome} (c: {count} of {len(family)} weighting{'s' if len(family) > 1 else ''} {word} "
                 f"on {metric}, margin ±{margin:g})"

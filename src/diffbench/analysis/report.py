@@ -184,7 +184,8 @@ def claims_json(claims: list[Claim], settlements: dict[int, Settlement]) -> list
                     "deltas": t.deltas,
                     "slope_per_doubling": comparison_json(t.slope),
                     "zero_crossing_steps": t.crossing,
-                    "zero_crossing_doublings": t.doublings,
+                    "zero_crossing_doublings": t.doublings if t.doublings != math.inf else None,
+                    "zero_crossing": t.crossing_text(),
                 }
                 for t in status.trends
             ],

@@ -341,10 +341,12 @@ def claim_samples(values: Values, metrics: MetricSet) -> Claim:
 def output_for(head: Head, eps_hat: torch.Tensor, xt: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """The output this head reads as ε̂, from its own `to_eps` alone: a head's conversion is affine
     in its output element by element, ε̂ = to_eps(0) + (to_eps(1) − to_eps(0))·output, so it
-    inverts for any head registered in HEADS without a table of known heads."""
+    inverts for any head registered in HEADS without a table of known heads. One correction step
+    with the residual removes the rounding of the difference (to_eps(0) can be large beside the slope)."""
     offset = head.to_eps(torch.zeros_like(eps_hat), xt, alpha_bar)
     slope = head.to_eps(torch.ones_like(eps_hat), xt, alpha_bar) - offset
-    return (eps_hat - offset) / slope
+    output = (eps_hat - offset) / slope
+    return output + (eps_hat - head.to_eps(output, xt, alpha_bar)) / slope
 
 
 def elbo_identity(num_timesteps: int = 1000, seed: int = 0) -> float:

@@ -232,6 +232,11 @@ class LaunchOptions:
     array_parallelism: int = 0
 
     def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(
+                f"LAUNCHER={self.launcher} is not a launcher: use one of {', '.join(LAUNCHERS)}; "
+                "nothing was started."
+            )
         for name, least in COUNTS.items():
             value = getattr(self, name)
             if not is_int(value) or value < least:

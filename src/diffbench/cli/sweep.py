@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import fields
 
 from diffbench import launch, tuned
 from diffbench.analysis.summary import summarize_trials
@@ -86,25 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{name}={value} only applies to OBJ={obj}; drop it or set OBJ={obj}.")
         if args.rates is not None and args.obj != TUNED_OBJ:
             raise ConfigError(f"RATES only applies to OBJ={TUNED_OBJ}; drop it or set OBJ={TUNED_OBJ}.")
-        options = LaunchOptions(
-            args.launcher,
-            args.gpus,
-            args.trials_per_gpu,
-            args.jobs,
-            args.agents,
-            args.local,
-            args.wait,
-            args.partition,
-            args.time,
-            args.cpus,
-            args.array_parallelism,
-        )
+        options = LaunchOptions(**{f.name: getattr(args, f.name) for f in fields(LaunchOptions)})
         of = next((v for v in (args.lr_of, args.tune_of) if v is not None), "all")
         wanted = SweepOptions(
             args.obj, of, args.profile, args.data, args.seeds, args.args, args.gpus, args.rates, options.here
         )
         sweep = configure(wanted)
-        options.slots()
+        options.slots()  # GPUS this machine lacks are refused before any trial is checked
         trials = plan(sweep, wanted, run_check)
         for trial in trials:
             for other in trial.same:

@@ -12,15 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import TINY
+from diffbench import launch
 from diffbench.analysis.collect import Incomplete, load_run
 from diffbench.cli import evaluate as evaluate_cli
 from diffbench.cli import report as report_cli
 from diffbench.cli import run as run_cli
-from diffbench.cli import sweep as sweep_cli
-from diffbench.config import ConfigError
+from diffbench.cli.checks import check_settings
+from diffbench.config import ConfigError, compose
+from diffbench.plan import SweepOptions, plan, point_label, read_sweep, sweeps_dir
 from diffbench.rundir import RESULTS, RunDir
+from diffbench.sweep import main as sweep_main
 
 pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
 
@@ -351,7 +355,7 @@ def test_a_sweep_checks_every_trial_before_starting_any(
     (tmp_path / "sweeps").mkdir()
     (tmp_path / "sweeps" / "mine.yaml").write_text(text)
     monkeypatch.chdir(tmp_path)
-    assert sweep_cli.main(["--obj", "mine", "--local"]) == 2
+    assert sweep_main(["--obj", "mine", "--local"]) == 2
     err = capsys.readouterr().err.strip()
     assert phrase in err and err.startswith("diffbench.sweep: ") and "Traceback" not in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["sweeps"], "no trial started, nothing written"
@@ -365,7 +369,7 @@ def test_sweep_seed_lists_that_would_miscount_are_refused(
     seeds: str, phrase: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert sweep_cli.main(["--obj", "eps_simple", "--seeds", seeds, "--local"]) == 2
+    assert sweep_main(["--obj", "eps_simple", "--seeds", seeds, "--local"]) == 2
     assert phrase in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -378,12 +382,19 @@ def test_two_names_for_one_run_run_and_count_once(
     (presets / "also_eps_simple.yaml").write_text("objective: {name: also, head: eps, weighting: own}\n")
     monkeypatch.setenv("DIFFBENCH_EXPERIMENTS", str(presets))
     monkeypatch.chdir(tmp_path)
-    sweep = sweep_cli.read_sweep(sweep_cli.sweeps_dir() / "all.yaml")
-    sweep["parameters"]["experiment"] = {"values": ["eps_simple", "also_eps_simple", "x0_simple"]}
-    points = sweep_cli.expand_grid(sweep)
-    kept, dirs = sweep_cli.distinct_trials(points, sweep_cli.trial_dirs(sweep, points))
-    assert len(points) == 9 and len(kept) == len(set(dirs)) == 6
-    assert {p["experiment"] for p in kept} == {"eps_simple", "x0_simple"}
+    sweep = read_sweep(sweeps_dir() / "all.yaml")
+    sweep.parameters["experiment"] = {"values": ["eps_simple", "also_eps_simple", "x0_simple"]}
+    points = sweep.grid()
+    kept = plan(sweep, SweepOptions(), lambda overrides, here: check_settings(compose(overrides), here))
+    assert len(points) == 9 and len(kept) == len({t.directory for t in kept}) == 6
+    assert {t.point["experiment"] for t in kept} == {"eps_simple", "x0_simple"}
+    (same,) = kept[0].same
+    assert point_label(same) == "experiment=also_eps_simple seed=0 profile=default data=digits"
+    # The command names each such point once, before anything runs.
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "two.yaml").write_text(yaml.safe_dump(sweep.config(), sort_keys=False))
+    monkeypatch.setattr(launch, "run", lambda *args: launch.Outcome(0))
+    assert sweep_main(["--obj", "two", "--local"]) == 0
     assert (
         "experiment=also_eps_simple seed=0 profile=default data=digits is the same run as"
         in capsys.readouterr().out

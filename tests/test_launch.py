@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
-from diffbench.cli import sweep as sweep_cli
+from conftest import TINY, spec_of
+from diffbench import launch
 from diffbench.config import ConfigError
-from diffbench.launch import THREADS, VISIBLE, gpu_slots, trial_env
+from diffbench.launch import THREADS, VISIBLE, LaunchOptions, gpu_slots, trial_env
+from diffbench.plan import Trial, load_sweep
+from diffbench.sweep import main
 
 EIGHT = [str(i) for i in range(8)]
 
@@ -33,19 +35,19 @@ def eight_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_one_gpu_per_trial_two_trials_per_gpu_fills_every_gpu(eight_gpus: None) -> None:
-    slots = sweep_cli.slots_for(gpus=1, trials_per_gpu=2, jobs=0)
+    slots = LaunchOptions(gpus=1, trials_per_gpu=2, jobs=0).slots()
     assert len(slots) == 16 and all(slot in EIGHT for slot in slots)
     assert Counter(slots) == dict.fromkeys(EIGHT, 2)
 
 
 def test_two_gpus_per_trial_make_four_pairs(eight_gpus: None) -> None:
-    assert sweep_cli.slots_for(gpus=2, trials_per_gpu=1, jobs=0) == ["0,1", "2,3", "4,5", "6,7"]
-    assert sweep_cli.slots_for(gpus=3, trials_per_gpu=1, jobs=0) == ["0,1,2", "3,4,5"]  # GPUs 6, 7 idle
+    assert LaunchOptions(gpus=2, trials_per_gpu=1, jobs=0).slots() == ["0,1", "2,3", "4,5", "6,7"]
+    assert LaunchOptions(gpus=3, trials_per_gpu=1, jobs=0).slots() == ["0,1,2", "3,4,5"]  # GPUs 6, 7 idle
 
 
 def test_visible_devices_are_the_ones_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(VISIBLE, "3,5")
-    assert sweep_cli.slots_for(gpus=1, trials_per_gpu=1, jobs=0) == ["3", "5"]
+    assert LaunchOptions(gpus=1, trials_per_gpu=1, jobs=0).slots() == ["3", "5"]
 
 
 @pytest.mark.parametrize(("gpus", "per_gpu", "phrase"), [(9, 1, "GPUS=9"), (1, 0, "TRIALS_PER_GPU=0")])
@@ -58,12 +60,12 @@ def test_a_sweep_that_cannot_fit_exits_2_before_anything(
     eight_gpus: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert sweep_cli.main(["--obj", "eps", "--gpus", "16"]) == 2
+    assert main(["--obj", "eps", "--gpus", "16"]) == 2
     assert "GPUS=16" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
 def test_cpu_trials_keep_the_jobs_meaning() -> None:
-    assert sweep_cli.slots_for(gpus=0, trials_per_gpu=4, jobs=3) == [None, None, None]
+    assert LaunchOptions(gpus=0, trials_per_gpu=4, jobs=3).slots() == [None, None, None]
 
 
 def test_trial_environment_pins_devices_and_splits_threads() -> None:
@@ -89,12 +91,13 @@ def test_local_runner_pins_each_running_trial_to_its_own_slot(
         running[device] -= 1
         return 0
 
-    monkeypatch.setattr(sweep_cli, "run_trial", fake_trial)
-    sweep = sweep_cli.load_sweep("all")
+    monkeypatch.setattr(launch, "run_trial", fake_trial)
+    sweep = load_sweep("all")
+    spec = spec_of([])  # the runner reads each trial's command, directory and label
     points = [{"experiment": "eps_simple", "seed": s} for s in range(32)]
-    dirs = [tmp_path / f"t{i}" for i in range(32)]
-    slots = sweep_cli.slots_for(gpus=1, trials_per_gpu=2, jobs=0)
-    sweep_cli.run_local(sweep, points, dirs, {}, slots)
+    trials = [Trial(p, spec, tuple(sweep.command_of(p)), tmp_path / f"t{i}") for i, p in enumerate(points)]
+    slots = LaunchOptions(gpus=1, trials_per_gpu=2, jobs=0).slots()
+    launch.run_local(trials, {}, slots)
     assert len(seen) == 32 and set(seen) == set(EIGHT) and max(most.values()) <= 2
 
 
@@ -116,17 +119,17 @@ def test_wandb_agents_are_pinned_to_the_same_groups(
             return 0
 
     monkeypatch.setattr(wandb, "sweep", lambda **kwargs: "abc123")
-    monkeypatch.setattr(sweep_cli.subprocess, "Popen", Agent)
+    monkeypatch.setattr(launch.subprocess, "Popen", Agent)
     for gpus, per_gpu, agents, expected in (
         (1, 1, 0, EIGHT),
         (2, 1, 0, ["0,1", "2,3", "4,5", "6,7"]),
         (1, 2, 3, ["0", "0", "1"]),
     ):
         started.clear()
-        slots = sweep_cli.slots_for(gpus, per_gpu, 0)
-        sweep_cli.run_wandb(sweep_cli.load_sweep("all"), sweep_cli.agent_slots(slots, gpus, agents), {})
+        options = LaunchOptions(gpus=gpus, trials_per_gpu=per_gpu, agents=agents)
+        launch.run_wandb(load_sweep("all").config(), options.agent_slots(options.slots()), {})
         assert [env[VISIBLE] for env in started] == expected
-    assert sweep_cli.agent_slots([None, None], 0, 0) == [None]
+    assert LaunchOptions().agent_slots([None, None]) == [None]
 
 
 def run_sweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -215,18 +218,15 @@ def test_the_makefile_sweep_line_is_one_the_sweep_command_reads() -> None:
     words = shlex.split(line[line.index("-m diffbench.sweep") + len("-m diffbench.sweep") :])
     captured: dict[str, object] = {}
 
-    def record(options: object, *rest: object) -> int:
-        captured.update(vars(options))
-        return 0
+    def record(trials: list[Trial], options: LaunchOptions, *rest: object) -> launch.Outcome:
+        captured.update(vars(options), seeds={t.point["seed"] for t in trials})
+        return launch.Outcome(0)
 
-    original = sweep_cli.launch_jobs
-    try:
-        sweep_cli.launch_jobs = record  # type: ignore[assignment]
-        assert sweep_cli.main(words) == 0
-    finally:
-        sweep_cli.launch_jobs = original
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launch, "run", record)
+        assert main(words) == 0
     assert captured["launcher"] == "slurm" and captured["partition"] == "gpu" and captured["wait"] is True
-    assert captured["cpus"] == 4 and captured["time"] == 240 and captured["seeds"] == "2"
+    assert captured["cpus"] == 4 and captured["time"] == 240 and captured["seeds"] == {0, 1}
 
 
 def test_slurm_launcher_submits_one_array_and_says_what_to_run_next(
@@ -244,10 +244,10 @@ def test_slurm_launcher_submits_one_array_and_says_what_to_run_next(
         submitted.update(jobs=jobs, root=root, options=options)
         return [Job(i) for i in range(len(jobs))]
 
-    monkeypatch.setattr(sweep_cli, "submit_slurm", submit)
+    monkeypatch.setattr(launch, "submit_slurm", submit)
     monkeypatch.chdir(tmp_path)
     args = ["--obj", "eps", "--seeds", "2", "--launcher", "slurm", "--gpus", "1", "--partition", "a100"]
-    assert sweep_cli.main(args) == 0
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "SLURM job array 4242" in printed and "make report" in printed
     jobs, options = submitted["jobs"], submitted["options"]
@@ -285,3 +285,16 @@ def test_sigterm_to_the_sweep_stops_its_trials_in_order_and_leaves_no_orphan(
     again = run_sweep(tmp_path, *SMOKE, "--jobs", "1", "--args", LONGER)
     assert again.returncode == 0, again.stderr[-3000:]
     assert final_metrics(tmp_path) == uninterrupted
+
+
+SOURCE = Path(launch.__file__).parent
+
+
+def test_one_trial_label_and_one_wandb_fallback_for_the_sweep() -> None:
+    """A trial is named by `plan.point_label` alone, and a sweep's trials fall back to W&B offline in
+    `tracking.trials_online` alone (the run's own fallback when wandb.init fails stays in pipeline)."""
+    texts = {p.relative_to(SOURCE).as_posix(): p.read_text() for p in SOURCE.rglob("*.py")}
+    labels = {name: text.count('f"{k}={v}" for k, v in') for name, text in texts.items()}
+    assert {name: n for name, n in labels.items() if n} == {"plan.py": 1}
+    offline = {name: text.count('["WANDB_MODE"] = "offline"') for name, text in texts.items()}
+    assert {name: n for name, n in offline.items() if n} == {"tracking.py": 1, "pipeline.py": 1}

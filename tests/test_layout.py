@@ -12,9 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "src" / "diffbench"
 # Lower layers never import higher ones. `cli` and the `python -m diffbench.<name>` shims are the top.
 LAYERS = {
-    "cli": 5,
+    "cli": 7,
+    "tuned": 6,
+    "launch": 5,
+    "plan": 4,
     "pipeline": 4,
-    "launch": 4,
     "bench": 4,
     "train": 3,
     "evaluation": 3,

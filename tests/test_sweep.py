@@ -22,26 +22,28 @@ from conftest import TINY, spec_of
 from diffbench.analysis.collect import config_group
 from diffbench.analysis.summary import summarize_trials
 from diffbench.cli.checks import check_settings
-from diffbench.cli.sweep import (
-    LEARNING_RATES,
-    apply_options,
-    expand_grid,
-    load_sweep,
-    main,
-    parse_seeds,
-    summary_sets,
-    summary_stem,
-    sweeps_dir,
-    trial_command,
-    trial_dirs,
-    trial_overrides,
-)
 from diffbench.config import ConfigError, compose
 from diffbench.core.arms import Arm
 from diffbench.core.heads import HEADS
 from diffbench.core.weightings import WEIGHTINGS
+from diffbench.plan import (
+    LEARNING_RATES,
+    Sweep,
+    SweepOptions,
+    Trial,
+    load_sweep,
+    overrides_of,
+    parse_seeds,
+    plan,
+    read_sweep,
+    summary_sets,
+    summary_stem,
+    sweeps_dir,
+    with_options,
+)
 from diffbench.rundir import RunDir, trial_dir
-from diffbench.spec import build_spec
+from diffbench.spec import RunSpec, build_spec
+from diffbench.sweep import main
 from diffbench.train.build import build_datamodule, build_module
 
 pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
@@ -49,18 +51,25 @@ pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates 
 SWEEP_FILES = sorted(sweeps_dir().glob("*.yaml"))
 
 
+def run_check(overrides: list[str], here: bool) -> RunSpec:
+    """The run command's check, as `make sweep` hands it to the plan."""
+    return check_settings(compose(overrides), here)
+
+
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
 def test_sweep_yaml_is_valid_for_wandb_and_every_point_composes(path: Path) -> None:
-    sweep = yaml.safe_load(path.read_text())
-    assert wandb_sweeps.schema_violations_from_proposed_config(sweep) == []
-    assert sweep["method"] == "grid" and "${args_no_hyphens}" in sweep["command"]
-    points = expand_grid(sweep)
-    sizes = [len(spec["values"]) if "values" in spec else 1 for spec in sweep["parameters"].values()]
+    raw = yaml.safe_load(path.read_text())
+    assert wandb_sweeps.schema_violations_from_proposed_config(raw) == []
+    assert raw["method"] == "grid" and "${args_no_hyphens}" in raw["command"]
+    sweep = read_sweep(path)
+    assert sweep.config() == raw
+    points = sweep.grid()
+    sizes = [len(spec["values"]) if "values" in spec else 1 for spec in sweep.parameters.values()]
     assert len(points) == math.prod(sizes) and len({tuple(p.items()) for p in points}) == len(points)
     for point in points:
-        command = trial_command(sweep, point)
+        command = sweep.command_of(point)
         assert command[:3] == [sys.executable, "-m", "diffbench.run"]
-        cfg = compose(trial_overrides(command))
+        cfg = compose(overrides_of(command))
         assert check_settings(cfg).arm.label == trial_dir(build_spec(cfg)).parent.name
         assert cfg.seed == point["seed"]
         assert cfg.experiment == point.get("experiment", "custom")
@@ -68,9 +77,9 @@ def test_sweep_yaml_is_valid_for_wandb_and_every_point_composes(path: Path) -> N
         assert cfg.objective.weighting == point.get("weighting", cfg.objective.weighting)
 
 
-def composed_arms(sweep: dict) -> Counter[tuple[str, str]]:
+def composed_arms(sweep: Sweep) -> Counter[tuple[str, str]]:
     """How many trials of each (head, weighting) a sweep runs, read from the composed configs."""
-    configs = (compose(trial_overrides(trial_command(sweep, point))) for point in expand_grid(sweep))
+    configs = (compose(overrides_of(sweep.command_of(point))) for point in sweep.grid())
     return Counter((cfg.objective.head, cfg.objective.weighting) for cfg in configs)
 
 
@@ -86,14 +95,17 @@ GRID_WEIGHTINGS = ("elbo", "elbo_is", "eps", "own")
 )
 def test_grid_sweeps_run_exactly_their_head_weighting_pairs(obj: str, expected: set[tuple[str, str]]) -> None:
     sweep = load_sweep(obj)
-    assert "experiment" not in sweep["parameters"]
+    assert "experiment" not in sweep.parameters
     arms = composed_arms(sweep)
     assert set(arms) == expected and set(arms.values()) == {3}, "each pair once per seed 0, 1, 2"
-    points = expand_grid(sweep)
-    dirs = trial_dirs(sweep, points)
-    assert len(set(dirs)) == len(points)
-    for point, directory in zip(points, dirs, strict=True):
-        assert directory.parent.name == Arm(point["head"], point["weighting"]).label
+    points = sweep.grid()
+    trials = plan(sweep, SweepOptions(), run_check)
+    dirs = [t.directory for t in trials]
+    assert len(set(dirs)) == len(points) == len(trials)
+    assert [t.point for t in trials] == points
+    for point, trial in zip(points, trials, strict=True):
+        directory = trial.directory
+        assert directory.parent.name == Arm(point["head"], point["weighting"]).label == trial.spec.arm.label
         assert directory.parents[1].name == "default-digits" and directory.name.startswith(
             f"s{point['seed']}-"
         )
@@ -127,29 +139,30 @@ def test_every_grid_pair_trains_one_step() -> None:
 
 @pytest.mark.parametrize(("lr_of", "arms"), [("all", 6), ("grid", 16)])
 def test_lr_check_runs_each_arm_at_three_learning_rates_on_seed_zero(lr_of: str, arms: int) -> None:
-    sweep = apply_options(load_sweep("lr", lr_of), "smoke", None, None, ["run.reuse=true"])
-    assert wandb_sweeps.schema_violations_from_proposed_config(sweep) == []
-    assert sweep["name"] == f"diffbench-{lr_of}-lr"
-    points = expand_grid(sweep)
+    sweep = with_options(load_sweep("lr", lr_of), "smoke", None, None, ["run.reuse=true"])
+    assert wandb_sweeps.schema_violations_from_proposed_config(sweep.config()) == []
+    assert sweep.name == f"diffbench-{lr_of}-lr"
+    points = sweep.grid()
     assert len(points) == arms * len(LEARNING_RATES)
-    configs = [compose(trial_overrides(trial_command(sweep, point))) for point in points]
+    configs = [compose(overrides_of(sweep.command_of(point))) for point in points]
     assert {cfg.seed for cfg in configs} == {0}
     by_arm: dict[str, list[float]] = {}
     for cfg in configs:
         by_arm.setdefault(Arm(cfg.objective.head, cfg.objective.weighting).label, []).append(cfg.optim.lr)
     assert len(by_arm) == arms
     assert all(sorted(rates) == sorted(LEARNING_RATES) for rates in by_arm.values())
-    assert len(set(trial_dirs(sweep, points))) == len(points), "each learning rate has its own trial"
+    trials = plan(sweep, SweepOptions(), run_check)
+    assert len({t.directory for t in trials}) == len(points), "each learning rate has its own trial"
 
 
 def test_lr_check_summarises_each_learning_rate_apart(tmp_path: Path) -> None:
     sweep = load_sweep("lr")
-    points = expand_grid(sweep)
-    dirs = [tmp_path / f"trial{i}" for i in range(len(points))]
-    sets = summary_sets(points, dirs)
+    spec = spec_of([])  # any spec: the summary reads each trial's point and directory
+    trials = [Trial(p, spec, (), tmp_path / f"trial{i}") for i, p in enumerate(sweep.grid())]
+    sets = summary_sets(trials)
     assert [rate for rate, _ in sets] == list(LEARNING_RATES)
     for rate, subset in sets:
-        assert subset == [d for p, d in zip(points, dirs, strict=True) if p["optim.lr"] == rate]
+        assert subset == [t for t in trials if t.point["optim.lr"] == rate]
         assert len(subset) == 6
     stems = [summary_stem(sweep, rate) for rate, _ in sets]
     assert stems == [
@@ -158,9 +171,10 @@ def test_lr_check_summarises_each_learning_rate_apart(tmp_path: Path) -> None:
         "summary-diffbench-all-lr-lr3e-03",
     ]
     for stem, (_, subset) in zip(stems, sets, strict=True):
-        summarize_trials(subset, tmp_path / stem)
+        summarize_trials([t.directory for t in subset], tmp_path / stem)
     assert len(list(tmp_path.glob("*.md"))) == 3, "one table file per learning rate"
-    assert summary_sets(expand_grid(load_sweep("all")), dirs[:18]) == [(None, dirs[:18])]
+    plain = [Trial(p, spec, (), t.directory) for p, t in zip(load_sweep("all").grid(), trials)]
+    assert len(plain) == 18 and summary_sets(plain) == [(None, plain)]
     assert summary_stem(load_sweep("all"), None) == "summary-diffbench-all"
 
 
@@ -182,7 +196,7 @@ def test_lr_of_needs_obj_lr_and_another_sweep(capsys: pytest.CaptureFixture[str]
     ],
 )
 def test_obj_selects_arms(obj: str, expected: set[str]) -> None:
-    assert set(load_sweep(obj)["parameters"]["experiment"]["values"]) == expected
+    assert set(load_sweep(obj).parameters["experiment"]["values"]) == expected
 
 
 def test_seeds_count_or_list() -> None:

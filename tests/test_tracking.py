@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
-from diffbench import tracking
-from diffbench.cli import sweep as sweep_cli
-from diffbench.tracking import wandb_mode, wandb_server_answers
+from diffbench import launch, tracking
+from diffbench.sweep import main
+from diffbench.tracking import trials_online, wandb_mode, wandb_server_answers
 
 pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
 
@@ -114,18 +114,29 @@ def test_sweep_falls_back_to_the_local_runner_when_wandb_fails(
     def broken_wandb(*args: object) -> None:
         raise RuntimeError("wandb.errors.AuthenticationError: API key not valid")
 
-    def local(sweep: dict, points: list, dirs: list, env: dict, jobs: int) -> list:
-        ran.append({"points": len(points), "mode": env["WANDB_MODE"]})
-        return []
+    def local(trials: list, env: dict, slots: list, jobs: object = None) -> None:
+        ran.append({"points": len(trials), "mode": env["WANDB_MODE"]})
 
-    monkeypatch.setattr(sweep_cli, "wandb_online", lambda: True)
-    monkeypatch.setattr(sweep_cli, "run_wandb", broken_wandb)
-    monkeypatch.setattr(sweep_cli, "run_local", local)
-    monkeypatch.setattr(sweep_cli, "summarize_trials", lambda dirs, stem: "")
-    monkeypatch.setattr(sweep_cli, "report_main", lambda argv: 0)
-    assert sweep_cli.main(["--obj", "eps_simple", "--profile", "smoke", "--seeds", "2"]) == 1
+    monkeypatch.setattr(tracking, "wandb_online", lambda: True)
+    monkeypatch.setattr(launch, "run_wandb", broken_wandb)
+    monkeypatch.setattr(launch, "run_local", local)
+    assert main(["--obj", "eps_simple", "--profile", "smoke", "--seeds", "2"]) == 1
     assert ran == [{"points": 2, "mode": "offline"}]
     assert "local runner" in capsys.readouterr().err
+
+
+def test_trials_go_offline_unless_wanted_and_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one place a sweep decides its trials' W&B mode: an explicit mode other than online is
+    kept, anything else is online only when wanted and reachable, else offline."""
+    monkeypatch.setattr(tracking, "wandb_online", lambda: True)
+    env: dict[str, str] = {}
+    assert trials_online(env, wanted=True) and "WANDB_MODE" not in env
+    assert not trials_online(env, wanted=False) and env["WANDB_MODE"] == "offline"
+    disabled = {"WANDB_MODE": "disabled"}
+    assert not trials_online(disabled, wanted=True) and disabled["WANDB_MODE"] == "disabled"
+    monkeypatch.setattr(tracking, "wandb_online", lambda: False)
+    online = {"WANDB_MODE": "online"}
+    assert not trials_online(online, wanted=True) and online["WANDB_MODE"] == "offline"
 
 
 @pytest.mark.parametrize("seeds", ["0", "2,-1", "three", ","])
@@ -133,7 +144,7 @@ def test_seeds_selecting_nothing_exit_2_before_anything_runs(
     seeds: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert sweep_cli.main(["--obj", "eps_simple", "--seeds", seeds]) == 2
+    assert main(["--obj", "eps_simple", "--seeds", seeds]) == 2
     err = capsys.readouterr().err
     assert "SEEDS=" in err and "nothing was started" in err
     assert not (tmp_path / "runs").exists()

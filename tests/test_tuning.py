@@ -8,15 +8,32 @@ from pathlib import Path
 
 import pytest
 
+from diffbench import launch, tuned
 from diffbench.analysis.collect import scan
 from diffbench.analysis.optimiser import find_tuned, tuning_key
 from diffbench.analysis.settled import Agreement
 from diffbench.analysis.tuning import LIKELIHOOD, SAMPLES, TUNING_ONLY, TuningTrial, choose
 from diffbench.analysis.verdicts import Verdict
 from diffbench.cli import report as report_cli
-from diffbench.cli import sweep as sweep_cli
+from diffbench.cli.checks import check_settings
+from diffbench.config import compose
 from diffbench.core.arms import Arm
+from diffbench.launch import LaunchOptions
+from diffbench.plan import (
+    TUNING_SEED,
+    Sweep,
+    SweepOptions,
+    Trial,
+    configure,
+    load_sweep,
+    overrides_of,
+    plan,
+    tuning_sweep,
+    with_options,
+)
 from diffbench.rundir import RunDir
+from diffbench.spec import RunSpec
+from diffbench.sweep import main
 from fabricate import write_run
 
 RATES = (1e-4, 3e-4, 1e-3, 3e-3)
@@ -70,24 +87,29 @@ def test_a_tie_goes_to_the_rate_nearest_the_default_and_no_finished_rate_chooses
     assert choose(broken, LIKELIHOOD, 1e-3)[EPS_ELBO].rate is None
 
 
+def run_check(overrides: list[str], here: bool) -> RunSpec:
+    """The run command's check, as `make sweep` hands it to the plan."""
+    return check_settings(compose(overrides), here)
+
+
 def test_stage_one_is_the_tuning_seed_alone_without_evaluation() -> None:
-    base = sweep_cli.apply_options(sweep_cli.load_sweep("tuned", "eps"), "smoke", None, "3", [])
-    stage1 = sweep_cli.tuning_sweep(base, list(RATES), sweep_cli.TUNING_SEED)
-    points = sweep_cli.expand_grid(stage1)
+    base = with_options(load_sweep("tuned", "eps"), "smoke", None, "3", [])
+    stage1 = tuning_sweep(base, list(RATES), TUNING_SEED)
+    points = stage1.grid()
     assert len(points) == 2 * len(RATES)
-    assert {p["seed"] for p in points} == {sweep_cli.TUNING_SEED}
+    assert {p["seed"] for p in points} == {TUNING_SEED}
     assert all(p["eval.enabled"] is False and p["eval.reference_split"] == "val" for p in points)
     assert sorted({p["optim.lr"] for p in points}) == list(RATES)
 
 
 def test_stage_two_trains_the_evaluation_seeds_at_the_default_and_the_chosen_rates(tmp_path: Path) -> None:
-    base = sweep_cli.apply_options(
-        sweep_cli.load_sweep("tuned", "eps"), "smoke", None, "2", [f"run.root={tmp_path}"]
-    )
-    points = sweep_cli.expand_grid(base)
-    dirs = sweep_cli.trial_dirs(base, points)
+    base = with_options(load_sweep("tuned", "eps"), "smoke", None, "2", [f"run.root={tmp_path}"])
+    evaluation = plan(base, SweepOptions(), run_check)
+    dirs = [t.directory for t in evaluation]
+    stages = tuned.TunedPlan(base, evaluation, tuning_sweep(base, list(RATES), TUNING_SEED), [])
     choices = {LIKELIHOOD: choose(trials(), LIKELIHOOD, 1e-3), SAMPLES: choose(trials(), SAMPLES, 1e-3)}
-    stage2, stage2_dirs = sweep_cli.tuned_points(base, points, dirs, choices, 1e-3)
+    made = tuned.stage_two(stages, tuned.Tuning(trials(), choices, 1e-3, None), run_check)  # type: ignore[arg-type]
+    stage2, stage2_dirs = [t.point for t in made], [t.directory for t in made]
     assert {p["seed"] for p in stage2} == {0, 1}
     by_arm = {(p["experiment"], p["optim.lr"]) for p in stage2}
     assert by_arm == {("eps_elbo", 3e-4), ("eps_elbo", 1e-3), ("eps_simple", 1e-3), ("eps_simple", 3e-3)}
@@ -97,7 +119,7 @@ def test_stage_two_trains_the_evaluation_seeds_at_the_default_and_the_chosen_rat
 
 
 def test_the_tuning_seed_among_the_evaluation_seeds_is_refused(capsys: pytest.CaptureFixture) -> None:
-    code = sweep_cli.main(["--obj", "tuned", "--tune-of", "eps", "--profile", "smoke", "--seeds", "0,100"])
+    code = main(["--obj", "tuned", "--tune-of", "eps", "--profile", "smoke", "--seeds", "0,100"])
     assert code == 2
     assert "SEEDS includes 100, the seed OBJ=tuned chooses the learning rates on" in capsys.readouterr().err
 
@@ -132,7 +154,7 @@ def test_bad_tuning_options_are_refused_before_anything_runs(
     argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert sweep_cli.main([*argv, "--profile", "smoke"]) == 2
+    assert main([*argv, "--profile", "smoke"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffbench.sweep: ") and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
@@ -188,29 +210,28 @@ def test_selection_from_scanned_runs_leaves_the_tuning_seed_out(tmp_path: Path) 
     assert {t.arm for t in tuned.trials} == {EPS_ELBO, EPS_SIMPLE}
 
 
-def resolved(sweep: dict, point: dict) -> dict:
+def resolved(sweep: Sweep, point: dict) -> dict:
     """The config a trial of this sweep point writes to its config.yaml."""
-    overrides = sweep_cli.trial_overrides(sweep_cli.trial_command(sweep, point))
-    return sweep_cli.check_settings(sweep_cli.compose(overrides)).resolved
+    return run_check(overrides_of(sweep.command_of(point)), True).resolved
 
 
 def test_the_tuning_key_pairs_real_stage_one_and_stage_two_configs(tmp_path: Path) -> None:
-    base = sweep_cli.apply_options(
-        sweep_cli.load_sweep("tuned", "eps"), "default", None, "2", [f"run.root={tmp_path}", "run.reuse=true"]
+    base = with_options(
+        load_sweep("tuned", "eps"), "default", None, "2", [f"run.root={tmp_path}", "run.reuse=true"]
     )
-    stage1 = sweep_cli.tuning_sweep(base, list(RATES), sweep_cli.TUNING_SEED)
-    one = resolved(stage1, sweep_cli.expand_grid(stage1)[0])
-    two = resolved(base, {**sweep_cli.expand_grid(base)[-1], "optim.lr": 3e-3})
+    stage1 = tuning_sweep(base, list(RATES), TUNING_SEED)
+    one = resolved(stage1, stage1.grid()[0])
+    two = resolved(base, {**base.grid()[-1], "optim.lr": 3e-3})
     assert one["seed"] == 100 and two["seed"] == 1 and one["objective"] != two["objective"]
     assert tuning_key(one) == tuning_key(two)
-    other = sweep_cli.apply_options(
-        sweep_cli.load_sweep("tuned", "eps"),
+    other = with_options(
+        load_sweep("tuned", "eps"),
         "default",
         None,
         "2",
         [f"run.root={tmp_path}", "data.batch_size=64"],
     )
-    assert tuning_key(resolved(other, sweep_cli.expand_grid(other)[0])) != tuning_key(two)
+    assert tuning_key(resolved(other, other.grid()[0])) != tuning_key(two)
 
 
 def test_a_verdict_that_turns_with_the_optimiser_is_not_settled(tmp_path: Path) -> None:
@@ -267,16 +288,14 @@ def fake_trials(calls: list[list[dict]]):
     (stage 1) or an NLL that favours eps_elbo at 3e-4 only (stage 2), so the sweep's own stages run
     in a second. Trials that already have results are skipped, as run.reuse does."""
 
-    def run_local(sweep: dict, points: list[dict], dirs: list[Path], env: dict, slots: list) -> list:
-        calls.append(points)
-        for point, directory in zip(points, dirs):
+    def run_local(trials: list[Trial], env: dict, slots: list, jobs: object = None) -> None:
+        calls.append([t.point for t in trials])
+        for trial in trials:
+            point, directory, spec = trial.point, trial.directory, trial.spec
             run_dir = RunDir(directory)
             if (directory / "results.json").is_file():
                 continue
             directory.mkdir(parents=True, exist_ok=True)
-            spec = sweep_cli.check_settings(
-                sweep_cli.compose(sweep_cli.trial_overrides(sweep_cli.trial_command(sweep, point)))
-            )
             run_dir.write_config(spec)
             arm, rate, seed = spec.arm.label, spec.optim.lr, spec.seed
             if point.get("eval.enabled") is False:
@@ -298,7 +317,6 @@ def fake_trials(calls: list[list[dict]]):
                     "budgets": [row],
                 }
             )
-        return []
 
     return run_local
 
@@ -307,10 +325,10 @@ def test_the_tuned_sweep_runs_both_stages_and_a_rerun_skips_stage_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     calls: list[list[dict]] = []
-    monkeypatch.setattr(sweep_cli, "run_local", fake_trials(calls))
+    monkeypatch.setattr(launch, "run_local", fake_trials(calls))
     monkeypatch.setenv("WANDB_MODE", "offline")
     argv = ["--obj", "tuned", "--tune-of", "eps", "--seeds", "3", "--args", f"run.root={tmp_path}"]
-    assert sweep_cli.main(argv) == 0
+    assert main(argv) == 0
     stage1, stage2 = calls
     assert {p["seed"] for p in stage1} == {100} and len(stage1) == 2 * len(RATES)
     assert {p["seed"] for p in stage2} == {0, 1, 2}
@@ -333,10 +351,20 @@ def test_the_tuned_sweep_runs_both_stages_and_a_rerun_skips_stage_one(
         in out
     )
     calls.clear()
-    assert sweep_cli.main(argv) == 0
+    assert main(argv) == 0
     (again,) = calls
     assert again == stage2
     assert "(0 to run)" in capsys.readouterr().out
+    # The library flow the command drives: a typed result with the choice, stage 2 and the agreement.
+    options = SweepOptions("tuned", "eps", seeds="3", args=f"run.root={tmp_path}")
+    sweep = configure(options)
+    result = tuned.run(
+        tuned.prepare(sweep, plan(sweep, options, run_check), options, run_check), LaunchOptions(), run_check
+    )
+    assert result.stage == 2 and result.outcome.code is None and not result.missing
+    assert result.tuning is not None and result.tuning.choices[LIKELIHOOD]["eps_elbo"].rate == 3e-4
+    assert [t.point for t in result.stage2] == stage2
+    assert tuned.agreements(result.stage2)[1].agrees is False
 
 
 def test_a_weaker_verdict_elsewhere_changes_but_does_not_turn() -> None:
@@ -370,7 +398,7 @@ def test_slurm_without_slurm_is_refused_in_one_line(
     def no_slurm(*args: object) -> list:
         raise RuntimeError('Could not detect "srun", are you indeed on a slurm cluster?')
 
-    monkeypatch.setattr(sweep_cli, "submit_slurm", no_slurm)
+    monkeypatch.setattr(launch, "submit_slurm", no_slurm)
     monkeypatch.setenv("WANDB_MODE", "offline")
     argv = [
         "--obj",
@@ -382,7 +410,7 @@ def test_slurm_without_slurm_is_refused_in_one_line(
         "--args",
         f"run.root={tmp_path}",
     ]
-    assert sweep_cli.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffbench.sweep: LAUNCHER=slurm could not submit") and err.count("\n") == 1
     assert "LAUNCHER=local-jobs" in err and not (tmp_path / "trials").exists()

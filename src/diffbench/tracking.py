@@ -67,6 +67,19 @@ def wandb_online() -> bool:
     return has_wandb_credentials() and wandb_server_answers()
 
 
+def trials_online(env: dict[str, str], wanted: bool) -> bool:
+    """Whether the trials a sweep starts with `env` log to W&B online: only when `wanted`, when
+    `env` leaves WANDB_MODE unset or online, and when W&B is reachable (`wandb_online`). Otherwise
+    an unset or online WANDB_MODE in `env` becomes offline (another explicit mode, such as disabled,
+    is kept), so no trial prompts or waits for a server."""
+    if env.get("WANDB_MODE", "online") != "online":
+        return False
+    if wanted and wandb_online():
+        return True
+    env["WANDB_MODE"] = "offline"
+    return False
+
+
 def wandb_mode(requested: str = "auto") -> str:
     """$WANDB_MODE wins; `auto` means online only with credentials and a reachable server, so
     nothing ever prompts or hangs."""

@@ -362,7 +362,7 @@ def test_the_tuned_sweep_runs_both_stages_and_a_rerun_skips_stage_one(
         tuned.prepare(sweep, plan(sweep, options, run_check), options, run_check), LaunchOptions(), run_check
     )
     assert result.stage == 2 and result.outcome.code is None and not result.missing
-    assert result.tuning is not None and result.tuning.choices[LIKELIHOOD]["eps_elbo"].rate == 3e-4
+    assert result.tuning is not None and result.tuning.choices[LIKELIHOOD][EPS_ELBO].rate == 3e-4
     assert [t.point for t in result.stage2] == stage2
     assert tuned.agreements(result.stage2)[1].agrees is False
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from diffbench import atomic, launch
 from diffbench.analysis.collect import load_run, scan
-from diffbench.analysis.optimiser import Agreement, default_rate, find_tuned
+from diffbench.analysis.optimiser import default_rate, find_tuned
+from diffbench.analysis.settled import Agreement
 from diffbench.analysis.tuning import (
     FAMILIES,
     Choice,
@@ -107,8 +108,9 @@ def stage_two(tuned: TunedPlan, tuning: Tuning, check: Check, here: bool = True)
     """Every evaluation trial at the shared default rate and at each rate chosen for its arm."""
     points = []
     for trial in tuned.evaluation:
-        arm = trial.spec.arm.label
-        chosen = {c.rate for family in tuning.choices.values() if (c := family.get(arm)) and c.rate}
+        chosen = {
+            c.rate for family in tuning.choices.values() if (c := family.get(trial.spec.arm)) and c.rate
+        }
         points += [{**trial.point, "optim.lr": rate} for rate in sorted({tuning.default, *chosen})]
     return trials_at(tuned.sweep, points, check, here)
 

@@ -21,6 +21,7 @@ from diffbench.rundir import (
     Curve,
     RunDir,
 )
+from diffbench.schema import is_int
 
 REFERENCE = Arm("eps", "own")
 """DDPM's L_simple: the arm every other is compared with in the report's table."""
@@ -114,7 +115,8 @@ def load_run(directory: Path) -> Run | Incomplete:
     """A run directory as a Run, or as an Incomplete that says what is missing or inconsistent.
     Where results.json lacks a field (a run evaluated again by `diffbench.evaluate`), config.yaml says."""
     run_dir = RunDir(directory)
-    config = run_dir.read_config() or {}
+    config, unreadable = run_dir.read_config_or_reason()
+    config = config or {}
     arm = arm_of(config)
     label = arm.label if arm else directory.parent.name
     seed = config.get("seed", "?")
@@ -123,6 +125,8 @@ def load_run(directory: Path) -> Run | Incomplete:
     def incomplete(reason: str, diverged: bool = False, step: int | None = None) -> Incomplete:
         return Incomplete(directory, reason, label, seed, group, diverged, step)
 
+    if unreadable:
+        return incomplete(unreadable)
     if not (run_dir / RESULTS).is_file():
         return incomplete(f"no {RESULTS} (unfinished, interrupted or failed)")
     results, problem = run_dir.read_results_or_reason()
@@ -172,7 +176,7 @@ def load_run(directory: Path) -> Run | Incomplete:
 
 
 def is_step(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_int(value) and value > 0
 
 
 def where(run: Run) -> str:

@@ -137,7 +137,7 @@ def load_run(directory: Path) -> Run | Incomplete:
         reason = (
             f"diverged at step {step if step is not None else '?'} (non-finite training loss): no metrics"
         )
-        return incomplete(reason, True, step if isinstance(step, int) else None)
+        return incomplete(reason, True, step if is_int(step) else None)
     if results.get("status") != COMPLETE:
         return incomplete(f"{RESULTS} not marked complete")
     metrics, dropped = finite_metrics(results.get("metrics"))

@@ -207,15 +207,24 @@ class RunSpec:
         return out
 
 
-def by_name(cls: type[T], section: dict[str, Any], **given: Any) -> T:
+class Missing(KeyError):
+    """A setting the config lacks (a stored config.yaml cut short or written by another version)."""
+
+
+def by_name(cls: type[T], resolved: dict[str, Any], section: str, **given: Any) -> T:
     """A section's spec with every field read from the setting of its name, but those `given`: a
     setting the schema declares becomes a typed field without a line here. A field with a default
     may be missing (a config.yaml written before the setting existed)."""
-    values = {
-        f.name: section[f.name]
-        for f in fields(cls)  # type: ignore[arg-type]
-        if f.name not in given and (f.name in section or f.default is MISSING)
-    }
+    settings = resolved.get(section)
+    if not isinstance(settings, dict):
+        raise Missing(section)
+    values = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in given or (f.name not in settings and f.default is not MISSING):
+            continue
+        if f.name not in settings:
+            raise Missing(f"{section}.{f.name}")
+        values[f.name] = settings[f.name]
     return cls(**values, **given)
 
 
@@ -230,9 +239,8 @@ def build_spec(cfg: DictConfig) -> RunSpec:
         return from_resolved(resolved)
     except KeyError as missing:
         raise ConfigError(
-            f"the config has no setting {missing.args[0]!r} that this diffbench reads (in section "
-            "data, model, trainer, eval, optim, diffusion, speed, sample, run, wandb or objective); "
-            "nothing was trained or written."
+            f"the config has no {missing.args[0]} setting, which this diffbench reads (a config.yaml "
+            "cut short, or written by another version); nothing was trained or written."
         ) from None
 
 
@@ -240,12 +248,12 @@ def from_resolved(resolved: dict[str, Any]) -> RunSpec:
     data, ev, trainer, model = resolved["data"], resolved["eval"], resolved["trainer"], resolved["model"]
     evaluation = by_name(
         EvalSpec,
-        ev,
+        resolved,
+        "eval",
         sampler=SamplerSpec(ev["sampler"], ev["sampler_steps"]),
         also_samplers=tuple(SamplerSpec.parse(s) for s in ev.get("also_samplers") or ()),
         ancestral_variance=resolved["sample"]["variance"],
     )
-    optim = resolved["optim"]
     return RunSpec(
         arm=Arm(resolved["objective"]["head"], resolved["objective"]["weighting"]),
         seed=resolved["seed"],
@@ -259,15 +267,16 @@ def from_resolved(resolved: dict[str, Any]) -> RunSpec:
         ),
         model=by_name(
             ModelSpec,
-            model,
+            resolved,
+            "model",
             channel_mult=tuple(model["channel_mult"]),
             attention_resolutions=tuple(model["attention_resolutions"]),
         ),
-        diffusion=by_name(DiffusionSpec, resolved["diffusion"]),
-        optim=by_name(OptimSpec, optim, gradient_clip_val=trainer.get("gradient_clip_val")),
-        speed=by_name(SpeedSpec, resolved["speed"]),
+        diffusion=by_name(DiffusionSpec, resolved, "diffusion"),
+        optim=by_name(OptimSpec, resolved, "optim", gradient_clip_val=trainer.get("gradient_clip_val")),
+        speed=by_name(SpeedSpec, resolved, "speed"),
         evaluation=evaluation,
-        trainer=by_name(TrainerSpec, trainer),
+        trainer=by_name(TrainerSpec, resolved, "trainer"),
         sample_grid_images=resolved["sample"]["num_images"],
         output=OutputSpec(
             root=resolved["run"]["root"],

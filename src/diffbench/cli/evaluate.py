@@ -51,7 +51,10 @@ def finished_run(run_dir: RunDir) -> tuple[dict, dict | None, Path]:
             f"{run_dir.path} diverged at step {results.get('diverged_at_step')}: its network is not "
             "finite, so there is nothing to evaluate. Train it again with a smaller optim.lr."
         )
-    max_steps = build_spec(OmegaConf.create(stored)).max_steps
+    try:
+        max_steps = build_spec(OmegaConf.create(stored)).max_steps
+    except ConfigError as error:
+        raise ConfigError(f"{run_dir / CONFIG} is not a run this diffbench can evaluate: {error}") from None
     if step < max_steps:
         raise ConfigError(
             f"{run_dir.path} stopped at step {step} of trainer.max_steps={max_steps}: "

@@ -44,7 +44,7 @@ def test_diffusers_unet_matches_unet_small_parameter_count() -> None:
     pytest.importorskip("diffusers")
     from diffbench.bench.peers import diffusers_unet
 
-    args = bench_spec("unet_small", []).model
+    args = bench_spec("unet_small", []).model.arguments()
     assert count_parameters(UNet(**args)) == count_parameters(diffusers_unet(args)) == 926_817
 
 
@@ -77,7 +77,7 @@ def test_diffusers_unet_computes_the_same_function_in_tiny_configuration() -> No
     pytest.importorskip("diffusers")
     from diffbench.bench.peers import TINY_MODEL, diffusers_unet
 
-    args = bench_spec("unet_small", TINY_MODEL).model
+    args = bench_spec("unet_small", TINY_MODEL).model.arguments()
     torch.manual_seed(0)
     ours, theirs = UNet(**args), diffusers_unet(args)
     for parameter in ours.parameters():

@@ -8,6 +8,7 @@ import pytest
 
 from diffbench.config import ConfigError, available, compose
 from diffbench.core.arms import Arm
+from diffbench.spec import build_spec
 
 EXPERIMENTS = available("experiment")
 SIX_ARMS = {"eps_simple": ("eps", "own"), "eps_elbo": ("eps", "elbo"), "x0_simple": ("x0", "own")}
@@ -93,8 +94,9 @@ def test_unknown_key_suggests_the_close_one() -> None:
     ],
 )
 def test_wrong_type_is_explained(arg: str, expected: str) -> None:
+    """Composing names an unknown group choice; the schema, as the spec is built, a wrong type."""
     with pytest.raises(ConfigError, match=expected):
-        compose([arg])
+        build_spec(compose([arg]))
 
 
 def test_setting_a_whole_group_by_value_is_refused() -> None:

@@ -25,6 +25,7 @@ LAYERS = {
     "rundir": 2,
     "spec": 2,
     "schema": 2,
+    "rules": 2,
     "core": 1,
     "data": 1,
     "config": 0,

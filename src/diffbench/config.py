@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("data", "model", "objective", "trainer")
@@ -138,32 +138,6 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, ob
     return choices, values
 
 
-def check_type(key: str, old: object, new: object, where: str = "") -> None:
-    """Reject an override whose type cannot stand in for the default's."""
-    if old is None or new is None:
-        return
-    if isinstance(old, DictConfig):
-        raise ConfigError(
-            f"{key} is a group of settings ({', '.join(old.keys())}); "
-            f"set one of them, e.g. {key}.{next(iter(old.keys()))}=…"
-        )
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, (str, int, float)),
-    }
-    if isinstance(old, ListConfig):
-        valid = isinstance(new, list)
-    else:
-        valid = ok.get(type(old), lambda v: True)(new)
-    if not valid:
-        raise ConfigError(
-            f"{key}={new!r}{where} has the wrong type: {key} expects a {type(old).__name__} "
-            f"(default {old!r}), got a {type(new).__name__}."
-        )
-
-
 def known_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     keys = []
     for key, value in cfg.items():
@@ -176,7 +150,8 @@ def known_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 def apply_value(cfg: DictConfig, key: str, value: object, source: str | None = None) -> None:
     """Set one dotted key, refusing a key the config does not have (with the nearest ones named)
-    and a value of another type than the default's. `source` names the preset it came from."""
+    and a value for a whole group of settings. `source` names the preset it came from. The value
+    itself is judged by the schema when the spec is built (`schema.validate`), the one type check."""
     add = key.startswith("+") and source is None
     key = key.lstrip("+")
     where = f" in {source}" if source else ""
@@ -189,8 +164,11 @@ def apply_value(cfg: DictConfig, key: str, value: object, source: str | None = N
             f"unknown config key {key!r}{where}.{hint} Check the spelling; README's 'Configuration' "
             "section lists the knobs."
         )
-    if old is not missing:
-        check_type(key, old, value, where)
+    if isinstance(old, DictConfig):
+        raise ConfigError(
+            f"{key} is a group of settings ({', '.join(old.keys())}); "
+            f"set one of them, e.g. {key}.{next(iter(old.keys()))}=…"
+        )
     OmegaConf.update(cfg, key, value, force_add=True)
 
 

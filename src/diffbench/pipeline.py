@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 import lightning as L
+import torch
 import wandb
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -73,7 +74,7 @@ class Stopped(Exception):
 def watched(spec: RunSpec, budget: list[int]) -> Callable[[int], bool]:
     """Whether something is measured or saved at a step: a diverged network must not reach it."""
     budgets = set(budget)
-    every = (spec.output.checkpoint_every, spec.trainer["val_check_interval"])
+    every = (spec.output.checkpoint_every, spec.trainer.val_check_interval)
     return lambda step: step in budgets or any(step % interval == 0 for interval in every)
 
 
@@ -119,7 +120,7 @@ def train(spec: RunSpec) -> dict:
     budgets = BudgetEvaluation(
         steps, lambda module: measure_budget(module, datamodule, spec), run_dir.write_budgets
     )
-    divergence = StopOnDivergence(spec.trainer["log_every_n_steps"], watched(spec, steps))
+    divergence = StopOnDivergence(spec.trainer.log_every_n_steps, watched(spec, steps))
     callbacks = [divergence, budgets, CheckpointOnStop(run_dir.checkpoints / LAST_CHECKPOINT)]
     trainer = build_trainer(spec, run_dir.path, callbacks)
     if trainer.is_global_zero and not wandb_started(trainer):
@@ -251,6 +252,23 @@ def evaluate_and_record(
     run_dir.write_results(results)
     trainer.loggers[0].experiment.finish()
     print_summary(results)
+    return results
+
+
+def reevaluate(spec: RunSpec, run_dir: RunDir, checkpoint: Path, results: dict | None) -> dict:
+    """A finished run's network (its newest checkpoint) evaluated again with `spec`'s evaluation
+    settings; the new metrics and settings replace the old ones in results.json, written under the
+    directory's lock. `python -m diffbench.evaluate` is the command around it."""
+    datamodule = build_datamodule(spec)
+    module = build_module(spec, datamodule.num_levels)
+    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    with run_dir.exclusive():
+        evaluation, seconds = evaluate(module.denoiser, datamodule, spec, run_dir)
+        results = dict(results or {"status": COMPLETE, "run_dir": str(run_dir.path)})
+        results["metrics"] = {**(results.get("metrics") or {}), **evaluation.metrics}
+        results["evaluation"] = {**(results.get("evaluation") or {}), **evaluation.settings}
+        results["eval_wall_time_s"] = seconds
+        run_dir.write_results(results)
     return results
 
 

@@ -34,9 +34,10 @@ import torch
 import yaml
 
 from diffbench import atomic
-from diffbench.config import ConfigError
+from diffbench.config import ConfigError, yaml_problem
 from diffbench.core.arms import Arm
 from diffbench.sampling.samplers import SAMPLERS
+from diffbench.schema import current_names, is_int, stored_problem
 from diffbench.spec import RunSpec
 
 SCHEMA_VERSION = 2
@@ -269,6 +270,21 @@ def make_run_dir(spec: RunSpec) -> Path:
     return run_dir.resolve()
 
 
+RESULT_FIELDS: dict[str, tuple[type, str]] = {
+    "status": (str, "a string"),
+    "metrics": (dict, "an object"),
+    "evaluation": (dict, "an object"),
+    "budgets": (list, "a list"),
+    "optimisation": (dict, "an object"),
+}
+"""The fields of results.json its readers index, with their JSON type (or null): another is a damaged file."""
+
+
+def json_type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
 class UnknownSchema(ValueError):
     """A results.json this version cannot read: its schema version is not a known one."""
 
@@ -277,7 +293,7 @@ def upgrade(results: dict) -> dict:
     """A results.json of any schema version, in the current one; UnknownSchema for a version that
     is not an integer from 1 to SCHEMA_VERSION (a newer diffbench's file, or a damaged one)."""
     version = results.get("schema_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+    if not is_int(version) or not 1 <= version <= SCHEMA_VERSION:
         raise UnknownSchema(
             f"schema_version {version!r} is not one this diffbench reads (1 to {SCHEMA_VERSION}): written by "
             "a newer version, or damaged"
@@ -315,12 +331,35 @@ class RunDir:
         return self.path / METRICS_CSV
 
     def read_config(self) -> dict | None:
-        """The stored config.yaml as plain data, or None when missing or unreadable."""
+        """The stored config.yaml as plain data, unchecked, or None when missing or unreadable: what
+        a new run compares its own settings with before it writes here."""
         try:
             config = yaml.safe_load((self.path / CONFIG).read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             return None
         return config if isinstance(config, dict) else None
+
+    def read_config_or_reason(self) -> tuple[dict | None, str | None]:
+        """The stored config.yaml read back through the schema (every value this version reads of
+        its type and in its range, renamed values under their new names), or None and why it
+        cannot be read; (None, None) when there is none."""
+        path = self.path / CONFIG
+        if not path.is_file():
+            return None, None
+        try:
+            config = yaml.safe_load(path.read_text())
+        except OSError as error:
+            return None, f"{CONFIG} cannot be read ({error.strerror or error})"
+        except UnicodeDecodeError:
+            return None, f"{CONFIG} is not text (damaged or another file under its name)"
+        except yaml.YAMLError as error:
+            return None, f"{CONFIG} is not valid YAML ({yaml_problem(error)})"
+        if not isinstance(config, dict):
+            return None, f"{CONFIG} holds a YAML {type(config).__name__}, not a mapping of settings"
+        problem = stored_problem(config)
+        if problem is not None:
+            return None, f"{CONFIG} has {problem}"
+        return current_names(config), None
 
     def write_config(self, spec: RunSpec | dict) -> None:
         """The resolved config, as the run was given it."""
@@ -342,9 +381,16 @@ class RunDir:
         if not isinstance(results, dict):
             return None, f"{RESULTS} holds a JSON {type(results).__name__}, not an object"
         try:
-            return upgrade(results), None
+            results = upgrade(results)
         except UnknownSchema as error:
             return None, f"{RESULTS} unreadable: {error}"
+        for key, (kind, name) in RESULT_FIELDS.items():
+            if results.get(key) is not None and not isinstance(results[key], kind):
+                return (
+                    None,
+                    f"{RESULTS} unreadable: its {key} is a JSON {json_type(results[key])}, not {name}",
+                )
+        return results, None
 
     def complete_results(self) -> dict | None:
         results = self.read_results()

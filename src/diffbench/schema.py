@@ -1,7 +1,8 @@
 """What a valid setting is: every key of the composed config with its type and, where it has one,
-its range. The command line, presets and `diffbench.evaluate` overrides all pass through it before
-anything is trained or written; a broken rule is one paragraph naming the key, the value, what it
-must be and an example. Rules that relate two settings are `cli/checks.py`'s."""
+its range, declared once in `SCHEMA`. The command line, presets, `diffbench.evaluate` overrides and
+a run directory's stored config.yaml all pass through it; a broken rule is one paragraph naming the
+key, the value, what it must be and an example. Rules that relate settings to each other or to this
+machine are `rules.py`'s. The integer, number and choice checks below are the only ones."""
 
 from __future__ import annotations
 
@@ -26,28 +27,52 @@ SEED_LIMIT = 2**32
 """Seeds are non-negative and below 2³², the range every seeded library here accepts."""
 STEP_LIMIT = 10**8
 """More training steps than any run could take: a larger number is a typo, not a budget."""
+MIN_SAMPLES = 4
+"""The fewest samples a sample metric takes: precision/recall use each image's 3 nearest neighbours."""
 
 
 def is_int(value: object) -> bool:
+    """An integer, and not a bool (True is an int to Python, never a count to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_number(value: object, finite: bool = True) -> bool:
+    """An int or a float, not a bool; with `finite`, neither NaN nor infinite."""
+    return (is_int(value) or isinstance(value, float)) and (not finite or math.isfinite(value))
+
+
+def is_text(value: object) -> bool:
+    """What a text setting may be given as: YAML reads `name: 123` as a number, which is still a name."""
+    return isinstance(value, str) or is_number(value, finite=False)
+
+
+KINDS: dict[type, Callable[[object], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: is_int,
+    float: lambda v: is_number(v, finite=False),
+    str: is_text,
+    list: lambda v: isinstance(v, list),
+}
+"""A value's type, checked before its range: `seed=abc` has the wrong type, `seed=-1` the wrong value."""
 
 
 @dataclass(frozen=True)
 class Field:
-    """One setting: a test of its value and, for the message, what the value must be."""
+    """One setting: its type (None: any), a test of its value and, for the message, what the value
+    must be and an example. `explain`, where given, says what is wrong with a broken value itself
+    (a list whose items are checked one by one)."""
 
+    kind: type | None
     valid: Callable[[Any], bool]
     must: str
     example: str
+    explain: Callable[[Any], str] | None = None
 
 
 def integer(low: int = 0, high: int | None = None) -> Field:
     bounds = f"at least {low}" if high is None else f"between {low} and {high}"
     return Field(
+        int,
         lambda v: is_int(v) and v >= low and (high is None or v <= high),
         f"an integer {bounds}",
         str(max(low, 1)),
@@ -71,16 +96,17 @@ def number(
         below = v < high if high_open else v <= high
         return above and below
 
-    return Field(valid, f"a finite number {span}", f"{(low + min(high, low + 2)) / 2:g}")
+    return Field(float, valid, f"a finite number {span}", f"{(low + min(high, low + 2)) / 2:g}")
 
 
-def choice(*options: object) -> Field:
-    return Field(lambda v: v in options, f"one of {', '.join(map(str, options))}", str(options[0]))
+def choice(*options: object, kind: type | None = str) -> Field:
+    return Field(kind, lambda v: v in options, f"one of {', '.join(map(str, options))}", str(options[0]))
 
 
-BOOL = Field(lambda v: isinstance(v, bool), "true or false", "true")
-TEXT = Field(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string", "name")
+BOOL = Field(bool, lambda v: isinstance(v, bool), "true or false", "true")
+TEXT = Field(str, lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string", "name")
 WANDB_NAME = Field(
+    str,
     lambda v: isinstance(v, str) and 0 < len(v) <= 128 and not any(c.isspace() or c in "/\\#?%:" for c in v),
     "a W&B name: 1 to 128 characters, no spaces and none of / \\ # ? % :",
     "diffbench",
@@ -88,11 +114,13 @@ WANDB_NAME = Field(
 
 
 def optional(field: Field) -> Field:
-    return Field(lambda v: v is None or field.valid(v), f"null or {field.must}", "null")
+    """null or the field's value; its type is not asked first, so any other value hears what it must be."""
+    return Field(None, lambda v: v is None or field.valid(v), f"null or {field.must}", "null")
 
 
 def int_list(low: int = 1, empty: bool = False) -> Field:
     return Field(
+        list,
         lambda v: isinstance(v, list) and (empty or v) and all(is_int(x) and x >= low for x in v),
         f"a list of integers of at least {low}" + ("" if empty else ", not empty"),
         "[1,2]",
@@ -106,6 +134,7 @@ NAME_MAX = 255
 def path_text(optional_value: bool = False) -> Field:
     """A file-system path: written out, since `~` is not expanded by anything that reads it."""
     base = Field(
+        str,
         lambda v: (
             isinstance(v, str)
             and v.strip() != ""
@@ -117,6 +146,26 @@ def path_text(optional_value: bool = False) -> Field:
         "runs",
     )
     return optional(base) if optional_value else base
+
+
+def sampler_setting(text: object) -> tuple[str, int] | None:
+    """`ddim-10` → ("ddim", 10); a bare name (`ancestral`) of a sampler that runs every step → steps
+    0; None when the text is not a sampler setting. The one reader of the `<sampler>-<steps>` form."""
+    name, _, steps = str(text).partition("-")
+    sampler = SAMPLERS.get(name)
+    if sampler is None or not (steps.isdigit() or (not steps and sampler.every_step)):
+        return None
+    return name, int(steps) if steps else 0
+
+
+def unreadable_sampler(value: list) -> str:
+    """Which item of eval.also_samplers is not a sampler setting, and how to write one."""
+    text = next(x for x in value if sampler_setting(x) is None)
+    return (
+        f"eval.also_samplers has {text!r}, which is not a sampler setting: write <sampler>-<steps> "
+        f"with a sampler among {', '.join(SAMPLERS)} and steps from 1 to diffusion.num_timesteps "
+        "(e.g. eval.also_samplers=[ddim-10,ancestral-50]), or `ancestral` for all T steps"
+    )
 
 
 SCHEMA: dict[str, Field] = {
@@ -150,9 +199,11 @@ SCHEMA: dict[str, Field] = {
     "eval.sampler_steps": integer(0),
     "eval.ddim_eta": number(0.0, 1.0),
     "eval.also_samplers": Field(
-        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        list,
+        lambda v: isinstance(v, list) and all(sampler_setting(x) is not None for x in v),
         "a list of <sampler>-<steps> strings",
         "[ddim-10]",
+        unreadable_sampler,
     ),
     "eval.reference_split": choice(*SPLITS),
     "eval.inception_weights": path_text(optional_value=True),
@@ -162,8 +213,9 @@ SCHEMA: dict[str, Field] = {
     "eval.gmm_timesteps": integer(1, 10_000),
     "eval.budget_base": integer(0, STEP_LIMIT),
     "eval.budget_samples": Field(
-        lambda v: is_int(v) and (v == 0 or 4 <= v <= 10**6),
-        "0 (none) or an integer from 4 to 1000000 (precision/recall need 3 neighbours)",
+        int,
+        lambda v: is_int(v) and (v == 0 or MIN_SAMPLES <= v <= 10**6),
+        f"0 (none) or an integer from {MIN_SAMPLES} to 1000000 (precision/recall need 3 neighbours)",
         "256",
     ),
     "eval.budget_sampler_steps": integer(1),
@@ -183,7 +235,9 @@ SCHEMA: dict[str, Field] = {
     "trainer.devices": integer(1, 4096),
     "trainer.num_nodes": integer(1, 100_000),
     "trainer.strategy": choice("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"),
-    "trainer.precision": Field(lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}", "32-true"),
+    "trainer.precision": Field(
+        str, lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}", "32-true"
+    ),
     "trainer.gradient_clip_val": optional(number(0.0, low_open=True)),
     "trainer.val_check_interval": integer(1, STEP_LIMIT),
     "trainer.log_every_n_steps": integer(1, STEP_LIMIT),
@@ -206,7 +260,7 @@ SCHEMA: dict[str, Field] = {
     "data.val_fraction": number(0.0, 1.0, low_open=True, high_open=True),
     "data.test_fraction": number(0.0, 1.0, low_open=True, high_open=True),
     "data.root": path_text(),
-    "data.download": Field(lambda v: v in ("auto", True, False), "auto, true or false", "auto"),
+    "data.download": choice("auto", True, False, kind=None),
     "data.num_components": integer(1, 10_000),
     "data.covariance_type": choice("full", "tied", "diag", "spherical"),
     "data.reg_covar": number(0.0, 100.0, low_open=True),
@@ -219,42 +273,107 @@ SCHEMA: dict[str, Field] = {
 FREE = ("report.margins.",)
 """Keys under these prefixes are named by the user (a margin per metric); only their values are checked."""
 MARGIN = number(0.0, low_open=True)
+RENAMED = {"objective.weighting": ("simple", "own")}
+"""Values an earlier diffbench wrote under another name (key: (old, new)): refused on the command
+line, read under their new name from a stored config.yaml."""
+
+
+def renamed(key: str, value: object) -> bool:
+    return key in RENAMED and value == RENAMED[key][0]
+
+
+def field_of(key: str) -> Field | None:
+    """The rule of a dotted key, or None for a key diffbench does not read."""
+    return MARGIN if key.startswith(FREE) else SCHEMA.get(key)
 
 
 def flat_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Dotted settings; a mapping is a group of settings unless the schema names it a setting
+    (then it is a value of the wrong type)."""
     items = []
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and not dotted.startswith(FREE) or dotted == "report.margins":
+        if (
+            isinstance(value, dict)
+            and dotted not in SCHEMA
+            and (not dotted.startswith(FREE) or dotted == "report.margins")
+        ):
             items += flat_items(value, dotted + ".")
         else:
             items.append((dotted, value))
     return items
 
 
+def fault(key: str, value: object, field: Field) -> str | None:
+    """What is wrong with one value, its type first, as the rest of a sentence that begins
+    `key=value`; None when the value is valid. The one place a value is judged."""
+    if field.kind is not None and value is not None and not KINDS[field.kind](value):
+        return (
+            f"has the wrong type: {key} expects a {field.kind.__name__} (e.g. {key}={field.example}), "
+            f"got a {type(value).__name__}"
+        )
+    if field.valid(value):
+        return None
+    said = (
+        field.explain(value) if field.explain else f"{key} must be {field.must} (e.g. {key}={field.example})"
+    )
+    return f"is not valid: {said}"
+
+
 def origin(resolved: dict[str, Any], key: str, value: object) -> str:
     """' in preset NAME' when the experiment preset sets this value, so a user who typed nothing
     wrong is sent to the file that did."""
     name = resolved.get("experiment")
-    return f" in preset {name}" if name and (key, value) in preset_settings(name) else ""
+    return f" in preset {name}" if isinstance(name, str) and (key, value) in preset_settings(name) else ""
 
 
 def validate(resolved: dict[str, Any]) -> None:
     """Every setting against its rule; the first broken one is the error."""
     for key, value in flat_items(resolved):
-        field = MARGIN if key.startswith(FREE) else SCHEMA.get(key)
+        field = field_of(key)
         if field is None:
             raise ConfigError(
                 f"{key}={value!r} is not a setting diffbench reads; remove it (README's 'Configuration' "
                 "section lists the knobs)."
             )
-        if key == "objective.weighting" and value == "simple":
+        if renamed(key, value):
             raise ConfigError(
                 "weighting=simple is now called weighting=own (the head's own unweighted MSE); "
                 "the eps_simple, x0_simple and score_simple presets keep their names."
             )
-        if not field.valid(value):
-            raise ConfigError(
-                f"{key}={value!r}{origin(resolved, key, value)} is not valid: {key} must be {field.must} "
-                f"(e.g. {key}={field.example}); nothing was trained or written."
-            )
+        problem = fault(key, value, field)
+        if problem is not None:
+            where = origin(resolved, key, value)
+            raise ConfigError(f"{key}={value!r}{where} {problem}; nothing was trained or written.")
+
+
+def is_group(key: str) -> bool:
+    """Whether a dotted key names a group of settings (`optim`), not a setting."""
+    return any(name.startswith(f"{key}.") for name in (*SCHEMA, *FREE))
+
+
+def stored_problem(config: dict[str, Any]) -> str | None:
+    """Why a stored config.yaml cannot be read back, or None: the first setting this version reads
+    whose value has the wrong type or is out of range, or a group of settings stored as one value.
+    Keys it does not read are passed over (a newer or older diffbench wrote them)."""
+    for key, value in flat_items(config):
+        field = field_of(key)
+        if field is None and is_group(key):
+            return f"{key}={value!r} has the wrong type: {key} is a group of settings, not one value"
+        if field is None or renamed(key, value):
+            continue
+        problem = fault(key, value, field)
+        if problem is not None:
+            return f"{key}={value!r} {problem}"
+    return None
+
+
+def current_names(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with every renamed value under its new name (`weighting: simple` → `own`)."""
+    out = dict(config)
+    for key, (old, new) in RENAMED.items():
+        group, _, name = key.rpartition(".")
+        section = out.get(group)
+        if isinstance(section, dict) and section.get(name) == old:
+            out[group] = {**section, name: new}
+    return out

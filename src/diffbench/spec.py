@@ -4,21 +4,20 @@ config tree, so a setting is read in one place and a reader can follow it by its
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from diffbench.config import ConfigError
 from diffbench.core.arms import Arm
 from diffbench.core.diffusion import VarianceType
-from diffbench.sampling.samplers import SAMPLERS
-from diffbench.schema import validate
+from diffbench.schema import sampler_setting, validate
 from diffbench.seeding import Streams
 
-
-def positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+T = TypeVar("T")
+ConfigTree = DictConfig
+"""The composed config `build_spec` takes, named for modules that pass one on without reading it."""
 
 
 @dataclass(frozen=True)
@@ -69,16 +68,12 @@ class SamplerSpec:
 
     @classmethod
     def parse(cls, text: object) -> SamplerSpec:
-        """`ddim-10` → ddim over 10 steps; a bare name (`ancestral`) runs every step."""
-        name, _, steps = str(text).partition("-")
-        sampler = SAMPLERS.get(name)
-        if sampler is None or not (steps.isdigit() or (not steps and sampler.every_step)):
-            raise ConfigError(
-                f"eval.also_samplers has {text!r}, which is not a sampler setting: write <sampler>-<steps> "
-                f"with a sampler among {', '.join(SAMPLERS)} and steps from 1 to diffusion.num_timesteps "
-                "(e.g. eval.also_samplers=[ddim-10,ancestral-50]), or `ancestral` for all T steps."
-            )
-        return cls(name, int(steps) if steps else 0)
+        """`ddim-10` → ddim over 10 steps; a bare name (`ancestral`) runs every step. The text was
+        checked by the schema (`eval.also_samplers`); anything else is a ConfigError all the same."""
+        setting = sampler_setting(text)
+        if setting is None:
+            raise ConfigError(f"{text!r} is not a sampler setting: write <sampler>-<steps>, e.g. ddim-10.")
+        return cls(*setting)
 
     @property
     def tag(self) -> str:
@@ -117,6 +112,51 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """The U-Net's shape: its constructor's arguments, as `model=` and `model.*` set them."""
+
+    in_channels: int
+    image_size: int
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention_resolutions: tuple[int, ...]
+    dropout: float
+    num_heads: int
+    norm_groups: int
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `UNet` (and of its peers in the benchmarks)."""
+        return {
+            **asdict(self),
+            "channel_mult": list(self.channel_mult),
+            "attention_resolutions": list(self.attention_resolutions),
+        }
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """Lightning's Trainer arguments, passed through as they are (`max_steps` from the profile)."""
+
+    accelerator: str
+    devices: int
+    num_nodes: int
+    strategy: str
+    precision: str | int
+    val_check_interval: int
+    log_every_n_steps: int
+    max_steps: int
+    gradient_clip_val: float | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def wants_gpu(self) -> bool:
+        return str(self.accelerator) in ("gpu", "cuda")
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     """Where a run is written and logged: never part of what it computes."""
 
@@ -139,12 +179,12 @@ class RunSpec:
     experiment: str
     profile: str
     data: DataSpec
-    model: dict[str, Any]
+    model: ModelSpec
     diffusion: DiffusionSpec
     optim: OptimSpec
     speed: SpeedSpec
     evaluation: EvalSpec
-    trainer: dict[str, Any]
+    trainer: TrainerSpec
     sample_grid_images: int
     output: OutputSpec
     resolved: dict[str, Any]
@@ -155,51 +195,65 @@ class RunSpec:
 
     @property
     def max_steps(self) -> int:
-        return int(self.trainer["max_steps"])
+        return self.trainer.max_steps
 
     def record(self) -> dict[str, Any]:
         """The typed settings as plain data, for results.json."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "resolved"}
         out["arm"] = {"head": self.arm.head, "weighting": self.arm.weighting, "label": self.arm.label}
-        for name in ("data", "diffusion", "optim", "speed", "evaluation", "output"):
+        for name in ("data", "diffusion", "optim", "speed", "evaluation", "output", "trainer"):
             out[name] = asdict(out[name])
+        out["model"] = self.model.arguments()
         return out
+
+
+class Missing(KeyError):
+    """A setting the config lacks (a stored config.yaml cut short or written by another version)."""
+
+
+def by_name(cls: type[T], resolved: dict[str, Any], section: str, **given: Any) -> T:
+    """A section's spec with every field read from the setting of its name, but those `given`: a
+    setting the schema declares becomes a typed field without a line here. A field with a default
+    may be missing (a config.yaml written before the setting existed)."""
+    settings = resolved.get(section)
+    if not isinstance(settings, dict):
+        raise Missing(section)
+    values = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in given or (f.name not in settings and f.default is not MISSING):
+            continue
+        if f.name not in settings:
+            raise Missing(f"{section}.{f.name}")
+        values[f.name] = settings[f.name]
+    return cls(**values, **given)
 
 
 def build_spec(cfg: DictConfig) -> RunSpec:
     """The one place config keys become typed settings, every one checked against `schema.SCHEMA`
-    first (a ConfigError names the key, the value, what it must be and an example)."""
+    first (a ConfigError names the key, the value, what it must be and an example); a setting that
+    is missing (a stored config.yaml cut short) is a ConfigError too."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     validate(resolved)
-    data, ev, trainer = resolved["data"], resolved["eval"], resolved["trainer"]
-    evaluation = EvalSpec(
-        enabled=ev["enabled"],
-        split=ev["split"],
-        num_images=ev["num_images"],
-        vlb_timesteps=ev["vlb_timesteps"],
-        vlb_batch_timesteps=ev["vlb_batch_timesteps"],
-        ode_images=ev["ode_images"],
-        ode_method=ev["ode_method"],
-        ode_rtol=ev["ode_rtol"],
-        ode_atol=ev["ode_atol"],
-        num_samples=ev["num_samples"],
-        sample_batch_size=ev["sample_batch_size"],
+    try:
+        return from_resolved(resolved)
+    except KeyError as missing:
+        raise ConfigError(
+            f"the config has no {missing.args[0]} setting, which this diffbench reads (a config.yaml "
+            "cut short, or written by another version); nothing was trained or written."
+        ) from None
+
+
+def from_resolved(resolved: dict[str, Any]) -> RunSpec:
+    data, ev, trainer, model = resolved["data"], resolved["eval"], resolved["trainer"], resolved["model"]
+    evaluation = by_name(
+        EvalSpec,
+        resolved,
+        "eval",
         sampler=SamplerSpec(ev["sampler"], ev["sampler_steps"]),
         also_samplers=tuple(SamplerSpec.parse(s) for s in ev.get("also_samplers") or ()),
-        ddim_eta=ev["ddim_eta"],
         ancestral_variance=resolved["sample"]["variance"],
-        reference_split=ev["reference_split"],
-        inception_weights=ev["inception_weights"],
-        trajectory_images=ev["trajectory_images"],
-        trajectory_steps=ev["trajectory_steps"],
-        profile_timesteps=ev["profile_timesteps"],
-        gmm_timesteps=ev["gmm_timesteps"],
-        budget_base=ev["budget_base"],
-        budget_samples=ev["budget_samples"],
-        budget_sampler_steps=ev["budget_sampler_steps"],
     )
-    optim = resolved["optim"]
     return RunSpec(
         arm=Arm(resolved["objective"]["head"], resolved["objective"]["weighting"]),
         seed=resolved["seed"],
@@ -211,18 +265,18 @@ def build_spec(cfg: DictConfig) -> RunSpec:
             split_seed=data.get("split_seed", 0),
             options={k: v for k, v in data.items() if k not in ("name", "split_seed", "batch_size")},
         ),
-        model={k: v for k, v in resolved["model"].items() if k != "name"},
-        diffusion=DiffusionSpec(**resolved["diffusion"]),
-        optim=OptimSpec(
-            lr=optim["lr"],
-            weight_decay=optim["weight_decay"],
-            warmup_steps=optim["warmup_steps"],
-            ema_decay=optim["ema_decay"],
-            gradient_clip_val=trainer.get("gradient_clip_val"),
+        model=by_name(
+            ModelSpec,
+            resolved,
+            "model",
+            channel_mult=tuple(model["channel_mult"]),
+            attention_resolutions=tuple(model["attention_resolutions"]),
         ),
-        speed=SpeedSpec(**resolved["speed"]),
+        diffusion=by_name(DiffusionSpec, resolved, "diffusion"),
+        optim=by_name(OptimSpec, resolved, "optim", gradient_clip_val=trainer.get("gradient_clip_val")),
+        speed=by_name(SpeedSpec, resolved, "speed"),
         evaluation=evaluation,
-        trainer={k: v for k, v in trainer.items() if k != "name"},
+        trainer=by_name(TrainerSpec, resolved, "trainer"),
         sample_grid_images=resolved["sample"]["num_images"],
         output=OutputSpec(
             root=resolved["run"]["root"],

@@ -21,6 +21,7 @@ from diffbench.rundir import (
     Curve,
     RunDir,
 )
+from diffbench.schema import is_int
 
 REFERENCE = Arm("eps", "own")
 """DDPM's L_simple: the arm every other is compared with in the report's table."""
@@ -119,7 +120,8 @@ def load_run(directory: Path) -> Run | Incomplete:
     """A run directory as a Run, or as an Incomplete that says what is missing or inconsistent.
     Where results.json lacks a field (a run evaluated again by `diffbench.evaluate`), config.yaml says."""
     run_dir = RunDir(directory)
-    config = run_dir.read_config() or {}
+    config, unreadable = run_dir.read_config_or_reason()
+    config = config or {}
     arm = arm_of(config)
     label = arm.label if arm else directory.parent.name
     seed = config.get("seed", "?")
@@ -128,6 +130,8 @@ def load_run(directory: Path) -> Run | Incomplete:
     def incomplete(reason: str, diverged: bool = False, step: int | None = None) -> Incomplete:
         return Incomplete(directory, reason, arm, seed, group, diverged, step)
 
+    if unreadable:
+        return incomplete(unreadable)
     if not (run_dir / RESULTS).is_file():
         return incomplete(f"no {RESULTS} (unfinished, interrupted or failed)")
     results, problem = run_dir.read_results_or_reason()
@@ -138,7 +142,7 @@ def load_run(directory: Path) -> Run | Incomplete:
         reason = (
             f"diverged at step {step if step is not None else '?'} (non-finite training loss): no metrics"
         )
-        return incomplete(reason, True, step if isinstance(step, int) else None)
+        return incomplete(reason, True, step if is_int(step) else None)
     if results.get("status") != COMPLETE:
         return incomplete(f"{RESULTS} not marked complete")
     metrics, dropped = finite_metrics(results.get("metrics"))
@@ -177,7 +181,7 @@ def load_run(directory: Path) -> Run | Incomplete:
 
 
 def is_step(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_int(value) and value > 0
 
 
 def where(run: Run) -> str:

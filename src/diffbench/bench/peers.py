@@ -312,7 +312,7 @@ def train_rows(
 ) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Parameter counts, then one row per variant: diffbench's UNet vs diffusers' UNet2DModel."""
     spec = bench_spec(preset, [*overrides, "model.dropout=0.0"])
-    args = spec.model
+    args = spec.model.arguments()
     nets = [build_net(spec), diffusers_unet(args)]
     params = {"diffbench": count_parameters(nets[0]), "diffusers": count_parameters(nets[1])}
     flops = [
@@ -370,7 +370,7 @@ def eval_rows(
     from diffusers import DDIMScheduler, DDPMScheduler
 
     spec = bench_spec(model, overrides)
-    args = spec.model
+    args = spec.model.arguments()
     denoiser = Denoiser(build_net(spec).to(device).eval(), get_head("eps"), schedule)
     shape = (num_images, args["in_channels"], args["image_size"], args["image_size"])
     T = schedule.num_timesteps

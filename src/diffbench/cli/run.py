@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from diffbench.cli.checks import check_settings
+from diffbench.cli.checks import check_settings, refuse
 from diffbench.config import ConfigError, compose
 from diffbench.data.vision import DatasetMissingError
 from diffbench.evaluation.fidelity import InceptionWeightsMissingError
@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         train(spec)
     except (ConfigError, DatasetMissingError, InceptionWeightsMissingError) as error:
-        print(f"diffbench.run: {error}", file=sys.stderr)
-        return 2
+        return refuse("run", error)
     except Stopped as stop:
         print(f"diffbench.run: {stop}", file=sys.stderr)
         return STOPPED

@@ -358,9 +358,9 @@ class Sampler:
         count = (steps or None) if self.every_step else steps
         return {"steps": count, **{name: getattr(options, name) for name in self.options}}
 
-    def valid_steps(self, steps: object, num_timesteps: int) -> bool:
-        is_int = isinstance(steps, int) and not isinstance(steps, bool)
-        return is_int and (1 <= steps <= num_timesteps or (self.every_step and steps == 0))
+    def valid_steps(self, steps: int, num_timesteps: int) -> bool:
+        """Whether an integer step count fits a schedule of `num_timesteps` (the schema made it one)."""
+        return 1 <= steps <= num_timesteps or (self.every_step and steps == 0)
 
 
 SAMPLERS: dict[str, Sampler] = {

@@ -59,7 +59,7 @@ def build_net(spec: RunSpec) -> UNet:
     they run in a fork of torch's generator seeded by it, and the global state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        return UNet(**spec.model)
+        return UNet(**spec.model.arguments())
 
 
 def build_module(spec: RunSpec, num_levels: int | None) -> DiffusionModule:
@@ -108,7 +108,7 @@ def build_trainer(spec: RunSpec, run_dir: Path, callbacks: Sequence[Callback] = 
         save_last=True,
         save_top_k=-1,
     )
-    trainer_args = dict(spec.trainer)
+    trainer_args = spec.trainer.arguments()
     # A run shorter than the validation interval validates at its end rather than failing.
     trainer_args["val_check_interval"] = min(trainer_args["val_check_interval"], spec.max_steps)
     return L.Trainer(

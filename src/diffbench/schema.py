@@ -7,7 +7,7 @@ machine are `rules.py`'s. The integer, number and choice checks below are the on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -103,6 +103,12 @@ def choice(*options: object, kind: type | None = str) -> Field:
     return Field(kind, lambda v: v in options, f"one of {', '.join(map(str, options))}", str(options[0]))
 
 
+def registered(registry: Mapping[str, object]) -> Field:
+    """A name in a registry, read when checked: a head or weighting registered later (docs/extending.md)
+    is valid at once."""
+    return Field(str, lambda v: v in registry, f"one of {', '.join(registry)}", next(iter(registry)))
+
+
 BOOL = Field(bool, lambda v: isinstance(v, bool), "true or false", "true")
 TEXT = Field(str, lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string", "name")
 WANDB_NAME = Field(
@@ -173,8 +179,8 @@ SCHEMA: dict[str, Field] = {
     "profile": TEXT,
     "seed": integer(0, SEED_LIMIT - 1),
     "objective.name": TEXT,
-    "objective.head": choice(*HEADS),
-    "objective.weighting": choice(*WEIGHTINGS),
+    "objective.head": registered(HEADS),
+    "objective.weighting": registered(WEIGHTINGS),
     "diffusion.schedule": choice(*SCHEDULES),
     "diffusion.num_timesteps": integer(2, 100_000),
     "diffusion.variance": choice(*VARIANCES),

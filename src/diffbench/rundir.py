@@ -455,7 +455,7 @@ def shorter_trials(spec: RunSpec) -> list[ShorterTrial]:
     for path in sorted(here.parent.glob(f"s{spec.seed}-*")):
         if path.name == here.name or not path.is_dir():
             continue
-        run = RunDir(path)
+        run = RunDir(path.resolve())
         config, results = run.read_config(), run.final_results()
         if config is None or results is None:
             continue

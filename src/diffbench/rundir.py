@@ -428,8 +428,8 @@ BUDGET_KEYS = ("trainer.max_steps",)
 Nothing else in a resolved config is derived from it (the per-budget steps are computed from it
 and `eval.budget_base`, and what training does at a step depends on the step alone)."""
 CONTINUED = "continued.json"
-"""Which shorter trial a run continued from, kept until results.json records it (a continued run
-that is interrupted and resumed still says where it started)."""
+"""Which shorter trial a run continued from (results.json's `continued_from`), written before its
+training starts, so a continued run that is interrupted and resumed still says where it started."""
 
 
 @dataclass(frozen=True)

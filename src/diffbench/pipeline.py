@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -21,6 +23,7 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from diffbench import atomic
 from diffbench.core.unet import count_parameters
 from diffbench.data.base import ArrayDataModule
 from diffbench.evaluation.budget import budget_metrics, budget_steps
@@ -28,20 +31,26 @@ from diffbench.evaluation.evaluate import evaluate
 from diffbench.evaluation.plots import save_grid
 from diffbench.rundir import (
     COMPLETE,
+    CONTINUED,
     CURVES,
     DIVERGED,
     IMAGES,
     LAST_CHECKPOINT,
     SAMPLE_GRID,
     RunDir,
+    ShorterTrial,
     config_hash,
     make_run_dir,
     media_key,
+    read_continuation,
+    shorter_trials,
+    step_checkpoint,
+    write_continuation,
 )
 from diffbench.sampling.samplers import ddpm_ancestral
 from diffbench.spec import RunSpec
 from diffbench.train.budgets import BudgetEvaluation
-from diffbench.train.build import build_datamodule, build_module, build_trainer
+from diffbench.train.build import build_datamodule, build_module, build_trainer, validation_interval
 from diffbench.train.callbacks import CheckpointOnStop, StopOnDivergence, keep_previous_metrics
 from diffbench.train.module import DiffusionModule
 
@@ -127,7 +136,77 @@ def train(spec: RunSpec) -> dict:
         os.environ["WANDB_MODE"] = "offline"
         trainer = build_trainer(spec, run_dir.path, callbacks)
     with run_dir.exclusive() if trainer.is_global_zero else contextlib.nullcontext():
-        return fit_and_evaluate(spec, run_dir, datamodule, module, trainer, budgets, divergence)
+        return fit_and_evaluate(spec, run_dir, datamodule, module, trainer, budgets, divergence, steps)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """Where a run with no checkpoint of its own starts instead of step 0: the last checkpoint of a
+    finished shorter trial with every other setting equal."""
+
+    source: ShorterTrial
+    checkpoint: Path
+
+    @property
+    def record(self) -> dict:
+        """What results.json says under `continued_from`."""
+        return {"run_dir": str(self.source.run_dir.path), "step": self.source.steps}
+
+
+def budget_dependence(spec: RunSpec, shorter: ShorterTrial, budgets: list[int]) -> str | None:
+    """Why this run would not be `shorter` continued, or None when it would be, bit for bit. The
+    learning rate (warm-up, then constant), the EMA's warm-up, the batches and every random draw
+    are functions of the step alone; what can differ is how the shorter run ended, its validation
+    schedule (the interval is capped at the budget) and the per-budget rows it measured."""
+    results, steps = shorter.results, shorter.steps
+    if results.get("status") != COMPLETE:
+        return f"it diverged at step {results.get('diverged_at_step')}, and so would this run"
+    if results.get("steps") != steps:
+        return f"it stopped at step {results.get('steps')} of its {steps}"
+    there, here = validation_interval(spec.trainer, steps), validation_interval(spec.trainer, spec.max_steps)
+    if there != here:
+        return (
+            f"it validated every {there} steps and this run validates every {here} "
+            f"(trainer.val_check_interval={spec.trainer.val_check_interval} is capped at the budget)"
+        )
+    measured = {row.get("step") for row in results.get("budgets") or []}
+    missing = [step for step in budgets if step <= steps and step not in measured]
+    if missing:
+        return f"it has no per-budget row at step {', '.join(map(str, missing))}"
+    checkpoint, step, _ = shorter.run_dir.latest_checkpoint()
+    if checkpoint is None or step != steps:
+        return f"it has no loadable checkpoint of its last step ({steps})"
+    return None
+
+
+def plan_continuation(spec: RunSpec, budgets: list[int]) -> tuple[Continuation | None, str | None]:
+    """The longest finished shorter trial of this config to continue, or None with the reason it
+    cannot be (None without one when there is no such trial). It reads, never writes."""
+    trials = shorter_trials(spec)
+    if not trials:
+        return None, None
+    shorter = trials[0]
+    why = budget_dependence(spec, shorter, budgets)
+    if why:
+        where = f"{shorter.run_dir.path} ({shorter.steps} steps)"
+        return None, f"not continuing from {where}: {why}; training from scratch"
+    return Continuation(shorter, shorter.run_dir.latest_checkpoint()[0]), None
+
+
+def copy_continuation(plan: Continuation, run_dir: RunDir, budgets: list[int]) -> Path:
+    """Copy (never move) what the resume path reads from the shorter trial: its metrics.csv, its
+    per-budget rows at this run's budgets, and last its checkpoint, whose presence makes a rerun
+    resume here. The record goes first, so a continued run that is interrupted still knows where
+    it came from. Returns the copied checkpoint."""
+    write_continuation(run_dir, plan.record)
+    source = plan.source.run_dir
+    if source.metrics_csv.is_file():
+        atomic.save_with(run_dir.metrics_csv, lambda tmp: shutil.copyfile(source.metrics_csv, tmp))
+    rows = [row for row in plan.source.results.get("budgets") or [] if row.get("step") in budgets]
+    if rows:
+        run_dir.write_budgets(rows)
+    target = run_dir.checkpoints / step_checkpoint(plan.source.steps)
+    return atomic.save_with(target, lambda tmp: shutil.copyfile(plan.checkpoint, tmp))
 
 
 def fit_and_evaluate(
@@ -138,11 +217,21 @@ def fit_and_evaluate(
     trainer: L.Trainer,
     budgets: BudgetEvaluation,
     divergence: StopOnDivergence,
+    steps: list[int],
 ) -> dict:
-    """Train from the newest loadable checkpoint (or from scratch), then evaluate; rank zero
-    writes results.json last. The caller holds the directory's lock."""
+    """Train from the newest loadable checkpoint, else from a finished shorter trial's (copied
+    here), else from scratch, then evaluate; rank zero writes results.json last. The caller holds
+    the directory's lock."""
     num_params = count_parameters(module.net)
     last, resume_step, damaged = run_dir.latest_checkpoint()
+    continued = read_continuation(run_dir) if last else None
+    plan, why = (None, None) if last else plan_continuation(spec, steps)
+    if plan:
+        continued, resume_step = plan.record, plan.source.steps
+        # Every process loads the same weights: rank zero its copy, the others the original.
+        last = copy_continuation(plan, run_dir, steps) if trainer.is_global_zero else plan.checkpoint
+    elif last is None and trainer.is_global_zero:
+        (run_dir / CONTINUED).unlink(missing_ok=True)
     if trainer.is_global_zero:
         run_dir.write_config(spec)
         print(
@@ -151,10 +240,18 @@ def fit_and_evaluate(
         )
         for path in damaged:
             print(f"[diffbench] checkpoint {path} cannot be loaded (damaged or cut short); passing over it")
-    if last and trainer.is_global_zero:
+    if why and trainer.is_global_zero:
+        print(f"[diffbench] {why}")
+    if plan and trainer.is_global_zero:
+        source, to_train = plan.source.run_dir.path, spec.max_steps - resume_step
+        print(f"[diffbench] continuing from {source} at step {resume_step} ({to_train} steps to train)")
+    elif last and trainer.is_global_zero:
         print(f"[diffbench] resuming the interrupted run from {last} (step {resume_step})")
+    if last and trainer.is_global_zero:
         keep_previous_metrics(trainer.loggers[1], run_dir.metrics_csv, resume_step)
     datamodule.resume_step = resume_step
+    if plan:  # the shorter run's last epoch ended at its last step: this one spans the steps left
+        datamodule.train_samples = (spec.max_steps - resume_step) * spec.data.batch_size
     for logger in trainer.loggers:
         logger.log_hyperparams({"num_params": num_params})
     start = time.perf_counter()
@@ -178,6 +275,7 @@ def fit_and_evaluate(
         "model": spec.resolved["model"]["name"],
         "num_params": num_params,
         "run_dir": str(run_dir.path),
+        "continued_from": continued,
     }
     if divergence.step is not None:
         return record_divergence(spec, run_dir, trainer, module, budgets, identity, divergence.step)

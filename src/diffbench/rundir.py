@@ -467,3 +467,69 @@ class RunDir:
             return [float(r[0]) for r in rows], [float(r[1]) for r in rows]
         except (OSError, ValueError, IndexError):
             return None
+
+
+BUDGET_KEYS = ("trainer.max_steps",)
+"""The settings in which a run may differ from the finished trial it continues: the training budget.
+Nothing else in a resolved config is derived from it (the per-budget steps are computed from it
+and `eval.budget_base`, and what training does at a step depends on the step alone)."""
+CONTINUED = "continued.json"
+"""Which shorter trial a run continued from (results.json's `continued_from`), written before its
+training starts, so a continued run that is interrupted and resumed still says where it started."""
+
+
+@dataclass(frozen=True)
+class ShorterTrial:
+    """A finished trial of the same arm and seed whose config differs from a run's only in its
+    training budget: a run of the longer budget can start from its last checkpoint."""
+
+    run_dir: RunDir
+    steps: int
+    results: dict
+
+
+def shorter_trials(spec: RunSpec) -> list[ShorterTrial]:
+    """The finished sibling trials (`s<seed>-*` beside the trial directory of `spec`) whose stored
+    config equals this one in every setting but BUDGET_KEYS, with a shorter budget, longest first.
+    Only trial directories (`run.reuse`) have siblings."""
+    if spec.output.dir or not spec.output.reuse:
+        return []
+    here = trial_dir(spec)
+    own = flat(identity(spec))
+    unset = object()
+    found = []
+    for path in sorted(here.parent.glob(f"s{spec.seed}-*")):
+        if path.name == here.name or not path.is_dir():
+            continue
+        run = RunDir(path.resolve())
+        config, results = run.read_config(), run.final_results()
+        if config is None or results is None:
+            continue
+        there = flat(identity(config))
+        differing = {key for key in own.keys() | there.keys() if own.get(key, unset) != there.get(key, unset)}
+        steps = there.get("trainer.max_steps")
+        if differing <= set(BUDGET_KEYS) and isinstance(steps, int) and steps < spec.max_steps:
+            found.append(ShorterTrial(run, steps, results))
+    return sorted(found, key=lambda trial: -trial.steps)
+
+
+STEP_CHECKPOINT = "step{step:07d}"
+"""Lightning's filename pattern of the periodic checkpoints (ModelCheckpoint adds `.ckpt`)."""
+
+
+def step_checkpoint(step: int) -> str:
+    """The periodic checkpoint's file name of a step."""
+    return STEP_CHECKPOINT.format(step=step) + ".ckpt"
+
+
+def write_continuation(run_dir: RunDir, record: dict) -> None:
+    atomic.write_json(run_dir / CONTINUED, record)
+
+
+def read_continuation(run_dir: RunDir) -> dict | None:
+    """The record `write_continuation` left, or None (a run that did not continue another)."""
+    try:
+        record = json.loads((run_dir / CONTINUED).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

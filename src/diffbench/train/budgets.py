@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from diffbench.train.module import DiffusionModule
 
 Measure = Callable[[DiffusionModule], dict[str, float]]
+LOGGED = "budget/"
+"""The prefix of the per-budget metrics in the loggers (metrics.csv, W&B)."""
 
 
 class BudgetEvaluation(Callback):
@@ -36,7 +38,9 @@ class BudgetEvaluation(Callback):
         self.rows.append({"step": step, **self.measure(module)})
         self.on_row(self.rows)
         for logger in trainer.loggers:
-            logger.log_metrics({f"budget/{k}": v for k, v in self.rows[-1].items() if k != "step"}, step=step)
+            logger.log_metrics(
+                {f"{LOGGED}{k}": v for k, v in self.rows[-1].items() if k != "step"}, step=step
+            )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.record(trainer, pl_module)
@@ -45,4 +49,7 @@ class BudgetEvaluation(Callback):
         return {"rows": self.rows}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.rows = list(state_dict["rows"])
+        """The rows of this run's budgets: a run continuing a shorter trial drops the row of that
+        trial's last step where the longer run measures none (20 steps, budgets 250 · 2^k: the
+        20-step run measured at 20, a 40-step run measures at 40 only)."""
+        self.rows = [row for row in state_dict["rows"] if row["step"] in self.steps]

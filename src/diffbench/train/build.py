@@ -16,8 +16,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from diffbench.core.unet import UNet
 from diffbench.data import build_datamodule as datamodule_by_name
 from diffbench.data.base import ArrayDataModule
-from diffbench.rundir import CHECKPOINTS
-from diffbench.spec import RunSpec
+from diffbench.rundir import CHECKPOINTS, STEP_CHECKPOINT
+from diffbench.spec import RunSpec, TrainerSpec
 from diffbench.tracking import quiet_wandb_environment, settle_wandb_mode
 from diffbench.train.callbacks import FlushCSVOnCheckpoint
 from diffbench.train.module import DiffusionModule
@@ -28,6 +28,9 @@ warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 # Training batches are a function of the step (data.base.StepBatches) and a resumed run starts at
 # its checkpoint's step, so Lightning's warning that the loader holds no state does not apply.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+# A run that continues a shorter trial loads that trial's checkpoint, whose checkpoint callback
+# wrote elsewhere: Lightning then (rightly) keeps none of its paths, and says so.
+warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
 
 
 THREADS_ENV = "DIFFBENCH_THREADS"
@@ -83,6 +86,13 @@ def build_module(spec: RunSpec, num_levels: int | None) -> DiffusionModule:
     )
 
 
+def validation_interval(trainer: TrainerSpec, max_steps: int) -> int:
+    """Training steps between validations: `trainer.val_check_interval`, capped at the budget so a
+    run shorter than the interval validates at its end rather than failing. The one setting of the
+    training loop that depends on the budget."""
+    return min(trainer.val_check_interval, max_steps)
+
+
 def build_trainer(spec: RunSpec, run_dir: Path, callbacks: Sequence[Callback] = ()) -> L.Trainer:
     """Lightning's Trainer with the W&B and CSV loggers, step checkpoints and the given callbacks;
     the `trainer` settings are passed through unchanged."""
@@ -102,15 +112,14 @@ def build_trainer(spec: RunSpec, run_dir: Path, callbacks: Sequence[Callback] = 
     csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINTS,
-        filename="step{step:07d}",
+        filename=STEP_CHECKPOINT,
         auto_insert_metric_name=False,
         every_n_train_steps=output.checkpoint_every,
         save_last=True,
         save_top_k=-1,
     )
     trainer_args = spec.trainer.arguments()
-    # A run shorter than the validation interval validates at its end rather than failing.
-    trainer_args["val_check_interval"] = min(trainer_args["val_check_interval"], spec.max_steps)
+    trainer_args["val_check_interval"] = validation_interval(spec.trainer, spec.max_steps)
     return L.Trainer(
         **trainer_args,
         check_val_every_n_epoch=None,

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffbench import atomic
+from diffbench.train.budgets import LOGGED
 
 
 class StopOnDivergence(Callback):
@@ -70,8 +71,10 @@ class FlushCSVOnCheckpoint(Callback):
 def keep_previous_metrics(csv_logger: CSVLogger, path: Path, resume_step: int) -> None:
     """Lightning's CSV writer deletes an existing metrics.csv when it starts. On resume, set the
     file aside (a crash here leaves it aside, and the next resume finds it there), start the
-    writer with the old columns, and write back atomically the rows logged before the checkpoint:
-    rows after it were flushed by a later checkpoint that the crash cut short, and are logged again."""
+    writer with the old columns, and write back atomically the rows logged before the checkpoint
+    and the per-budget row of its own step (measured before it was saved, never measured again):
+    rows after it were flushed by a later checkpoint that the crash cut short, and are logged again
+    (a continued trial's are the shorter run's final validation, which the longer run does not do)."""
     aside = path.with_name(path.name + ".resume")
     if path.is_file():
         path.replace(aside)
@@ -81,7 +84,15 @@ def keep_previous_metrics(csv_logger: CSVLogger, path: Path, resume_step: int) -
         rows = list(csv.reader(handle))
     header, body = (rows[0], rows[1:]) if rows else ([], [])
     step = header.index("step") if "step" in header else None
-    before = [row for row in body if step is None or not row[step] or int(float(row[step])) < resume_step]
+    budget = [i for i, name in enumerate(header) if name.startswith(LOGGED)]
+
+    def kept(row: list[str]) -> bool:
+        if step is None or not row[step]:
+            return True
+        at = int(float(row[step]))
+        return at < resume_step or (at == resume_step and any(row[i] for i in budget if i < len(row)))
+
+    before = [row for row in body if kept(row)]
     csv_logger.experiment.metrics_keys = header
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *before] if header else [])

@@ -291,10 +291,11 @@ SOURCE = Path(launch.__file__).parent
 
 
 def test_one_trial_label_and_one_wandb_fallback_for_the_sweep() -> None:
-    """A trial is named by `plan.point_label` alone, and a sweep's trials fall back to W&B offline in
-    `tracking.trials_online` alone (the run's own fallback when wandb.init fails stays in pipeline)."""
+    """A trial is named by `plan.point_label` alone, and W&B falls back to offline in
+    `tracking.go_offline` alone: for a sweep's trials (`trials_online`) and for a run whose wandb.init
+    fails (`run_started`)."""
     texts = {p.relative_to(SOURCE).as_posix(): p.read_text() for p in SOURCE.rglob("*.py")}
     labels = {name: text.count('f"{k}={v}" for k, v in') for name, text in texts.items()}
     assert {name: n for name, n in labels.items() if n} == {"plan.py": 1}
     offline = {name: text.count('["WANDB_MODE"] = "offline"') for name, text in texts.items()}
-    assert {name: n for name, n in offline.items() if n} == {"tracking.py": 1, "pipeline.py": 1}
+    assert {name: n for name, n in offline.items() if n} == {"tracking.py": 1}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import signal
 import sys
@@ -49,6 +48,7 @@ from diffbench.rundir import (
 )
 from diffbench.sampling.samplers import ddpm_ancestral
 from diffbench.spec import RunSpec
+from diffbench.tracking import FINAL, run_started, wandb_summary
 from diffbench.train.budgets import BudgetEvaluation
 from diffbench.train.build import build_datamodule, build_module, build_trainer, validation_interval
 from diffbench.train.callbacks import CheckpointOnStop, StopOnDivergence, keep_previous_metrics
@@ -59,21 +59,6 @@ def completed_results(run_dir: RunDir, spec: RunSpec) -> dict | None:
     """The results of a finished (or diverged) run of this very config in `run_dir`, if any."""
     results = run_dir.final_results()
     return results if results is not None and results.get("config_hash") == config_hash(spec) else None
-
-
-def wandb_started(trainer: L.Trainer) -> bool:
-    """Start the W&B run now, before any training, so that a W&B failure (a malformed or rejected
-    key, a server that refuses) costs a line and an offline run rather than the run itself."""
-    try:
-        run = trainer.loggers[0].experiment
-    except Exception as error:  # wandb raises its own error types, and OSError/ValueError besides
-        print(
-            f"[diffbench] W&B could not start a run ({type(error).__name__}: {error}); "
-            "logging offline instead (wandb sync uploads it later).",
-            file=sys.stderr,
-        )
-        return False
-    return run is not None
 
 
 class Stopped(Exception):
@@ -132,8 +117,7 @@ def train(spec: RunSpec) -> dict:
     divergence = StopOnDivergence(spec.trainer.log_every_n_steps, watched(spec, steps))
     callbacks = [divergence, budgets, CheckpointOnStop(run_dir.checkpoints / LAST_CHECKPOINT)]
     trainer = build_trainer(spec, run_dir.path, callbacks)
-    if trainer.is_global_zero and not wandb_started(trainer):
-        os.environ["WANDB_MODE"] = "offline"
+    if trainer.is_global_zero and not run_started(lambda: trainer.loggers[0].experiment):
         trainer = build_trainer(spec, run_dir.path, callbacks)
     with run_dir.exclusive() if trainer.is_global_zero else contextlib.nullcontext():
         return fit_and_evaluate(spec, run_dir, datamodule, module, trainer, budgets, divergence, steps)
@@ -403,7 +387,7 @@ def record_divergence(
         "spec": spec.record(),
     }
     run_dir.write_results(results)
-    trainer.loggers[0].experiment.summary.update({"status": DIVERGED, "diverged_at_step": step})
+    trainer.loggers[0].experiment.summary.update(wandb_summary(results))
     trainer.loggers[0].experiment.finish()
     return results
 
@@ -420,12 +404,12 @@ def measure_budget(module: DiffusionModule, datamodule: ArrayDataModule, spec: R
 
 def log_to_wandb(logger: WandbLogger, results: dict, run_dir: RunDir, step: int) -> None:
     """Final metrics as the run's summary (what W&B's runs table and grouping by `arm`
-    aggregate), the per-t curves as tables and the images."""
+    aggregate) with the rest of what the report reads, the per-budget rows included
+    (`tracking.wandb_summary`), the per-t curves as tables and the images."""
     run = logger.experiment
     for key in results["metrics"]:
-        run.define_metric(f"final/{key}", summary="last")
-    run.summary.update({f"final/{k}": v for k, v in results["metrics"].items()})
-    run.summary.update({"seed": results["seed"], "num_params": results["num_params"]})
+        run.define_metric(f"{FINAL}{key}", summary="last")
+    run.summary.update(wandb_summary(results))
     for curve in CURVES:
         if (values := run_dir.read_curve(curve)) is not None:
             table = wandb.Table(columns=list(curve.columns), data=[list(row) for row in zip(*values)])

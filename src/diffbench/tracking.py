@@ -1,4 +1,5 @@
-"""Weights & Biases that never blocks: online when credentials exist, offline otherwise."""
+"""Weights & Biases that never blocks: online when credentials exist, offline otherwise; and what a
+run's W&B summary carries, so a report read from W&B reads what one read from run directories does."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 import threading
 import urllib.parse
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 PROBE_SECONDS = 5.0
@@ -76,8 +78,34 @@ def trials_online(env: dict[str, str], wanted: bool) -> bool:
         return False
     if wanted and wandb_online():
         return True
-    env["WANDB_MODE"] = "offline"
+    go_offline(env)
     return False
+
+
+def go_offline(env: MutableMapping[str, str]) -> None:
+    """The one W&B fallback, for a sweep's trials and for a run whose W&B start failed: WANDB_MODE
+    offline in `env`, so nothing waits for a server and `wandb sync` uploads the run later."""
+    env["WANDB_MODE"] = "offline"
+
+
+def run_started(start: Callable[[], object]) -> bool:
+    """Start the W&B run now (`start()`, such as a logger's `experiment`), before any training, so
+    that a W&B failure (a malformed or rejected key, a server that refuses) costs a line and an
+    offline run rather than the run itself. False means this process is now offline
+    (`go_offline`): the caller builds its logger again."""
+    try:
+        run = start()
+    except Exception as error:  # wandb raises its own error types, and OSError/ValueError besides
+        print(
+            f"[diffbench] W&B could not start a run ({type(error).__name__}: {error}); "
+            "logging offline instead (wandb sync uploads it later).",
+            file=sys.stderr,
+        )
+        run = None
+    if run is None:
+        go_offline(os.environ)
+        return False
+    return True
 
 
 def wandb_mode(requested: str = "auto") -> str:
@@ -116,3 +144,50 @@ def quiet_wandb_environment() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_DISABLE_GIT", "true")
     os.environ.setdefault("WANDB_INIT_TIMEOUT", str(INIT_SECONDS))
+
+
+FINAL = "final/"
+"""The prefix of the final metrics in a run's W&B summary (what W&B's runs table aggregates)."""
+SUMMARY_FIELDS = (
+    "status",
+    "diverged_at_step",
+    "seed",
+    "num_params",
+    "steps",
+    "evaluation",
+    "optimisation",
+    "budgets",
+)
+"""The results.json fields a run's W&B summary carries under their own names, beside the final
+metrics: everything the report reads from results.json, the per-budget rows included, so that
+its headlines can be settled from a W&B project as from run directories."""
+
+
+def wandb_summary(results: dict) -> dict:
+    """What a run's W&B summary is updated with: `final/<metric>` for each final metric and the
+    SUMMARY_FIELDS of `results` (a results.json record) that it has. JSON-able, as results.json is."""
+    return {
+        **{f"{FINAL}{key}": value for key, value in (results.get("metrics") or {}).items()},
+        **{key: results[key] for key in SUMMARY_FIELDS if results.get(key) is not None},
+    }
+
+
+def summary_results(summary: object) -> dict:
+    """A W&B run's summary read back as the results.json record `wandb_summary` was given (its
+    `metrics` and SUMMARY_FIELDS), in plain dicts and lists: W&B's public API returns nested
+    values as its own dict-like objects."""
+    values = plain(summary)
+    if not isinstance(values, dict):
+        return {"metrics": {}}
+    metrics = {key.removeprefix(FINAL): value for key, value in values.items() if key.startswith(FINAL)}
+    return {"metrics": metrics, **{key: values[key] for key in SUMMARY_FIELDS if key in values}}
+
+
+def plain(value: object) -> object:
+    """`value` with every dict-like object (one with keys() and item access) a dict and every
+    list or tuple a list, recursively."""
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if not isinstance(value, (str, bytes)) and hasattr(value, "keys") and hasattr(value, "__getitem__"):
+        return {key: plain(value[key]) for key in value.keys()}
+    return value

@@ -22,6 +22,7 @@ from diffbench.rundir import (
     RunDir,
 )
 from diffbench.schema import is_int
+from diffbench.tracking import plain, summary_results
 
 REFERENCE = Arm("eps", "own")
 """DDPM's L_simple: the arm every other is compared with in the report's table."""
@@ -138,11 +139,8 @@ def load_run(directory: Path) -> Run | Incomplete:
     if results is None:
         return incomplete(problem or f"{RESULTS} unreadable")
     if results.get("status") == DIVERGED:
-        step = results.get("diverged_at_step")
-        reason = (
-            f"diverged at step {step if step is not None else '?'} (non-finite training loss): no metrics"
-        )
-        return incomplete(reason, True, step if is_int(step) else None)
+        reason, step = divergence(results)
+        return incomplete(reason, True, step)
     if results.get("status") != COMPLETE:
         return incomplete(f"{RESULTS} not marked complete")
     metrics, dropped = finite_metrics(results.get("metrics"))
@@ -168,16 +166,34 @@ def load_run(directory: Path) -> Run | Incomplete:
         data=config["data"]["name"],
         profile=config["profile"],
         steps=int(results.get("steps", config["trainer"]["max_steps"])),
-        evaluation=results.get("evaluation", {}) if isinstance(results.get("evaluation"), dict) else {},
         config=config,
         directory=directory,
         dropped=dropped,
         created=(directory / RESULTS).stat().st_mtime,
-        budgets=[
-            row for row in results.get("budgets") or [] if isinstance(row, dict) and is_step(row.get("step"))
-        ],
-        optimisation=results.get("optimisation") or {},
+        **recorded(results),
     )
+
+
+def divergence(results: dict) -> tuple[str, int | None]:
+    """Why a diverged run has no metrics, and the step it diverged at (None where unrecorded)."""
+    step = results.get("diverged_at_step")
+    reason = f"diverged at step {step if step is not None else '?'} (non-finite training loss): no metrics"
+    return reason, step if is_int(step) else None
+
+
+def recorded(results: dict) -> dict:
+    """What a Run takes from a results.json record besides its metrics, read alike from a run
+    directory and from a W&B summary: the evaluation settings, the optimisation record and the
+    per-budget rows (a row without a positive integer step is passed over)."""
+    evaluation, optimisation = results.get("evaluation"), results.get("optimisation")
+    rows = results.get("budgets")
+    return {
+        "evaluation": evaluation if isinstance(evaluation, dict) else {},
+        "optimisation": optimisation if isinstance(optimisation, dict) else {},
+        "budgets": [row for row in rows if isinstance(row, dict) and is_step(row.get("step"))]
+        if isinstance(rows, list)
+        else [],
+    }
 
 
 def is_step(value: object) -> bool:
@@ -229,27 +245,35 @@ def scan(root: Path) -> tuple[list[Run], list[Incomplete]]:
 
 
 def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[Incomplete]]:
-    """Runs of a W&B project `entity/project`: final metrics from the summaries of finished runs,
-    everything else listed as incomplete (per-t curves and images stay in the run directories)."""
+    """Runs of a W&B project `entity/project`: from the summaries of finished runs, what results.json
+    holds (final metrics, evaluation settings, optimisation record, per-budget rows; see
+    `tracking.wandb_summary`), everything else listed as incomplete (per-t curves and images stay
+    in the run directories)."""
     if api is None:
         import wandb
 
         api = wandb.Api()
     runs, incomplete = [], []
     for remote in api.runs(path):
-        config = dict(remote.config)
+        config = plain(remote.config)
+        config = config if isinstance(config, dict) else {}
         location = f"wandb:{path}/{remote.id}"
         arm, seed, group = arm_of(config), config.get("seed"), config_group(config)
-        summary = {
-            k.removeprefix("final/"): v for k, v in dict(remote.summary).items() if k.startswith("final/")
-        }
-        metrics, dropped = finite_metrics(summary)
+        results = summary_results(remote.summary)
+        metrics, dropped = finite_metrics(results["metrics"])
+        if results.get("status") == DIVERGED:
+            reason, step = divergence(results)
+            incomplete.append(
+                Incomplete(location, reason, arm, "?" if seed is None else seed, group, True, step)
+            )
+            continue
         if remote.state != "finished" or not metrics or seed is None or group is None or arm is None:
             reason = (
                 f"W&B state {remote.state}" if remote.state != "finished" else "no final metrics or config"
             )
             incomplete.append(Incomplete(location, reason, arm, "?" if seed is None else seed, group))
             continue
+        steps = results.get("steps")
         runs.append(
             Run(
                 arm=arm,
@@ -258,11 +282,12 @@ def from_wandb(path: str, api: object | None = None) -> tuple[list[Run], list[In
                 metrics=metrics,
                 data=config["data"]["name"],
                 profile=config["profile"],
-                steps=int(config["trainer"]["max_steps"]),
+                steps=steps if is_int(steps) else int(config["trainer"]["max_steps"]),
                 config=config,
                 dropped=dropped,
                 remote=location,
                 created=datetime.fromisoformat(remote.created_at.replace("Z", "+00:00")).timestamp(),
+                **recorded(results),
             )
         )
     kept, duplicates = deduplicate(runs)

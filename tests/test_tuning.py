@@ -233,6 +233,7 @@ def test_the_tuning_seed_among_the_evaluation_seeds_is_refused(capsys: pytest.Ca
         ["--obj", "all", "--args", "seed=100"],
         ["--obj", "tuned", "--args", "eval.reference_split=test"],
         ["--obj", "tuned", "--args", "eval.enabled=false"],
+        ["--obj", "tuned", "--args", "trainer.gradient_clip_val=1.0"],
         ["--obj", "tuned", "--args", "trainer.max_steps=2 'x"],
         ["--obj", "tuned", "--seeds", ""],
         ["--obj", "tuned", "--tune-of", ""],

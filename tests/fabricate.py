@@ -20,6 +20,7 @@ def write_config(
     margins: dict[str, float] | None = None,
     threads: int = 0,
     evaluation: dict | None = None,
+    clip: float | None = None,
 ) -> None:
     directory.mkdir(parents=True)
     config = {
@@ -30,7 +31,7 @@ def write_config(
         "data": {"name": "digits", "batch_size": 128},
         "model": {"name": "unet_small"},
         "optim": {"lr": lr},
-        "trainer": {"max_steps": 100, "gradient_clip_val": None},
+        "trainer": {"max_steps": 100, "gradient_clip_val": clip},
         "diffusion": {"schedule": "linear", "num_timesteps": 1000, "variance": "small"},
         "speed": {"threads": threads},
         "run": {"root": "anywhere"},

@@ -1,5 +1,6 @@
-"""OBJ=tuned: the rate each arm gets per claim family from stage 1, stage 2 kept off the tuning
-seed, and verdicts compared across optimiser settings (a verdict that turns is not settled)."""
+"""OBJ=tuned: the (rate, clip) each arm gets per claim family from stage 1, a grid widened where a
+choice sits at its end (at most twice), stage 2 kept off the tuning seed and always at DDPM's
+setting too, and verdicts compared across optimiser settings (a verdict that turns is not settled)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,20 @@ from diffbench import launch, tuned
 from diffbench.analysis.collect import scan
 from diffbench.analysis.optimiser import find_tuned, tuning_key
 from diffbench.analysis.settled import Agreement
-from diffbench.analysis.tuning import LIKELIHOOD, SAMPLES, TUNING_ONLY, TuningTrial, choose
+from diffbench.analysis.tuning import (
+    DDPM,
+    LIKELIHOOD,
+    MAX_WIDENINGS,
+    SAMPLES,
+    TUNING_ONLY,
+    OptimSetting,
+    TuningTrial,
+    beyond,
+    choose,
+    inferred_widenings,
+    tuning_record,
+    widening,
+)
 from diffbench.analysis.verdicts import Verdict
 from diffbench.cli import report as report_cli
 from diffbench.cli.checks import check_settings
@@ -85,6 +99,73 @@ def test_a_tie_goes_to_the_rate_nearest_the_default_and_no_finished_rate_chooses
     assert choose(flat, LIKELIHOOD, 2e-4)[EPS_ELBO].rate == 3e-4
     broken = [TuningTrial(EPS_ELBO, r, {}, None, "diverged at step 3") for r in RATES]
     assert choose(broken, LIKELIHOOD, 1e-3)[EPS_ELBO].rate is None
+    # A tie between clipping off and on goes to the default (off).
+    both = flat + [TuningTrial(EPS_ELBO, r, {"val_vlb_bpd": 3.0}, 1000, clip=1.0) for r in RATES]
+    assert (choose(both, LIKELIHOOD, 1e-3)[EPS_ELBO].rate, choose(both, LIKELIHOOD, 1e-3)[EPS_ELBO].clip) == (
+        1e-3,
+        None,
+    )
+
+
+def clipped(shift: dict[str, float]) -> list[TuningTrial]:
+    """trials() again, each arm also at clip 1.0 with its metrics moved by `shift[arm]`."""
+    made = trials()
+    for trial in list(made):
+        final = {m: v + shift.get(trial.arm.label, 0.0) for m, v in trial.final.items()}
+        made.append(TuningTrial(trial.arm, trial.rate, final, trial.step, trial.note, clip=1.0))
+    return made
+
+
+def test_the_choice_is_the_best_rate_and_clip_pair() -> None:
+    # Clipping helps eps_elbo (every metric 0.5 lower) and hurts eps_simple.
+    found = clipped({"eps_elbo": -0.5, "eps_simple": 0.5, "x0_elbo": 0.5})
+    likelihood, samples = choose(found, LIKELIHOOD, 1e-3), choose(found, SAMPLES, 1e-3)
+    assert (likelihood[EPS_ELBO].rate, likelihood[EPS_ELBO].clip) == (3e-4, 1.0)
+    assert (samples[EPS_ELBO].rate, samples[EPS_ELBO].clip) == (1e-3, 1.0)
+    assert (likelihood[EPS_SIMPLE].rate, likelihood[EPS_SIMPLE].clip) == (1e-3, None)
+    assert likelihood[EPS_ELBO].setting == OptimSetting(3e-4, 1.0)
+    # `values` is the curve at the chosen clipping; `grid` holds every (rate, clip) pair.
+    assert likelihood[EPS_ELBO].values == pytest.approx({3e-4: 3.1, 1e-4: 3.6, 1e-3: 3.3, 3e-3: 3.9})
+    assert len(likelihood[EPS_ELBO].grid) == 8 and likelihood[EPS_ELBO].grid[3e-4, None] == 3.6
+    # The record shows the clipping: chosen per family, one row per clip, every setting's values.
+    choices = {LIKELIHOOD: likelihood, SAMPLES: samples}
+    record = tuning_record(found, choices, TUNING_SEED, 1e-3)
+    assert record.payload["clips"] == [None, 1.0]
+    assert record.payload["ddpm"] == {"lr": 2e-4, "clip": 1.0}
+    assert record.payload["arms"]["eps_elbo"]["chosen"]["likelihood"]["clip"] == 1.0
+    assert record.payload["arms"]["eps_elbo"]["by_rate"]["0.0003"]["likelihood"] == 3.6
+    settings = record.payload["arms"]["eps_elbo"]["by_setting"]
+    assert len(settings) == 8 and {"lr": 3e-4, "clip": 1.0} == {k: settings[3][k] for k in ("lr", "clip")}
+    assert "clip" in record.header and "| eps_elbo | likelihood | 1.0 | 3.6 | 3.1* |" in record.markdown
+    assert (
+        "0.0003, clip 1.0" in record.markdown and "DDPM's own setting (lr 0.0002, clip 1.0)" in record.intro
+    )
+
+
+def test_a_choice_at_an_end_of_the_grid_widens_it_one_rate_on_that_side() -> None:
+    assert beyond(3e-3, "highest") == 1e-2 and beyond(1e-2, "highest") == 3e-2
+    assert beyond(1e-4, "lowest") == 3e-5 and beyond(3e-4, "lowest") == 1e-4
+    assert beyond(2e-4, "highest") == 6e-4 and beyond(2e-4, "lowest") == 7e-5
+    assert beyond(0.3, "highest") is None  # rates stay below 1
+    choices = {f: choose(trials(), f, 1e-3) for f in (LIKELIHOOD, SAMPLES)}
+    assert widening(choices, EPS_SIMPLE) == [1e-2]  # its sample choice sits at 3e-3, the top
+    assert widening(choices, EPS_ELBO) == [] and widening(choices, X0_ELBO) == []
+    # The report reads the widenings back from the trials: rates beyond those every arm shares.
+    wider = trials() + [
+        TuningTrial(EPS_SIMPLE, r, {"fd_digits": fd}, 1000) for r, fd in ((1e-2, 40.0), (3e-2, 39.0))
+    ]
+    assert inferred_widenings(wider) == {EPS_SIMPLE: [[1e-2], [3e-2]]}
+    record = tuning_record(
+        wider,
+        {f: choose(wider, f, 1e-3) for f in (LIKELIHOOD, SAMPLES)},
+        100,
+        1e-3,
+        None,
+        inferred_widenings(wider),
+    )
+    assert "eps_simple: widened to 0.01 (1 of 2), to 0.03 (2 of 2); still at the highest end" in record.intro
+    assert record.payload["arms"]["eps_simple"]["widened"] == [[1e-2], [3e-2]]
+    assert "·" in record.markdown  # other arms were not trained at the widened rates
 
 
 def run_check(overrides: list[str], here: bool) -> RunSpec:
@@ -96,10 +177,14 @@ def test_stage_one_is_the_tuning_seed_alone_without_evaluation() -> None:
     base = with_options(load_sweep("tuned", "eps"), "smoke", None, "3", [])
     stage1 = tuning_sweep(base, list(RATES), TUNING_SEED)
     points = stage1.grid()
-    assert len(points) == 2 * len(RATES)
+    # Every arm × rate × clipping (off, and DDPM's 1.0).
+    assert len(points) == 2 * len(RATES) * 2
     assert {p["seed"] for p in points} == {TUNING_SEED}
     assert all(p["eval.enabled"] is False and p["eval.reference_split"] == "val" for p in points)
     assert sorted({p["optim.lr"] for p in points}) == list(RATES)
+    assert {p["trainer.gradient_clip_val"] for p in points} == {"null", 1.0}
+    specs = [run_check(overrides_of(stage1.command_of(p)), True) for p in points[:2]]
+    assert [s.optim.gradient_clip_val for s in specs] == [None, 1.0]
 
 
 def test_stage_two_trains_the_evaluation_seeds_at_the_default_and_the_chosen_rates(tmp_path: Path) -> None:
@@ -111,9 +196,18 @@ def test_stage_two_trains_the_evaluation_seeds_at_the_default_and_the_chosen_rat
     made = tuned.stage_two(stages, tuned.Tuning(trials(), choices, 1e-3, None), run_check)  # type: ignore[arg-type]
     stage2, stage2_dirs = [t.point for t in made], [t.directory for t in made]
     assert {p["seed"] for p in stage2} == {0, 1}
-    by_arm = {(p["experiment"], p["optim.lr"]) for p in stage2}
-    assert by_arm == {("eps_elbo", 3e-4), ("eps_elbo", 1e-3), ("eps_simple", 1e-3), ("eps_simple", 3e-3)}
-    assert len(stage2) == len(set(stage2_dirs)) == 8
+    by_arm = {(p["experiment"], p["optim.lr"], p.get("trainer.gradient_clip_val")) for p in stage2}
+    # DDPM's own setting (lr 2e-4, clip 1.0) is always one of them, for every arm.
+    assert by_arm == {
+        ("eps_elbo", 3e-4, None),
+        ("eps_elbo", 1e-3, None),
+        ("eps_elbo", 2e-4, 1.0),
+        ("eps_simple", 1e-3, None),
+        ("eps_simple", 3e-3, None),
+        ("eps_simple", 2e-4, 1.0),
+    }
+    assert len(stage2) == len(set(stage2_dirs)) == 12
+    assert {t.spec.optim.gradient_clip_val for t in made if t.point["optim.lr"] == 2e-4} == {1.0}
     # The default-rate trials are the plain sweep's very trials (the same directories), so they are reused.
     assert set(dirs) <= set(stage2_dirs)
 
@@ -139,6 +233,7 @@ def test_the_tuning_seed_among_the_evaluation_seeds_is_refused(capsys: pytest.Ca
         ["--obj", "all", "--args", "seed=100"],
         ["--obj", "tuned", "--args", "eval.reference_split=test"],
         ["--obj", "tuned", "--args", "eval.enabled=false"],
+        ["--obj", "tuned", "--args", "trainer.gradient_clip_val=1.0"],
         ["--obj", "tuned", "--args", "trainer.max_steps=2 'x"],
         ["--obj", "tuned", "--seeds", ""],
         ["--obj", "tuned", "--tune-of", ""],
@@ -164,37 +259,52 @@ SEEDS = (0, 1, 2, 3, 4)
 TUNING = {**{k.split(".")[1]: v for k, v in TUNING_ONLY.items()}}
 
 
-def tuned_runs(root: Path) -> None:
+def tuned_runs(root: Path, ddpm: bool = False) -> None:
     """Stage 1 chooses 3e-4 for eps_elbo's likelihood, 3e-3 for eps_simple's samples. At the
     default rate eps_elbo's NLL is 0.3 bpd worse than eps_simple's (claim 1 contradicted); at its
     tuned rate 0.2 better (claim 1 holds). eps_simple's FD is 10 lower at every rate (claim 2
-    holds everywhere). Budget rows are flat and agree, so only the optimiser can unsettle."""
+    holds everywhere). Budget rows are flat and agree, so only the optimiser can unsettle. With
+    `ddpm`, stage 1 has clipped trials too (worse, so the choice stands) and the evaluation seeds
+    ran at DDPM's setting, where eps_elbo's NLL is 0.2 better (claim 1 holds)."""
     for arm, curves in CURVES.items():
         if arm == "x0_elbo":
             continue
         for index, rate in enumerate(RATES):
-            row = {"step": 100, **{m: v[index] for m, v in curves.items()}}
-            write_run(
-                root,
-                Arm.parse(arm),
-                100,
-                {"val/vlb_bpd": 1.0},
-                [row],
-                f"t{rate:g}",
-                lr=rate,
-                evaluation=TUNING,
-            )
+            for clip in (None, 1.0) if ddpm else (None,):
+                shift = 0.5 if clip else 0.0
+                row = {"step": 100, **{m: v[index] + shift for m, v in curves.items()}}
+                name = f"t{rate:g}" + ("-clip" if clip else "")
+                write_run(
+                    root,
+                    Arm.parse(arm),
+                    100,
+                    {"val/vlb_bpd": 1.0},
+                    [row],
+                    name,
+                    lr=rate,
+                    evaluation=TUNING,
+                    clip=clip,
+                )
     for seed in SEEDS:
         jitter = 0.01 * seed
-        for arm, rate, nll, fd in (
-            ("eps_simple", 1e-3, 3.5 + jitter, 40.0 + seed),
-            ("eps_elbo", 1e-3, 3.8 + 2 * jitter, 50.0 + seed),
-            ("eps_elbo", 3e-4, 3.3 + 2 * jitter, 52.0 + seed),
-            ("eps_simple", 3e-3, 3.6 + jitter, 41.0 + seed),
+        for arm, rate, nll, fd, clip in (
+            ("eps_simple", 1e-3, 3.5 + jitter, 40.0 + seed, None),
+            ("eps_elbo", 1e-3, 3.8 + 2 * jitter, 50.0 + seed, None),
+            ("eps_elbo", 3e-4, 3.3 + 2 * jitter, 52.0 + seed, None),
+            ("eps_simple", 3e-3, 3.6 + jitter, 41.0 + seed, None),
+            *(
+                [
+                    ("eps_simple", 2e-4, 3.5 + jitter, 40.0 + seed, 1.0),
+                    ("eps_elbo", 2e-4, 3.3 + 2 * jitter, 50.0 + seed, 1.0),
+                ]
+                if ddpm
+                else []
+            ),
         ):
             final = {"nll_vlb_bpd": nll, "fd_digits": fd}
             rows = [{"step": s, "val_vlb_bpd": nll, "fd_digits": fd} for s in (50, 100)]
-            write_run(root, Arm.parse(arm), seed, final, rows, f"s{seed}-{rate:g}", lr=rate, evaluation={})
+            name = f"s{seed}-{rate:g}" + ("-clip" if clip else "")
+            write_run(root, Arm.parse(arm), seed, final, rows, name, lr=rate, evaluation={}, clip=clip)
 
 
 def test_selection_from_scanned_runs_leaves_the_tuning_seed_out(tmp_path: Path) -> None:
@@ -272,6 +382,103 @@ def test_a_verdict_that_turns_with_the_optimiser_is_not_settled(tmp_path: Path) 
     assert len([p for p in (tmp_path / "report").iterdir() if p.is_dir()]) == 4
 
 
+def test_the_verdict_at_ddpms_setting_is_compared_beside_the_default_and_the_tuned(tmp_path: Path) -> None:
+    tuned_runs(tmp_path, ddpm=True)
+    runs, incomplete = scan(tmp_path)
+    (found,), rest = find_tuned(runs, incomplete)
+    # Clipped and unclipped trials form one tuned sweep; the clipped ones are worse, so the choice stands.
+    assert len(found.trials) == 16 and {t.clip for t in found.trials} == {None, 1.0}
+    assert found.choices[LIKELIHOOD][EPS_ELBO].setting == OptimSetting(3e-4, None)
+    # Clipping splits the group: DDPM's runs are a group of their own, beside each rate's.
+    assert len({r.group for r in found.runs}) == 4 and len(found.groups) == 4
+    names = [c.name for c in found.columns]
+    assert names == [
+        "lr 0.001 (default)",
+        "lr 0.0002, clip 1.0 (DDPM)",
+        "lr 0.0003",
+        "lr 0.003",
+        "tuned for likelihood",
+        "tuned for samples",
+    ]
+    one = found.agreements[1]
+    assert one.verdicts == {
+        "lr 0.001 (default)": Verdict.CONTRADICTED,
+        "lr 0.0002, clip 1.0 (DDPM)": Verdict.HOLDS,
+        "tuned for likelihood": Verdict.HOLDS,
+    }
+    assert found.agreements[2].agrees is True and "lr 0.0002, clip 1.0 (DDPM)" in found.agreements[2].verdicts
+    assert report_cli.main(["--runs", str(tmp_path), "--no-figures"]) == 0
+    (folder,) = (tmp_path / "report").glob("*-tuned")
+    md = (folder / "tuned.md").read_text()
+    assert "| claim 1 | contradicted | holds |" in md
+    assert "DDPM's own optimiser (lr 0.0002, clip 1.0)" in md
+    payload = json.loads((folder / "tuned.json").read_text())
+    ddpm = next(c for c in payload["columns"] if c["name"] == payload["ddpm"]["name"])
+    assert (
+        ddpm["clips"] == {"eps_simple": 1.0, "eps_elbo": 1.0}
+        and ddpm["claims"]["1"]["verdict"] == Verdict.HOLDS
+    )
+    assert payload["tuning"]["arms"]["eps_elbo"]["chosen"]["likelihood"]["clip"] is None
+
+
+def test_ddpms_column_is_there_before_its_runs(tmp_path: Path) -> None:
+    tuned_runs(tmp_path)
+    runs, incomplete = scan(tmp_path)
+    (found,), _ = find_tuned(runs, incomplete)
+    ddpm = next(c for c in found.columns if c.name == "lr 0.0002, clip 1.0 (DDPM)")
+    assert ddpm.claims == {} and DDPM == OptimSetting(2e-4, 1.0)
+    assert any(n.startswith("lr 0.0002, clip 1.0 (DDPM): not read") for n in found.notes)
+    assert report_cli.main(["--runs", str(tmp_path), "--no-figures"]) == 0
+    (folder,) = (tmp_path / "report").glob("*-tuned")
+    assert "| claim 1 | contradicted | not run |" in (folder / "tuned.md").read_text()
+
+
+def rising(arm: str, metric: str, rate: float, clip: float | None) -> float:
+    """A stage 1 where eps_simple only gets better with the rate (its grid never brackets the
+    optimum) and eps_elbo is best at 1e-3."""
+    if arm == "eps_simple":
+        return 10.0 - rate * 100 + (0.1 if clip else 0.0)
+    return 5.0 + abs(rate - 1e-3) * 100
+
+
+def test_widening_is_bounded_at_two_and_a_choice_still_at_the_edge_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    calls: list[list[dict]] = []
+    monkeypatch.setattr(launch, "run_local", fake_trials(calls, rising))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    options = SweepOptions("tuned", "eps", seeds="1", args=f"run.root={tmp_path}", rates="3e-4,1e-3,3e-3")
+    sweep = configure(options)
+    stages = tuned.prepare(sweep, plan(sweep, options, run_check), options, run_check)
+    result = tuned.run(stages, LaunchOptions(), run_check)
+    first, *widenings, stage2 = calls
+    assert len(first) == 2 * 3 * 2 and len(widenings) == MAX_WIDENINGS == 2
+    for rate, widened in zip((1e-2, 3e-2), widenings):
+        assert {(p["experiment"], p["optim.lr"]) for p in widened} == {("eps_simple", rate)} and len(
+            widened
+        ) == 2
+    assert result.tuning is not None
+    assert result.tuning.widened == {EPS_SIMPLE: [[1e-2], [3e-2]]}
+    choice = result.tuning.choices[LIKELIHOOD][EPS_SIMPLE]
+    assert (choice.rate, choice.clip, choice.edge) == (3e-2, None, "highest")
+    record = json.loads(next((tmp_path / "trials").glob("*/tuning-*.json")).read_text())
+    assert record["arms"]["eps_simple"]["chosen"]["likelihood"]["edge_of_grid"] == "highest"
+    assert record["arms"]["eps_simple"]["widened"] == [[1e-2], [3e-2]]
+    md = next((tmp_path / "trials").glob("*/tuning-*.md")).read_text()
+    assert (
+        "eps_simple: widened to 0.01 (1 of 2), to 0.03 (2 of 2); still at the highest end of its grid "
+        "after 2 widenings, the bound" in md
+    )
+    # Stage 2: the default, DDPM's setting and each arm's tuned setting (eps_simple at the widened 3e-2).
+    assert {(p["experiment"], p["optim.lr"], p.get("trainer.gradient_clip_val")) for p in stage2} == {
+        ("eps_elbo", 1e-3, None),
+        ("eps_elbo", 2e-4, 1.0),
+        ("eps_simple", 1e-3, None),
+        ("eps_simple", 2e-4, 1.0),
+        ("eps_simple", 3e-2, None),
+    }
+
+
 def test_a_diverged_tuning_trial_is_recorded_not_reported_as_incomplete(tmp_path: Path) -> None:
     tuned_runs(tmp_path)
     directory = next((tmp_path / "trials").rglob("t0.003"))
@@ -283,10 +490,20 @@ def test_a_diverged_tuning_trial_is_recorded_not_reported_as_incomplete(tmp_path
     assert len(diverged) == 1 and diverged[0].final == {} and diverged[0].rate == 3e-3
 
 
-def fake_trials(calls: list[list[dict]]):
-    """A stand-in for the local runner: each trial's real config and results with CURVES' numbers
-    (stage 1) or an NLL that favours eps_elbo at 3e-4 only (stage 2), so the sweep's own stages run
-    in a second. Trials that already have results are skipped, as run.reuse does."""
+def curve_value(arm: str, metric: str, rate: float, clip: float | None) -> float | None:
+    """Stage 1's numbers in the fake runner: CURVES (a little worse with clipping), and a rate past
+    RATES (a widened grid) worse than any in it, so one widening brackets the choice."""
+    if rate not in RATES:
+        return 99.0
+    value = CURVES[arm][metric][RATES.index(rate)]
+    return None if value is None else value + (0.05 if clip else 0.0)
+
+
+def fake_trials(calls: list[list[dict]], stage1=curve_value):
+    """A stand-in for the local runner: each trial's real config and results with `stage1`'s
+    numbers (stage 1) or an NLL that favours eps_elbo at 3e-4 and at DDPM's setting (stage 2), so
+    the sweep's own stages run in a second. Trials that already have results are skipped, as
+    run.reuse does."""
 
     def run_local(trials: list[Trial], env: dict, slots: list, jobs: object = None) -> None:
         calls.append([t.point for t in trials])
@@ -297,14 +514,14 @@ def fake_trials(calls: list[list[dict]]):
                 continue
             directory.mkdir(parents=True, exist_ok=True)
             run_dir.write_config(spec)
-            arm, rate, seed = spec.arm.label, spec.optim.lr, spec.seed
+            arm, rate, seed, clip = spec.arm.label, spec.optim.lr, spec.seed, spec.optim.gradient_clip_val
             if point.get("eval.enabled") is False:
-                row = {"step": 1000, **{m: v[RATES.index(rate)] for m, v in CURVES[arm].items()}}
+                row = {"step": 1000, **{m: stage1(arm, m, rate, clip) for m in CURVES[arm]}}
                 metrics = {"val/vlb_bpd": 1.0}
             else:
                 elbo = arm == "eps_elbo"
                 nll = 3.5 + (0.03 if elbo else 0.01) * seed + (0.3 if elbo and rate == 1e-3 else 0.0)
-                nll -= 0.5 if elbo and rate == 3e-4 else 0.0
+                nll -= 0.5 if elbo and rate in (3e-4, 2e-4) else 0.0
                 metrics = {"nll_vlb_bpd": nll, "fd_digits": 40.0 + (10 + 2 * seed if elbo else seed)}
                 row = {"step": 1000, "val_vlb_bpd": nll, "fd_digits": metrics["fd_digits"]}
             run_dir.write_results(
@@ -329,32 +546,58 @@ def test_the_tuned_sweep_runs_both_stages_and_a_rerun_skips_stage_one(
     monkeypatch.setenv("WANDB_MODE", "offline")
     argv = ["--obj", "tuned", "--tune-of", "eps", "--seeds", "3", "--args", f"run.root={tmp_path}"]
     assert main(argv) == 0
-    stage1, stage2 = calls
-    assert {p["seed"] for p in stage1} == {100} and len(stage1) == 2 * len(RATES)
+    stage1, widened, stage2 = calls
+    # Stage 1 trains every arm at every rate with clipping off and on.
+    assert {p["seed"] for p in stage1} == {100} and len(stage1) == 2 * len(RATES) * 2
+    assert {p["trainer.gradient_clip_val"] for p in stage1} == {"null", 1.0}
+    # eps_simple's sample choice sat at the top (3e-3): its grid alone widens to 1e-2, both clippings.
+    assert {(p["experiment"], p["optim.lr"], p["trainer.gradient_clip_val"]) for p in widened} == {
+        ("eps_simple", 1e-2, "null"),
+        ("eps_simple", 1e-2, 1.0),
+    }
     assert {p["seed"] for p in stage2} == {0, 1, 2}
-    assert {(p["experiment"], p["optim.lr"]) for p in stage2} == {
-        ("eps_elbo", 3e-4),
-        ("eps_elbo", 1e-3),
-        ("eps_simple", 1e-3),
-        ("eps_simple", 3e-3),
+    assert {(p["experiment"], p["optim.lr"], p.get("trainer.gradient_clip_val")) for p in stage2} == {
+        ("eps_elbo", 3e-4, None),
+        ("eps_elbo", 1e-3, None),
+        ("eps_elbo", 2e-4, 1.0),
+        ("eps_simple", 1e-3, None),
+        ("eps_simple", 3e-3, None),
+        ("eps_simple", 2e-4, 1.0),
     }
     record = json.loads(next((tmp_path / "trials").glob("*/tuning-*.json")).read_text())
     chosen = record["arms"]["eps_elbo"]["chosen"]["likelihood"]
-    assert chosen == {"metric": "val_vlb_bpd", "rate": 3e-4, "edge_of_grid": None}
-    assert record["arms"]["eps_simple"]["chosen"]["samples"]["edge_of_grid"] == "highest"
+    assert {k: chosen[k] for k in ("metric", "rate", "edge_of_grid")} == {
+        "metric": "val_vlb_bpd",
+        "rate": 3e-4,
+        "edge_of_grid": None,
+    }
+    assert chosen["clip"] is None
+    # Widened once, the choice is bracketed: no longer at an end of the grid.
+    assert record["arms"]["eps_simple"]["chosen"]["samples"]["edge_of_grid"] is None
+    assert record["arms"]["eps_simple"]["widened"] == [[1e-2]] and record["arms"]["eps_elbo"]["widened"] == []
+    md = next((tmp_path / "trials").glob("*/tuning-*.md")).read_text()
+    assert "eps_simple: widened to 0.01 (1 of 2)" in md
     (folder,) = (tmp_path / "report").glob("*-tuned")
-    agreement = json.loads((folder / "tuned.json").read_text())["agreement"]
+    payload = json.loads((folder / "tuned.json").read_text())
+    agreement = payload["agreement"]
     assert agreement["1"]["agrees"] is False
+    names = [c["name"] for c in payload["columns"]]
+    assert names[:2] == ["lr 0.001 (default)", "lr 0.0002, clip 1.0 (DDPM)"]
+    assert {"tuned for likelihood", "tuned for samples"} <= set(names)
+    tuned_md = (folder / "tuned.md").read_text()
+    assert "| claim | lr 0.001 (default) | lr 0.0002, clip 1.0 (DDPM) |" in tuned_md
     out = capsys.readouterr().out
     assert (
-        "claim 1: turns with the optimiser: contradicted at lr 0.001 (default); holds at tuned for likelihood"
-        in out
+        "claim 1: turns with the optimiser: contradicted at lr 0.001 (default); "
+        "holds at lr 0.0002, clip 1.0 (DDPM), tuned for likelihood" in out
     )
+    assert "with gradient clipping off and at 1.0" in out and "stage 1 widened" in out
     calls.clear()
     assert main(argv) == 0
     (again,) = calls
     assert again == stage2
-    assert "(0 to run)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(0 to run)" in out and "eps_simple at optim.lr 0.01 (1 of 2)" in out
     # The library flow the command drives: a typed result with the choice, stage 2 and the agreement.
     options = SweepOptions("tuned", "eps", seeds="3", args=f"run.root={tmp_path}")
     sweep = configure(options)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from diffbench.analysis.tuning import TUNING_ONLY
+from diffbench.analysis.tuning import CLIP_KEY, TUNING_CLIPS, TUNING_ONLY
 from diffbench.config import ConfigError, available, find_choice, is_name, yaml_problem
 from diffbench.rundir import trial_dir
 from diffbench.spec import RunSpec
@@ -33,6 +33,8 @@ TUNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
 TUNING_SEED = 100
 """The seed the rates are chosen on: outside every evaluation seed, so selection cannot bias a test."""
 STAGE1 = "-stage1"
+CLIP_OFF = "null"
+"""trainer.gradient_clip_val off, as a sweep point spells it (the run command reads `null` as None)."""
 MAX_SEEDS = 1000
 """More seeds than any sweep here needs: a larger count is a typo (and would compose for hours)."""
 MAX_TRIALS = 20_000
@@ -188,11 +190,15 @@ def learning_rate_sweep(sweep: Sweep) -> Sweep:
     return sweep.varied(f"{sweep.name}-{LR_OBJ}", parameters)
 
 
-def tuning_sweep(sweep: Sweep, rates: list[float], seed: int) -> Sweep:
-    """Stage 1 of OBJ=tuned: the sweep's arms at every rate on the tuning seed alone, trained
-    without the final evaluation (TUNING_ONLY), so the choice reads validation data only."""
+def tuning_sweep(
+    sweep: Sweep, rates: list[float], seed: int, clips: Iterable[float | None] = TUNING_CLIPS
+) -> Sweep:
+    """Stage 1 of OBJ=tuned: the sweep's arms at every rate and clipping threshold on the tuning
+    seed alone, trained without the final evaluation (TUNING_ONLY), so the choice reads
+    validation data only."""
     parameters = {name: spec for name, spec in sweep.parameters.items() if name != "seed"}
     parameters["optim.lr"] = {"values": list(rates)}
+    parameters[CLIP_KEY] = {"values": [CLIP_OFF if clip is None else clip for clip in clips]}
     parameters["seed"] = {"value": seed}
     parameters.update({key: {"value": value} for key, value in TUNING_ONLY.items()})
     return sweep.varied(f"{sweep.name}{STAGE1}", parameters)
@@ -295,7 +301,7 @@ def split_args(args: str, obj: str) -> list[str]:
     if obj in (LR_OBJ, TUNED_OBJ):
         owned["optim.lr"] = f"OBJ={obj}"
     if obj == TUNED_OBJ:
-        owned.update({key: f"OBJ={TUNED_OBJ}" for key in TUNING_ONLY})
+        owned.update({key: f"OBJ={TUNED_OBJ}" for key in (*TUNING_ONLY, CLIP_KEY)})
     for override in overrides:
         key = override.partition("=")[0].lstrip("+~")
         if key in owned:

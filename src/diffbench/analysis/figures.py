@@ -285,7 +285,8 @@ def image_panels(images: dict[Arm, list[Path]], titles: list[str], path: Path) -
 def tuning_curves(choices: dict[str, dict[Arm, Choice]], path: Path) -> Path | None:
     """Stage 1 of a tuned sweep: each arm's final validation metric against the learning rate,
     divided by the arm's best (so x0's hundreds of bpd and eps's threes share one axis and every
-    chosen rate, ringed, sits at 1), one panel per claim family; a diverged rate leaves a gap."""
+    chosen setting, ringed, sits at 1), one panel per claim family; the chosen clipping in full,
+    the other faint with open markers; a diverged rate leaves a gap."""
     panels = {
         f: c for f, c in choices.items() if any(v is not None for x in c.values() for v in x.values.values())
     }
@@ -299,18 +300,24 @@ def tuning_curves(choices: dict[str, dict[Arm, Choice]], path: Path) -> Path | N
                 continue
             best = choice.values[choice.rate]
             kw = style(arm)
-            rates = sorted(choice.values)
-            ratios = [np.nan if choice.values[r] is None else choice.values[r] / best for r in rates]
-            ax.plot(rates, ratios, ms=4, label=arm.label, **kw)
+            grid = choice.grid or {(r, choice.clip): v for r, v in choice.values.items()}
+            clips = sorted({c for _, c in grid}, key=lambda c: (c != choice.clip, c is not None, c or 0.0))
+            for clip in clips:
+                rates = sorted(r for r, c in grid if c == clip)
+                ratios = [np.nan if grid[r, clip] is None else grid[r, clip] / best for r in rates]
+                if clip == choice.clip:
+                    ax.plot(rates, ratios, ms=4, label=arm.label, **kw)
+                else:
+                    ax.plot(rates, ratios, ms=4, mfc="none", alpha=0.4, lw=0.8, **kw)
             ax.plot([choice.rate], [1.0], "o", ms=11, mfc="none", color=kw["color"])
         metric = next((c.metric for c in by_arm.values() if c.metric), "")
         ax.set(
             xlabel="optim.lr",
             ylabel=f"final {metric} ÷ the arm's best",
-            title=f"{family}: {metric} on the tuning seed (ringed: chosen)",
+            title=f"{family}: {metric} on the tuning seed\n(ringed: chosen; faint: the other clipping)",
         )
         ax.set_xscale("log")
-        rates = sorted({r for c in by_arm.values() for r in c.values})
+        rates = sorted({r for c in by_arm.values() for r in c.rates})
         ax.xaxis.set_major_locator(FixedLocator(rates))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())

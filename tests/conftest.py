@@ -13,12 +13,17 @@ from diffbench.data.gmm import DiffusedMixture, fit_digits_mixture
 from diffbench.spec import RunSpec, build_spec
 
 
-@pytest.fixture(autouse=True)
-def offline_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+def isolate(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """W&B offline and silent, the cache in the session's temporary folder, no inherited run dir."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.delenv("DIFFBENCH_RUN_DIR", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def offline_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    isolate(monkeypatch, tmp_path_factory)
 
 
 @pytest.fixture
@@ -64,7 +69,7 @@ def digits() -> DigitsDataModule:
 @pytest.fixture(scope="session")
 def digits_mixture(tmp_path_factory: pytest.TempPathFactory) -> DiffusedMixture:
     """The default fitted mixture, fitted into the session's test cache (session scope runs before
-    the autouse fixture that points DIFFBENCH_CACHE there, so it sets the variable itself)."""
+    the autouse fixture that isolates the test, so it isolates itself)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DIFFBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        isolate(patch, tmp_path_factory)
         return fit_digits_mixture()

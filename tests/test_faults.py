@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,6 @@ from diffbench.config import ConfigError, compose
 from diffbench.plan import SweepOptions, plan, point_label, read_sweep, sweeps_dir
 from diffbench.rundir import RESULTS, RunDir
 from diffbench.sweep import main as sweep_main
-
-pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
 
 BAD_INPUTS = [
     (["run.root=runs/" + "a" * 300], "no name in it over 255 bytes"),
@@ -201,6 +200,7 @@ def snapshot(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_another_configs_run_directory_is_refused_naming_the_differences(
     finished: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -214,13 +214,18 @@ def test_another_configs_run_directory_is_refused_naming_the_differences(
     assert snapshot(finished) == before
 
 
-def test_same_config_rerun_skips_and_touches_nothing(finished: Path) -> None:
+@pytest.mark.slow
+def test_same_config_rerun_skips_and_touches_nothing(
+    finished: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     before = snapshot(finished)
-    proc = run(["experiment=eps_simple", *TINY, f"run.dir={finished}"], finished.parent)
-    assert proc.returncode == 0 and "already complete" in proc.stdout
+    monkeypatch.chdir(finished.parent)
+    assert run_cli.main(["experiment=eps_simple", *TINY, f"run.dir={finished}"]) == 0
+    assert "already complete" in capsys.readouterr().out
     assert snapshot(finished) == before
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_while_the_lock_is_held(
     finished: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -232,6 +237,7 @@ def test_second_writer_is_refused_while_the_lock_is_held(
     assert "another diffbench process" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "phrase"),
     [
@@ -256,6 +262,7 @@ def test_evaluate_checks_its_overrides_before_any_work(
     assert snapshot(finished) == before
 
 
+@pytest.mark.slow
 def test_evaluate_leaves_a_read_only_results_file_alone(
     finished: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -270,6 +277,7 @@ def test_evaluate_leaves_a_read_only_results_file_alone(
     assert snapshot(finished) == before
 
 
+@pytest.mark.slow
 def test_report_out_that_cannot_be_a_folder_is_refused(
     finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -291,10 +299,10 @@ def test_a_config_yaml_that_is_not_text_is_listed_not_a_traceback(
     assert "1 incomplete" in capsys.readouterr().out
 
 
-def test_partial_run_is_not_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.slow
+def test_partial_run_is_not_evaluated(finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
-    proc = run(["experiment=eps_simple", *TINY, "eval.enabled=false", f"run.dir={run_dir}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(finished, run_dir)  # its checkpoints stop at step 2
     config = (run_dir / "config.yaml").read_text().replace("max_steps: 2", "max_steps: 6")
     (run_dir / "config.yaml").write_text(config)  # as if killed at step 2 of 6
     assert evaluate_cli.main([f"run_dir={run_dir}"]) == 2
@@ -302,12 +310,16 @@ def test_partial_run_is_not_evaluated(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "stopped at step 2 of trainer.max_steps=6" in err and "resumes" in err
 
 
-def test_diverged_arm_stops_cleanly_and_is_listed_not_averaged(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_diverged_arm_stops_cleanly_and_is_listed_not_averaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     run_dir = tmp_path / "run"
     diverging = ["experiment=eps_elbo", *TINY, "trainer.max_steps=6", "optim.lr=1e8", "optim.warmup_steps=1"]
-    proc = run([*diverging, f"run.dir={run_dir}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "diverged" in proc.stderr and "optim.lr" in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    assert run_cli.main([*diverging, f"run.dir={run_dir}"]) == 0
+    stderr = capsys.readouterr().err
+    assert "diverged" in stderr and "optim.lr" in stderr
     text = (run_dir / "results.json").read_text()
 
     def refuse(constant: str) -> None:
@@ -319,8 +331,8 @@ def test_diverged_arm_stops_cleanly_and_is_listed_not_averaged(tmp_path: Path) -
     assert not list(run_dir.glob("samples_*.png")), "nothing evaluated"
     listed = load_run(run_dir)
     assert isinstance(listed, Incomplete) and "diverged at step" in listed.reason
-    again = run([*diverging, f"run.dir={run_dir}"], tmp_path)
-    assert again.returncode == 0 and "already diverged" in again.stdout
+    assert run_cli.main([*diverging, f"run.dir={run_dir}"]) == 0
+    assert "already diverged" in capsys.readouterr().out
 
 
 SWEEP_HEAD = (

@@ -10,30 +10,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "diffbench"
-# Lower layers never import higher ones. `cli` and the `python -m diffbench.<name>` shims are the top.
-LAYERS = {
-    "cli": 7,
-    "tuned": 6,
-    "launch": 5,
-    "plan": 4,
-    "pipeline": 4,
-    "bench": 4,
-    "train": 3,
-    "evaluation": 3,
-    "analysis": 3,
-    "sampling": 2,
-    "rundir": 2,
-    "spec": 2,
-    "schema": 2,
-    "rules": 2,
-    "core": 1,
-    "data": 1,
-    "config": 0,
-    "tracking": 0,
-    "atomic": 0,
-    "seeding": 0,
-}
+PAGE = ROOT.parents[1] / "docs" / "architecture.md"
 SHIMS = {"run", "evaluate", "sweep", "report", "dashboard", "bench"}
+CLI_LINES = 1000
+
+
+def diagram_layers(page: str) -> dict[str, int]:
+    """The layers of docs/architecture.md's "Imports go one way" diagram, bottom row 0: the test
+    reads the page, so the page and the rule it states cannot drift apart."""
+    section = page.split("## Imports go one way", 1)[1]
+    block = section.split("```", 2)[1]
+    rows = [re.sub(r"\(.*?\)", "", line).split() for line in block.splitlines()]
+    rows = [row for row in rows if row and row != ["↓"]]
+    return {name: len(rows) - 1 - i for i, row in enumerate(rows) for name in row}
+
+
+# Lower layers never import higher ones. `cli` and the `python -m diffbench.<name>` shims are the top.
+LAYERS = diagram_layers(PAGE.read_text())
 
 
 def module_name(path: Path) -> str:
@@ -89,19 +82,51 @@ def test_no_import_cycles() -> None:
     assert not cycles
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
-def test_imports_go_one_way(module: str) -> None:
-    """cli → train/evaluation/analysis → sampling/rundir → core/data; no module outside the
-    commands imports `cli`, and `analysis` never imports `train`."""
-    wrong = [dep for dep in GRAPH[module] if layer(dep) > layer(module) and dep != "diffbench"]
-    if module.startswith("diffbench.analysis"):
-        wrong += [dep for dep in GRAPH[module] if dep.startswith("diffbench.train")]
-    same_layer = [
+def test_the_diagram_has_every_part_once_and_cli_on_top() -> None:
+    page = PAGE.read_text()
+    block = page.split("## Imports go one way", 1)[1].split("```", 2)[1]
+    names = re.sub(r"\(.*?\)|↓", " ", block).split()
+    assert len(names) == len(set(names)) == len(LAYERS)
+    assert LAYERS["cli"] == max(LAYERS.values()) and list(LAYERS.values()).count(LAYERS["cli"]) == 1
+    parts = {p.stem if p.is_file() else p.name for p in ROOT.iterdir() if p.suffix == ".py" or p.is_dir()}
+    parts = {p for p in parts if not p.startswith("__") and p not in ("conf",)} - SHIMS
+    assert parts <= set(LAYERS), "a part of the package missing from the diagram"
+
+
+def wrong_way(module: str) -> list[str]:
+    """The imports of `module` that go up a layer, or sideways to another part of its own layer."""
+    part = module.split(".")[1] if "." in module else ""
+    return [
         dep
         for dep in GRAPH[module]
-        if layer(dep) == layer(module) == 3 and dep.split(".")[1] != module.split(".")[1]
+        if dep != "diffbench"
+        and (layer(dep) > layer(module) or (layer(dep) == layer(module) and dep.split(".")[1] != part))
+        and not (layer(module) == LAYERS["cli"] and layer(dep) == LAYERS["cli"])
     ]
-    assert not wrong and not same_layer
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_go_one_way(module: str) -> None:
+    """Every layer of the diagram, bottom to top: a module imports its own part of the package and
+    the layers below it, never a layer above and never another part of its own layer (so
+    `analysis` never imports `train`, `sampling` never imports `rundir`)."""
+    assert not wrong_way(module)
+
+
+def test_nothing_outside_the_commands_imports_them() -> None:
+    importers = {
+        m
+        for m, deps in GRAPH.items()
+        if any(d == "diffbench.cli" or d.startswith("diffbench.cli.") for d in deps)
+    }
+    shims = {f"diffbench.{name}" for name in SHIMS} | {f"diffbench.{name}.__main__" for name in SHIMS}
+    assert importers <= shims | {m for m in MODULES if m.startswith("diffbench.cli")}
+
+
+def test_the_commands_stay_thin() -> None:
+    """`cli/` holds arguments, messages and exit codes: at most 1,000 lines in all."""
+    lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "cli").rglob("*.py"))
+    assert lines <= CLI_LINES, f"cli/ has {lines} lines"
 
 
 def test_samplers_and_likelihoods_never_see_a_head_or_a_weighting() -> None:
@@ -125,7 +150,7 @@ def test_only_the_builder_and_the_commands_read_a_config_tree() -> None:
 
 def test_architecture_page_names_every_module() -> None:
     """docs/architecture.md lists every file under src/diffbench by its name."""
-    page = (ROOT.parents[1] / "docs" / "architecture.md").read_text()
+    page = PAGE.read_text()
     missing = [
         str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if p.name != "__init__.py" and p.name not in page
     ]
@@ -154,3 +179,15 @@ def test_the_checker_sees_a_wrong_way_import(tmp_path: Path) -> None:
     source = tmp_path / "bad.py"
     source.write_text("from diffbench.cli.run import main\n")
     assert imports_of(source) == {"diffbench.cli.run", "diffbench.cli.run.main"}
+    # Sideways in a lower layer is caught as well: `core` and `data` share a layer.
+    assert layer("diffbench.core.heads") == layer("diffbench.data.digits")
+    GRAPH["diffbench.core.heads"].add("diffbench.data.digits")
+    try:
+        assert wrong_way("diffbench.core.heads") == ["diffbench.data.digits"]
+    finally:
+        GRAPH["diffbench.core.heads"].discard("diffbench.data.digits")
+
+
+def test_the_diagram_is_read_bottom_up() -> None:
+    page = "## Imports go one way\n\n```\ncli (and shims)\n  ↓\na    b\n  ↓\nc\n```\n"
+    assert diagram_layers(page) == {"cli": 2, "a": 1, "b": 1, "c": 0}

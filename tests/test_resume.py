@@ -16,8 +16,6 @@ import pytest
 from conftest import TINY
 from diffbench.rundir import RunDir
 
-pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
-
 STEPS = 8
 ARGS = [
     "experiment=eps_elbo",
@@ -75,6 +73,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return numbers(finish(tmp_path_factory.mktemp("uninterrupted") / "run"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "ready",
     [
@@ -89,6 +88,7 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path: Path, reference: dict,
     assert numbers(finish(run_dir)) == reference
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_passed_over(tmp_path: Path, reference: dict) -> None:
     run_dir = tmp_path / "run"
     kill_when(run_dir, "checkpoints/step0000006.ckpt")
@@ -105,6 +105,7 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path: Path, reference: dic
     assert numbers(json.loads((run_dir / "results.json").read_text())) == reference
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_step_it_stopped_at_and_resumes_to_the_same_numbers(
     tmp_path: Path, reference: dict
 ) -> None:
@@ -127,6 +128,7 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_resumes_to_the_same_numb
     assert numbers(finish(run_dir)) == reference
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_evaluation_stops_it_and_the_rerun_evaluates(tmp_path: Path) -> None:
     """Past `trainer.fit`, Lightning only notes a SIGTERM; the run must still stop (143, no
     results.json) rather than evaluate to the end and exit 0, and the rerun evaluates the same

@@ -46,9 +46,20 @@ from diffbench.spec import RunSpec, build_spec
 from diffbench.sweep import main
 from diffbench.train.build import build_datamodule, build_module
 
-pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
-
 SWEEP_FILES = sorted(sweeps_dir().glob("*.yaml"))
+#: Composing a config takes a good part of a second on a busy machine: a sweep of more trials than
+#: this is checked point by point in `make test` only.
+FAST_POINTS = 6
+
+
+def sweep_files() -> list:
+    """Every sweep file, the large ones marked slow."""
+    return [
+        pytest.param(path, marks=pytest.mark.slow)
+        if len(read_sweep(path).grid()) > FAST_POINTS
+        else pytest.param(path)
+        for path in SWEEP_FILES
+    ]
 
 
 def run_check(overrides: list[str], here: bool) -> RunSpec:
@@ -56,7 +67,7 @@ def run_check(overrides: list[str], here: bool) -> RunSpec:
     return check_settings(compose(overrides), here)
 
 
-@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sweep_files(), ids=lambda p: p.stem)
 def test_sweep_yaml_is_valid_for_wandb_and_every_point_composes(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     assert wandb_sweeps.schema_violations_from_proposed_config(raw) == []
@@ -86,6 +97,7 @@ def composed_arms(sweep: Sweep) -> Counter[tuple[str, str]]:
 GRID_WEIGHTINGS = ("elbo", "elbo_is", "eps", "own")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("obj", "expected"),
     [
@@ -116,6 +128,7 @@ def pairs_of_grid_sweeps() -> list[tuple[str, str]]:
     return sorted(set(composed_arms(load_sweep("grid"))) | set(composed_arms(load_sweep("weightings"))))
 
 
+@pytest.mark.slow
 def test_every_grid_pair_trains_one_step() -> None:
     """Every head × weighting the grid sweeps name composes, builds and takes a finite step, so
     no trial of a long sweep is the first to find a pair that cannot train."""
@@ -137,6 +150,7 @@ def test_every_grid_pair_trains_one_step() -> None:
         assert grads and all(torch.isfinite(g).all() for g in grads), (head, weighting)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("lr_of", "arms"), [("all", 6), ("grid", 16)])
 def test_lr_check_runs_each_arm_at_three_learning_rates_on_seed_zero(lr_of: str, arms: int) -> None:
     sweep = with_options(load_sweep("lr", lr_of), "smoke", None, None, ["run.reuse=true"])
@@ -228,6 +242,7 @@ def sweep_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_offline_runner_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
     args = ["--obj", "eps_simple", "--profile", "smoke", "--seeds", "2", "--args", " ".join(TINY[1:])]
     first = sweep_cli(tmp_path, *args)
@@ -256,6 +271,7 @@ def test_offline_runner_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
         assert "already complete" in (trial / "sweep.log").read_text()
 
 
+@pytest.mark.slow
 def test_killed_trial_resumes_from_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [
@@ -287,6 +303,7 @@ def test_killed_trial_resumes_from_checkpoint(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process_definitions(tmp_path: Path) -> None:
     common = [*TINY, "eval.num_samples=10", "eval.num_images=15", "eval.ode_images=5"]
     outcomes = {}

@@ -23,8 +23,6 @@ from diffbench.core.arms import Arm
 from diffbench.core.diffusion import NoiseSchedule
 from fabricate import write_run
 
-pytestmark = pytest.mark.slow  # end to end: trains, runs commands or simulates thousands of reports
-
 ALPHA = 0.05
 REPLICATES = 800
 #: Three binomial standard errors of a rate near α over REPLICATES draws (≈ 0.023).
@@ -90,6 +88,7 @@ def simulate(
     return np.array([headlines(fabricate(rng, arms, n, distribution, effect)) for _ in range(replicates)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribution", ["gaussian", "t3"])
 @pytest.mark.parametrize("n", [3, 5])
 def test_headlines_under_no_effect_stay_within_their_nominal_rates(
@@ -107,6 +106,7 @@ def test_headlines_under_no_effect_stay_within_their_nominal_rates(
         assert np.mean(verdicts[:, 0] == Verdict.HOLDS) >= ALPHA - MC_SLACK
 
 
+@pytest.mark.slow
 def test_grid_headlines_under_no_effect(one_thread: None) -> None:
     """OBJ=grid's sixteen arms at n = 3: four heads in claims 1 and 2, three-weighting trends in
     claim 4, four weightings on four heads in claim 3."""
@@ -118,6 +118,7 @@ def test_grid_headlines_under_no_effect(one_thread: None) -> None:
     assert np.mean(verdicts[:, 2] == Verdict.DIFFERENT) <= ALPHA + slack
 
 
+@pytest.mark.slow
 def test_power_with_three_paired_sd_on_every_tested_head(one_thread: None) -> None:
     """With the theory right by 3 paired sd on every part of OBJ=all: claims 1 and 2 (one part
     each) hold in most replicates at n = 3 and all three in nearly all at n = 5. Claim 4 has six
@@ -133,6 +134,7 @@ def test_power_with_three_paired_sd_on_every_tested_head(one_thread: None) -> No
     assert not np.any(np.concatenate([three, five])[:, [0, 1, 3]] == Verdict.CONTRADICTED)
 
 
+@pytest.mark.slow
 def test_the_report_command_gives_the_simulated_verdicts(tmp_path: Path) -> None:
     """Replicates written as run directories and read by `python -m diffbench.report`: the
     report.json headlines are the simulation's, under no effect and under an effect."""

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "diffbench"
 LAYERS = {
     "cli": 7,
     "tuned": 6,
+    "until": 6,
     "launch": 5,
     "plan": 4,
     "pipeline": 4,

@@ -35,7 +35,7 @@ RECORD_STEM = "until-settled"
 class Stop(StrEnum):
     """Why the rounds ended (a launch that ended early, e.g. interrupted, has none)."""
 
-    SETTLED = "every headline is settled"
+    SETTLED = "every headline these arms test is settled"
     STEPS_CANNOT_HELP = "every reason left is one more steps cannot remove"
     MAX_STEPS = "the next doubling would pass MAX_STEPS"
     INCOMPLETE = "some trials of the round neither finished nor diverged"
@@ -190,7 +190,8 @@ def decide(done: Round, max_steps: int) -> Stop | None:
     """Whether to stop after this round, and why; None: double and run again."""
     if done.missing:
         return Stop.INCOMPLETE
-    if all(line.settled for line in done.headlines):
+    tested = [line for line in done.headlines if Reason.UNTESTED not in line.reasons]
+    if tested and all(line.settled for line in tested):
         return Stop.SETTLED
     if not any(line.more_steps_help for line in done.headlines):
         return Stop.STEPS_CANNOT_HELP

@@ -32,8 +32,7 @@ NOISE = {0: 0.0, 1: 0.012, 2: -0.009}
 
 def elbo_wins(moving_until: int) -> Value:
     """eps_elbo about 0.3 bpd below eps_simple on every seed (a difference that holds); every
-    curve drops by a sixth per doubling up to
-    `moving_until` steps and is flat from there on."""
+    curve drops by a sixth per doubling up to `moving_until` steps and is flat from there on."""
 
     def value(arm: Arm, seed: int, step: int) -> float:
         level, noise = (1.0, 2 * NOISE[seed]) if arm.weighting == "elbo" else (1.3, NOISE[seed])

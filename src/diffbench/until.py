@@ -118,7 +118,7 @@ class Headline:
 
     @property
     def name(self) -> str:
-        return f"{self.group} {'plumbing' if self.claim is None else f'claim {self.claim}'}"
+        return self.group if self.claim is None else f"{self.group} claim {self.claim}"
 
     @property
     def more_steps_help(self) -> bool:
@@ -145,7 +145,7 @@ def headlines(trials: list[Trial]) -> list[Headline]:
         first = min(index.get(Path(run.directory).resolve(), len(trials)) for run in group_runs)
         report = compute_report(group, group_runs, group_incomplete)
         if report.plumbing:
-            why = f"{NO_VERDICT} (smoke profile)"
+            why = "the smoke profile is a plumbing check and states no verdict at any budget"
             found.append(Headline(first, group, None, NO_VERDICT, False, (Reason.NO_VERDICT,), why))
         for claim in report.claims:
             settlement = report.settlements[claim.number]

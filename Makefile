@@ -20,6 +20,8 @@ PARTITION ?=
 TIME ?= 240
 CPUS ?= 4
 ARRAY_PARALLELISM ?= 0
+UNTIL ?=
+MAX_STEPS ?=
 
 .PHONY: help install test test-fast run sweep report lint format clean
 
@@ -34,6 +36,8 @@ help:
 	@echo "make sweep OBJ=lr [LR_OF=all|grid|…]  the arms of sweep LR_OF at optim.lr 3e-4, 1e-3, 3e-3 on seed 0"
 	@echo "make sweep OBJ=tuned [TUNE_OF=all|grid|…] [RATES=1e-4,3e-4,1e-3,3e-3]  each arm at its own learning rate:"
 	@echo "                       stage 1 picks it on tuning seed 100 by validation metrics, stage 2 trains the seeds"
+	@echo "make sweep OBJ=… UNTIL=settled [MAX_STEPS=16000]  double every trial's budget (continuing each trial)"
+	@echo "                       until every headline is settled or more steps cannot help; resumes when rerun"
 	@echo "make sweep … GPUS=1 TRIALS_PER_GPU=2   every GPU of the node busy, two trials per GPU"
 	@echo "make sweep … LAUNCHER=slurm [PARTITION= TIME=240 WAIT=1]  a SLURM job array through submitit"
 	@echo "make report [WANDB=entity/project]  verdicts, tables and figures from every finished run under runs/ -> runs/report/"
@@ -64,7 +68,8 @@ sweep: $(STAMP)
 		$(if $(PARTITION),--partition "$(PARTITION)") \
 		$(if $(WAIT),--wait) $(if $(DATA),--data "$(DATA)") $(if $(SEEDS),--seeds="$(SEEDS)") \
 		$(if $(LR_OF),--lr-of "$(LR_OF)") $(if $(TUNE_OF),--tune-of "$(TUNE_OF)") \
-		$(if $(RATES),--rates="$(RATES)") --args="$(ARGS)"
+		$(if $(RATES),--rates="$(RATES)") $(if $(UNTIL),--until "$(UNTIL)") \
+		$(if $(MAX_STEPS),--max-steps "$(MAX_STEPS)") --args="$(ARGS)"
 
 report: $(STAMP)
 	$(PY) -m diffbench.report --runs runs $(if $(WANDB),--wandb "$(WANDB)")

@@ -343,6 +343,17 @@ def configure(options: SweepOptions) -> Sweep:
     return with_options(sweep, options.profile, options.data, options.seeds, extra)
 
 
+BUDGET_KEY = "trainer.max_steps"
+
+
+def at_budget(sweep: Sweep, steps: int) -> Sweep:
+    """The same sweep with every trial trained for `steps` steps: any budget ARGS gave is replaced
+    (last in the command, so it wins for the local runner and W&B agents alike). Each trial's
+    directory changes with its budget, and a longer one continues the shorter finished trial."""
+    kept = tuple(word for word in sweep.command if word.partition("=")[0].lstrip("+~") != BUDGET_KEY)
+    return replace(sweep, command=(*kept, f"{BUDGET_KEY}={steps}"))
+
+
 def overrides_of(command: Iterable[str]) -> list[str]:
     """The `key=value` words of a trial command: what the run command composes."""
     return [part for part in command if "=" in part]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -27,6 +28,33 @@ FAR_DOUBLINGS = 8
 """Zero crossings more than this many doublings of the last budget away are not given a number
 (nor computed as a power of two, which overflows for a near-zero slope): a straight line in log
 steps says nothing that far out."""
+
+
+class Reason(Enum):
+    """Why a headline is not settled, by kind: what `UNTIL=settled` reads to decide whether
+    another doubling of steps can change it (`trainable`), so no caller parses a reason's words."""
+
+    FEW_BUDGETS = "fewer than two budgets measured"
+    VERDICT_CHANGED = "the verdict changed between the last budgets"
+    MOVING = "an arm still moving"
+    HEADING_FOR_ZERO = "a difference heading for zero"
+    NO_VERDICT = "no verdict at this budget"
+    FINAL_DIFFERS = "the per-budget and the final verdict differ"
+    UNMEASURED = "no per-budget record"
+    OPTIMISER = "the verdict changes with the optimiser"
+    UNTESTED = "not tested on these arms"
+
+    @property
+    def trainable(self) -> bool:
+        """More steps can remove it: a curve or a verdict that is still moving, or a budget not yet
+        reached. The per-budget and final metrics disagreeing at flat curves (measurement, n), the
+        optimiser, a missing record and untested heads stay what they are however long one trains."""
+        return self in TRAINABLE
+
+
+TRAINABLE = frozenset(
+    {Reason.FEW_BUDGETS, Reason.VERDICT_CHANGED, Reason.MOVING, Reason.HEADING_FOR_ZERO, Reason.NO_VERDICT}
+)
 
 
 def budget_counterpart(metric: str) -> str:
@@ -135,6 +163,8 @@ class Status:
     """(arm, per-budget metric, relative change per doubling) of every curve still moving."""
     crossings: tuple[DeltaTrend, ...] = ()
     """Differences heading for the other sign within one more doubling of steps."""
+    kinds: tuple[Reason, ...] = ()
+    """The kind of every reason above (the moving curves and the crossings included), once each."""
 
     @staticmethod
     def crossing_text(trend: DeltaTrend) -> str:
@@ -208,26 +238,34 @@ def claim_status(
                     moving[(arm.label, metric)] = change
     steps = sorted(verdicts)
     last = steps[-1] if steps else max(budgets, default=0)
-    reasons = []
+    reasons, kinds = [], []
     if len(steps) < 2:
         reasons.append("fewer than two budgets were measured, so no trend is known")
+        kinds.append(Reason.FEW_BUDGETS)
     else:
         previous = steps[-2]
         if verdicts[previous] != verdicts[last]:
             reasons.append(
                 f"the verdict was '{verdicts[previous]}' at {previous} steps and '{verdicts[last]}' at {last}"
             )
+            kinds.append(Reason.VERDICT_CHANGED)
         if verdicts[last] != claim.verdict:
             reasons.append(
                 f"at {last} steps the per-budget metrics say '{verdicts[last]}' where the final evaluation "
                 f"says '{claim.verdict}'"
             )
+            kinds.append(Reason.FINAL_DIFFERS)
     crossings = tuple(t for t in trends if t.doublings is not None and t.doublings <= 1)
     if unmeasured:
         reasons.append("no per-budget record for " + ", ".join(dict.fromkeys(unmeasured)))
+        kinds.append(Reason.UNMEASURED)
+    if crossings:
+        kinds.append(Reason.HEADING_FOR_ZERO)
+    if moving:
+        kinds.append(Reason.MOVING)
     ordered = tuple((arm, metric, change) for (arm, metric), change in moving.items())
     settled = not reasons and not moving and not crossings
-    return Status(settled, last, verdicts, trends, tuple(reasons), ordered, crossings)
+    return Status(settled, last, verdicts, trends, tuple(reasons), ordered, crossings, tuple(kinds))
 
 
 @dataclass(frozen=True)
@@ -290,6 +328,20 @@ class Settlement:
     @property
     def settled(self) -> bool:
         return self.status is not None and self.status.settled and not self.optimiser_unsettles
+
+    @property
+    def kinds(self) -> tuple[Reason, ...]:
+        """The kind of every reason the claim is not settled (none once it is): a claim without a
+        primary comparison is untested on these arms."""
+        if self.settled:
+            return ()
+        kinds = self.status.kinds if self.status is not None else (Reason.UNTESTED,)
+        return (*kinds, Reason.OPTIMISER) if self.optimiser_unsettles else kinds
+
+    @property
+    def more_steps_help(self) -> bool:
+        """Not settled, and for a reason a longer budget can remove."""
+        return any(kind.trainable for kind in self.kinds)
 
     @property
     def tag(self) -> str:

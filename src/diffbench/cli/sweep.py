@@ -1,6 +1,7 @@
 """`make sweep OBJ=…`: every arm × seed from a YAML in `sweeps/`, through W&B sweeps when
 logged in and through the local runner otherwise — the same grid and the same command.
-`OBJ=lr` is no YAML: it reruns another sweep's arms at several learning rates."""
+`OBJ=lr` is no YAML: it reruns another sweep's arms at several learning rates. `UNTIL=settled`
+doubles every trial's budget (each trial continuing its shorter self) until the headlines settle."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import time
 from dataclasses import fields
 
-from diffbench import launch, tuned
+from diffbench import launch, tuned, until
 from diffbench.analysis.summary import summarize_trials
 from diffbench.cli.checks import check_settings
 from diffbench.cli.report import main as report_main
@@ -71,6 +72,16 @@ def parser() -> argparse.ArgumentParser:
     add("--cpus", type=int, default=4, help="slurm: CPU cores per trial (its torch threads)")
     add("--args", default="", help="extra overrides for every trial, e.g. 'trainer.max_steps=500'")
     add("--local", action="store_true", help="use the local runner even when logged in to W&B")
+    add(
+        "--until",
+        default=None,
+        help=f"{until.SETTLED}: double every trial's budget until the headlines settle",
+    )
+    add(
+        "--max-steps",
+        default=None,
+        help=f"with --until: the largest budget a round may train (default {until.DEFAULT_MAX_STEPS})",
+    )
     return parser
 
 
@@ -88,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rates is not None and args.obj != TUNED_OBJ:
             raise ConfigError(f"RATES only applies to OBJ={TUNED_OBJ}; drop it or set OBJ={TUNED_OBJ}.")
         options = LaunchOptions(**{f.name: getattr(args, f.name) for f in fields(LaunchOptions)})
+        max_steps = until.goal(args.until, args.max_steps, args.obj, options)
         of = next((v for v in (args.lr_of, args.tune_of) if v is not None), "all")
         wanted = SweepOptions(
             args.obj, of, args.profile, args.data, args.seeds, args.args, args.gpus, args.rates, options.here
@@ -102,10 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                     "it runs and counts once"
                 )
         stages = tuned.prepare(sweep, trials, wanted, run_check) if args.obj == TUNED_OBJ else None
+        if max_steps is not None:
+            until.first_budget(trials, max_steps)
     except ConfigError as error:
         return refuse(error)
     start = time.perf_counter()
     try:
+        if max_steps is not None:
+            rounds = until.run(sweep, trials, options, run_check, max_steps)
+            code = ended(rounds.outcome, sweep, rounds.trials, start)
+            if rounds.rounds:
+                print(rounds.markdown(), end="")
+                print(f"[until] written to {rounds.record}.md and .json")
+            return code
         if stages is None:
             return ended(launch.run(trials, options, sweep.name, sweep.config()), sweep, trials, start)
         result = tuned.run(stages, options, run_check)

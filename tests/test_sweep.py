@@ -21,12 +21,14 @@ import yaml
 from conftest import TINY, spec_of
 from diffbench.analysis.collect import config_group
 from diffbench.analysis.summary import summarize_trials
+from diffbench.analysis.tuning import CLIP_KEY
 from diffbench.cli.checks import check_settings
 from diffbench.config import ConfigError, compose
 from diffbench.core.arms import Arm
 from diffbench.core.heads import HEADS
 from diffbench.core.weightings import WEIGHTINGS
 from diffbench.plan import (
+    CLIP_OFF,
     LEARNING_RATES,
     Sweep,
     SweepOptions,
@@ -174,11 +176,11 @@ def test_lr_check_summarises_each_learning_rate_apart(tmp_path: Path) -> None:
     spec = spec_of([])  # any spec: the summary reads each trial's point and directory
     trials = [Trial(p, spec, (), tmp_path / f"trial{i}") for i, p in enumerate(sweep.grid())]
     sets = summary_sets(trials)
-    assert [rate for rate, _ in sets] == list(LEARNING_RATES)
-    for rate, subset in sets:
-        assert subset == [t for t in trials if t.point["optim.lr"] == rate]
+    assert [(setting.rate, setting.clip) for setting, _ in sets] == [(r, None) for r in LEARNING_RATES]
+    for setting, subset in sets:
+        assert subset == [t for t in trials if t.point["optim.lr"] == setting.rate]
         assert len(subset) == 6
-    stems = [summary_stem(sweep, rate) for rate, _ in sets]
+    stems = [summary_stem(sweep, setting) for setting, _ in sets]
     assert stems == [
         "summary-diffbench-all-lr-lr3e-04",
         "summary-diffbench-all-lr-lr1e-03",
@@ -190,6 +192,31 @@ def test_lr_check_summarises_each_learning_rate_apart(tmp_path: Path) -> None:
     plain = [Trial(p, spec, (), t.directory) for p, t in zip(load_sweep("all").grid(), trials)]
     assert len(plain) == 18 and summary_sets(plain) == [(None, plain)]
     assert summary_stem(load_sweep("all"), None) == "summary-diffbench-all"
+
+
+def test_clipped_and_unclipped_trials_at_one_rate_get_tables_of_their_own(tmp_path: Path) -> None:
+    """OBJ=tuned's stage 2 trains an arm at lr 1e-3 unclipped (the default) and possibly at lr 1e-3
+    with clipping (a tuned setting): pooling them would count one arm's two settings as seeds."""
+    spec = spec_of([])
+    points = [
+        {"experiment": "eps_simple", "seed": 0, "optim.lr": 1e-3},
+        {"experiment": "eps_simple", "seed": 0, "optim.lr": 1e-3, CLIP_KEY: CLIP_OFF},
+        {"experiment": "eps_simple", "seed": 0, "optim.lr": 1e-3, CLIP_KEY: 1.0},
+        {"experiment": "eps_simple", "seed": 0, "optim.lr": 2e-4, CLIP_KEY: 1.0},
+    ]
+    trials = [Trial(p, spec, (), tmp_path / f"trial{i}") for i, p in enumerate(points)]
+    sets = summary_sets(trials)
+    assert [(len(subset), setting.text) for setting, subset in sets] == [
+        (2, "optim.lr=0.001"),
+        (1, f"optim.lr=0.001 {CLIP_KEY}=1"),
+        (1, f"optim.lr=0.0002 {CLIP_KEY}=1"),
+    ]
+    sweep = load_sweep("eps")
+    assert [summary_stem(sweep, setting) for setting, _ in sets] == [
+        "summary-diffbench-eps-lr1e-03",
+        "summary-diffbench-eps-lr1e-03-clip1e+00",
+        "summary-diffbench-eps-lr2e-04-clip1e+00",
+    ]
 
 
 def test_lr_of_needs_obj_lr_and_another_sweep(capsys: pytest.CaptureFixture[str]) -> None:

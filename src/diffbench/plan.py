@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -385,16 +385,38 @@ def plan(sweep: Sweep, options: SweepOptions, check: Check) -> list[Trial]:
     return trials_at(sweep, sweep.grid(), check, options.here)
 
 
-def summary_sets(trials: list[Trial]) -> list[tuple[float | None, list[Trial]]]:
-    """The trials of each summary table: all of them (rate None), or one table per learning rate
-    when the trials vary optim.lr, since a table pools an arm's trials as if they were seeds."""
-    rates = list(dict.fromkeys(t.point["optim.lr"] for t in trials if "optim.lr" in t.point))
-    if len(rates) < 2:
+class Setting(NamedTuple):
+    """The optimiser setting of one summary table: a learning rate and a clipping threshold (None: off)."""
+
+    rate: float
+    clip: float | None = None
+
+    @property
+    def text(self) -> str:
+        return f"optim.lr={self.rate:g}" + ("" if self.clip is None else f" {CLIP_KEY}={self.clip:g}")
+
+
+def setting_of(trial: Trial) -> Setting | None:
+    """The point's optimiser setting, None where the sweep does not vary optim.lr."""
+    if "optim.lr" not in trial.point:
+        return None
+    clip = trial.point.get(CLIP_KEY, CLIP_OFF)
+    return Setting(float(trial.point["optim.lr"]), None if clip in (CLIP_OFF, None) else float(clip))
+
+
+def summary_sets(trials: list[Trial]) -> list[tuple[Setting | None, list[Trial]]]:
+    """The trials of each summary table: all of them (None), or one table per optimiser setting
+    when the trials vary it, since a table pools an arm's trials as if they were seeds."""
+    settings = list(dict.fromkeys(setting_of(t) for t in trials))
+    if len(settings) < 2:
         return [(None, trials)]
-    return [(rate, [t for t in trials if t.point["optim.lr"] == rate]) for rate in rates]
+    return [(setting, [t for t in trials if setting_of(t) == setting]) for setting in settings]
 
 
-def summary_stem(sweep: Sweep, rate: float | None) -> str:
-    """`summary-<sweep name>[-lr<rate>]`, the rate written without a dot (3e-04) so that it is not
-    taken for the file's extension."""
-    return f"{SUMMARY_NAME}-{sweep.name}" + ("" if rate is None else f"-lr{rate:.0e}")
+def summary_stem(sweep: Sweep, setting: Setting | None) -> str:
+    """`summary-<sweep name>[-lr<rate>[-clip<threshold>]]`, numbers written without a dot (3e-04)
+    so that they are not taken for the file's extension."""
+    if setting is None:
+        return f"{SUMMARY_NAME}-{sweep.name}"
+    clip = "" if setting.clip is None else f"-clip{setting.clip:.0e}"
+    return f"{SUMMARY_NAME}-{sweep.name}-lr{setting.rate:.0e}{clip}"

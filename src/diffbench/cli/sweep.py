@@ -158,10 +158,12 @@ def ended(outcome: Outcome, sweep: Sweep, trials: list[Trial], start: float, sta
 def finish(sweep: Sweep, trials: list[Trial], start: float) -> int:
     """The summary table(s) and the report of the trials, and whether any is still incomplete."""
     where = trials[0].directory
-    for rate, subset in summary_sets(trials):
-        if rate is not None:
-            print(f"[sweep] optim.lr={rate:g}")
-        print(summarize_trials([t.directory for t in subset], trials_root(where) / summary_stem(sweep, rate)))
+    for setting, subset in summary_sets(trials):
+        if setting is not None:
+            print(f"[sweep] {setting.text}")
+        print(
+            summarize_trials([t.directory for t in subset], trials_root(where) / summary_stem(sweep, setting))
+        )
     print(f"[sweep] wall time {time.perf_counter() - start:.0f} s")
     report_main(["--runs", str(trials_root(where)), "--out", str(runs_root(where) / "report")])
     incomplete = [t for t in trials if not (t.directory / RESULTS).is_file()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,16 @@ from diffbench.config import compose
 from diffbench.data.digits import DigitsDataModule
 from diffbench.data.gmm import DiffusedMixture, fit_digits_mixture
 from diffbench.spec import RunSpec, build_spec
+from diffbench.train.build import THREADS_ENV
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest-xdist worker (`make test` runs two) gets one core: one torch thread, inherited by
+    every run a test starts ($DIFFBENCH_THREADS), unless the caller chose otherwise."""
+    if hasattr(config, "workerinput"):
+        os.environ.setdefault(THREADS_ENV, "1")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
 
 
 def isolate(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -59,6 +59,16 @@ CURVES = {
     "x0_elbo": {"val_vlb_bpd": [9.0, 7.0, 6.0, None], "fd_digits": [99.0, 90.0, 80.0, None]},
 }
 EPS_ELBO, EPS_SIMPLE, X0_ELBO = (Arm.parse(label) for label in CURVES)
+STAGE_TWO = {
+    ("eps_elbo", 3e-4, None),
+    ("eps_elbo", 1e-3, None),
+    ("eps_elbo", 2e-4, 1.0),
+    ("eps_simple", 1e-3, None),
+    ("eps_simple", 3e-3, None),
+    ("eps_simple", 2e-4, 1.0),
+}
+"""(arm, rate, clip) of the evaluation trials stage 2 trains from the fabricated stage 1: each arm at
+the default, at its tuned rates and, always, at DDPM's own setting (lr 2e-4, clip 1.0)."""
 
 
 def trials() -> list[TuningTrial]:
@@ -198,14 +208,7 @@ def test_stage_two_trains_the_evaluation_seeds_at_the_default_and_the_chosen_rat
     assert {p["seed"] for p in stage2} == {0, 1}
     by_arm = {(p["experiment"], p["optim.lr"], p.get("trainer.gradient_clip_val")) for p in stage2}
     # DDPM's own setting (lr 2e-4, clip 1.0) is always one of them, for every arm.
-    assert by_arm == {
-        ("eps_elbo", 3e-4, None),
-        ("eps_elbo", 1e-3, None),
-        ("eps_elbo", 2e-4, 1.0),
-        ("eps_simple", 1e-3, None),
-        ("eps_simple", 3e-3, None),
-        ("eps_simple", 2e-4, 1.0),
-    }
+    assert by_arm == STAGE_TWO
     assert len(stage2) == len(set(stage2_dirs)) == 12
     assert {t.spec.optim.gradient_clip_val for t in made if t.point["optim.lr"] == 2e-4} == {1.0}
     # The default-rate trials are the plain sweep's very trials (the same directories), so they are reused.
@@ -556,14 +559,7 @@ def test_the_tuned_sweep_runs_both_stages_and_a_rerun_skips_stage_one(
         ("eps_simple", 1e-2, 1.0),
     }
     assert {p["seed"] for p in stage2} == {0, 1, 2}
-    assert {(p["experiment"], p["optim.lr"], p.get("trainer.gradient_clip_val")) for p in stage2} == {
-        ("eps_elbo", 3e-4, None),
-        ("eps_elbo", 1e-3, None),
-        ("eps_elbo", 2e-4, 1.0),
-        ("eps_simple", 1e-3, None),
-        ("eps_simple", 3e-3, None),
-        ("eps_simple", 2e-4, 1.0),
-    }
+    assert {(p["experiment"], p["optim.lr"], p.get("trainer.gradient_clip_val")) for p in stage2} == STAGE_TWO
     record = json.loads(next((tmp_path / "trials").glob("*/tuning-*.json")).read_text())
     chosen = record["arms"]["eps_elbo"]["chosen"]["likelihood"]
     assert {k: chosen[k] for k in ("metric", "rate", "edge_of_grid")} == {

@@ -141,7 +141,8 @@ def budget_dependence(spec: RunSpec, shorter: ShorterTrial, budgets: list[int]) 
     """Why this run would not be `shorter` continued, or None when it would be, bit for bit. The
     learning rate (warm-up, then constant), the EMA's warm-up, the batches and every random draw
     are functions of the step alone; what can differ is how the shorter run ended, its validation
-    schedule (the interval is capped at the budget) and the per-budget rows it measured."""
+    schedule (the interval is capped at the budget) and the per-budget rows it measured; whether its
+    last checkpoint loads is `plan_continuation`'s test."""
     results, steps = shorter.results, shorter.steps
     if results.get("status") != COMPLETE:
         return f"it diverged at step {results.get('diverged_at_step')}, and so would this run"
@@ -157,9 +158,6 @@ def budget_dependence(spec: RunSpec, shorter: ShorterTrial, budgets: list[int]) 
     missing = [step for step in budgets if step <= steps and step not in measured]
     if missing:
         return f"it has no per-budget row at step {', '.join(map(str, missing))}"
-    checkpoint, step, _ = shorter.run_dir.latest_checkpoint()
-    if checkpoint is None or step != steps:
-        return f"it has no loadable checkpoint of its last step ({steps})"
     return None
 
 
@@ -171,10 +169,16 @@ def plan_continuation(spec: RunSpec, budgets: list[int]) -> tuple[Continuation |
         return None, None
     shorter = trials[0]
     why = budget_dependence(spec, shorter, budgets)
-    if why:
+    checkpoint = None
+    if why is None:
+        # Loading is the test of a checkpoint: done once, and only for a trial that qualifies.
+        checkpoint, step, _ = shorter.run_dir.latest_checkpoint()
+        if checkpoint is None or step != shorter.steps:
+            why = f"it has no loadable checkpoint of its last step ({shorter.steps})"
+    if why or checkpoint is None:
         where = f"{shorter.run_dir.path} ({shorter.steps} steps)"
         return None, f"not continuing from {where}: {why}; training from scratch"
-    return Continuation(shorter, shorter.run_dir.latest_checkpoint()[0]), None
+    return Continuation(shorter, checkpoint), None
 
 
 def copy_continuation(plan: Continuation, run_dir: RunDir, budgets: list[int]) -> Path:
